@@ -1,0 +1,106 @@
+"""Pieces shared by the built-in trainers (``train_deepspeed``, ``train_torch``) that run under torchrun.
+
+A run directory holds ``plan.json`` (the Plan), ``launch.json`` (the LaunchSpec: steps, data paths) and the
+backend's own files. Rank 0 appends one JSON line per step to ``metrics.jsonl``:
+``{"step", "loss", "step_time_s", "tokens_per_s", "peak_memory_bytes": [per rank]}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from paraplan.backends.data import ByteDataset
+from paraplan.types import LaunchSpec, Plan
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def load_run(run_dir: str | Path) -> tuple[Plan, LaunchSpec]:
+    run = Path(run_dir)
+    plan = Plan.model_validate_json((run / "plan.json").read_text())
+    spec = LaunchSpec.model_validate_json((run / "launch.json").read_text())
+    return plan, spec
+
+
+def build_dataset(plan: Plan, spec: LaunchSpec) -> ByteDataset:
+    return ByteDataset([Path(p) for p in spec.data_paths], plan.train.seq_len, seed=plan.train.seed)
+
+
+def device_for_rank() -> torch.device:
+    """``cuda:LOCAL_RANK`` when CUDA is present, else CPU."""
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def dist_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak device memory of this process: CUDA max allocated, or peak resident set size on CPU (ru_maxrss KiB)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+class MetricsWriter:
+    """Collects per-step metrics from all ranks; rank 0 writes them (``metrics.jsonl``) and prints a line."""
+
+    def __init__(self, run_dir: str | Path, plan: Plan, device: torch.device) -> None:
+        self.path = Path(run_dir) / METRICS_FILE
+        self.plan = plan
+        self.device = device
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.tokens_per_step = plan.train.global_batch * plan.train.seq_len
+        if self.rank == 0:
+            self.path.write_text("")
+
+    def log(self, step: int, loss: float, step_time_s: float) -> None:
+        """Record one step. ``loss`` must already be the global-batch mean (identical on every rank that logs)."""
+        mem = peak_memory_bytes(self.device)
+        mems: list[int] = [mem]
+        if dist.is_initialized():
+            gathered: list[int | None] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, mem)
+            mems = [int(m or 0) for m in gathered]
+        if self.rank == 0:
+            row = {
+                "step": step, "loss": loss, "step_time_s": step_time_s,
+                "tokens_per_s": self.tokens_per_step / step_time_s if step_time_s > 0 else 0.0,
+                "peak_memory_bytes": mems,
+            }
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"step {step:4d}  loss {loss:.4f}  step {step_time_s * 1e3:8.1f} ms", flush=True)
+
+
+class StepTimer:
+    """Wall-clock timer of one step, synchronizing CUDA first."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.t0 = 0.0
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.t0 = time.perf_counter()
+
+    def stop(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - self.t0

@@ -1,0 +1,282 @@
+"""Pydantic models that cross a stage boundary.
+
+Data flows one way: ``ModelSpec/ClusterSpec/TrainSpec -> ModelProfile -> cost model -> Plan -> LaunchSpec``.
+Every model is frozen and forbids unknown fields; every file written to disk carries ``schema_version``.
+Units are in the field names: ``*_bytes``, ``*_s``, ``*_flops``, ``*_flops_per_s``, ``*_bytes_per_s``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+SCHEMA_VERSION = 1
+
+Dtype = Literal["bf16", "fp16", "fp32"]
+LayerKind = Literal["embed", "block", "head"]
+Family = Literal["llama", "gpt", "custom"]
+Backend = Literal["deepspeed", "torch"]
+
+DTYPE_BYTES: dict[str, int] = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelSpec(_Frozen):
+    """Architecture of a decoder-only transformer, or a user factory that builds one.
+
+    For ``family`` llama or gpt every dimension is required; paraplan builds the module from transformers' config
+    classes and predicts its costs from these dimensions. For ``custom`` the module comes from ``factory``
+    (``package.module:function``) and costs come from a measured profile.
+    """
+
+    name: str = Field(description="Preset name, file path or factory this spec came from.")
+    family: Family = Field(description="llama: RMSNorm, SwiGLU, GQA, RoPE. gpt: LayerNorm, GELU MLP, learned positions.")
+    n_layers: int | None = Field(default=None, gt=0, description="Number of repeated transformer blocks.")
+    hidden: int | None = Field(default=None, gt=0, description="Hidden size h.")
+    ffn_hidden: int | None = Field(default=None, gt=0, description="MLP inner size.")
+    n_heads: int | None = Field(default=None, gt=0, description="Attention heads a.")
+    n_kv_heads: int | None = Field(default=None, gt=0, description="Key/value heads (GQA); equals n_heads for MHA.")
+    vocab: int | None = Field(default=None, gt=0, description="Vocabulary size v.")
+    tied_embeddings: bool = Field(default=False, description="LM head shares the embedding matrix.")
+    max_seq_len: int = Field(default=8192, gt=0, description="Maximum sequence length (positions).")
+    norm_eps: float = Field(default=1e-5, gt=0)
+    rope_theta: float = Field(default=500000.0, gt=0)
+    factory: str | None = Field(default=None, description="'package.module:function' returning a LayerChain.")
+
+    @model_validator(mode="after")
+    def _check_dims(self) -> ModelSpec:
+        dims = ("n_layers", "hidden", "ffn_hidden", "n_heads", "n_kv_heads", "vocab")
+        if self.family == "custom":
+            if not self.factory:
+                raise ValueError("family 'custom' needs factory: 'package.module:function'")
+            return self
+        missing = [d for d in dims if getattr(self, d) is None]
+        if missing:
+            raise ValueError(f"family '{self.family}' needs {', '.join(missing)}")
+        assert self.hidden is not None and self.n_heads is not None and self.n_kv_heads is not None
+        if self.hidden % self.n_heads:
+            raise ValueError(f"hidden ({self.hidden}) must be divisible by n_heads ({self.n_heads})")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        assert self.hidden is not None and self.n_heads is not None
+        return self.hidden // self.n_heads
+
+
+class DeviceSpec(_Frozen):
+    """One accelerator (or CPU process) type, with a source for every figure."""
+
+    name: str
+    kind: Literal["cuda", "cpu"] = "cuda"
+    memory_bytes: float = Field(gt=0, description="Device memory per device, bytes.")
+    peak_flops_per_s: dict[str, float] = Field(description="Dense peak FLOP/s per dtype (bf16, fp16, fp32).")
+    memory_bandwidth_bytes_per_s: float = Field(gt=0, description="Device memory bandwidth.")
+    sources: dict[str, str] = Field(default_factory=dict, description="Figure name -> datasheet citation.")
+
+
+class ClusterSpec(_Frozen):
+    """A homogeneous cluster: ``nodes`` x ``devices_per_node`` devices of one type."""
+
+    schema_version: int = SCHEMA_VERSION
+    name: str
+    nodes: int = Field(gt=0)
+    devices_per_node: int = Field(gt=0)
+    device: DeviceSpec
+    intra_node_bandwidth_bytes_per_s: float = Field(gt=0, description="Per-device bus bandwidth within a node.")
+    inter_node_bandwidth_bytes_per_s: float = Field(gt=0, description="Per-device bus bandwidth across nodes.")
+    intra_node_latency_s: float = Field(default=5e-6, ge=0)
+    inter_node_latency_s: float = Field(default=1e-5, ge=0)
+    host_memory_bytes: float = Field(gt=0, description="Host (CPU) memory per node, bytes.")
+    pcie_bandwidth_bytes_per_s: float = Field(gt=0, description="Host<->device bandwidth per device.")
+    nvme_bandwidth_bytes_per_s: float = Field(gt=0, description="NVMe read bandwidth per node.")
+    cpu_adam_params_per_s: float = Field(
+        default=1.0e9, gt=0, description="CPU Adam update rate per node for offloaded optimizer states (params/s)."
+    )
+    sources: dict[str, str] = Field(default_factory=dict)
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.devices_per_node
+
+
+class TrainSpec(_Frozen):
+    """The training setup a plan must serve."""
+
+    global_batch: int = Field(gt=0, description="Sequences per optimizer step.")
+    seq_len: int = Field(gt=0, description="Tokens per sequence.")
+    dtype: Dtype = Field(default="bf16", description="Compute and parameter dtype (mixed precision for 16-bit).")
+    optimizer: Literal["adamw"] = "adamw"
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    seed: int = 0
+
+
+class LayerProfile(_Frozen):
+    """Measured (or meta-traced) costs of one layer type at one micro-batch size."""
+
+    kind: LayerKind
+    micro_batch_size: int = Field(gt=0)
+    fwd_time_s: float = Field(ge=0, description="Median forward time per micro-batch.")
+    bwd_time_s: float = Field(ge=0, description="Median backward time per micro-batch.")
+    param_count: int = Field(ge=0)
+    param_bytes: int = Field(ge=0)
+    activation_bytes: int = Field(ge=0, description="Bytes saved for backward by one forward of this layer.")
+    output_bytes: int = Field(ge=0, description="Bytes of the layer's output tensor (the stage boundary).")
+    fwd_flops: float = Field(ge=0)
+    bwd_flops: float = Field(ge=0)
+
+
+class LinkProfile(_Frozen):
+    """A measured transfer: a collective between local processes, or host<->device copies."""
+
+    name: str
+    bytes: int
+    time_s: float
+    bandwidth_bytes_per_s: float
+
+
+class ModelProfile(_Frozen):
+    """``paraplan profile`` output: per-layer-type costs on one device."""
+
+    schema_version: int = SCHEMA_VERSION
+    model: ModelSpec
+    device_name: str
+    device_kind: Literal["cuda", "cpu"]
+    dtype: Dtype
+    seq_len: int
+    warmup: int
+    repeats: int
+    layers: list[LayerProfile]
+    links: list[LinkProfile] = Field(default_factory=list)
+
+    def micro_batch_sizes(self) -> list[int]:
+        return sorted({lp.micro_batch_size for lp in self.layers})
+
+    def layer(self, kind: LayerKind, micro_batch_size: int) -> LayerProfile:
+        for lp in self.layers:
+            if lp.kind == kind and lp.micro_batch_size == micro_batch_size:
+                return lp
+        raise KeyError((kind, micro_batch_size))
+
+
+class StrategyOverride(_Frozen):
+    """Parts of a strategy the user forces with ``--strategy`` (``dp=2,tp=1,zero=3``); None means search."""
+
+    dp: int | None = Field(default=None, gt=0)
+    tp: int | None = Field(default=None, gt=0)
+    pp: int | None = Field(default=None, gt=0)
+    micro_batch_size: int | None = Field(default=None, gt=0)
+    zero_stage: int | None = Field(default=None, ge=0, le=3)
+    offload_optimizer: bool | None = None
+    recompute: Literal["none", "full"] | None = None
+
+
+class StagePlan(_Frozen):
+    """One pipeline stage: a contiguous range of the layer chain ``[embed, block_0..block_{L-1}, head]``."""
+
+    index: int = Field(ge=0)
+    first_layer: int = Field(ge=0, description="Index into the chain, inclusive (0 is the embedding).")
+    last_layer: int = Field(ge=0, description="Index into the chain, inclusive (L+1 is the head).")
+    n_blocks: int = Field(ge=0)
+    recompute_blocks: int = Field(ge=0, description="Blocks of this stage run with full activation checkpointing.")
+    time_per_micro_batch_s: float = Field(ge=0, description="Forward + backward (+ recompute, TP comm) per micro-batch.")
+    memory_bytes: float = Field(ge=0, description="Predicted peak memory per device of this stage.")
+
+
+class Strategy(_Frozen):
+    """A complete parallel strategy."""
+
+    dp: int = Field(gt=0)
+    tp: int = Field(gt=0)
+    pp: int = Field(gt=0)
+    micro_batch_size: int = Field(gt=0)
+    grad_accum: int = Field(gt=0, description="Micro-batches per step per data-parallel rank (m).")
+    zero_stage: int = Field(ge=0, le=3)
+    offload_optimizer: bool = False
+    schedule: Literal["1f1b"] = "1f1b"
+    stages: list[StagePlan]
+
+    @model_validator(mode="after")
+    def _check(self) -> Strategy:
+        if len(self.stages) != self.pp:
+            raise ValueError(f"{len(self.stages)} stages given for pp={self.pp}")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.tp * self.pp
+
+
+class MemoryBreakdown(_Frozen):
+    """Bytes per device on the most loaded pipeline stage."""
+
+    params: float
+    grads: float
+    optimizer: float
+    activations: float
+    other: float
+
+    @property
+    def total(self) -> float:
+        return self.params + self.grads + self.optimizer + self.activations + self.other
+
+
+class Prediction(_Frozen):
+    """Predicted cost of one strategy (per optimizer step)."""
+
+    step_time_s: float
+    compute_s: float = Field(description="Pipeline critical path of compute incl. TP comm (sum of stages + bubble).")
+    bubble_s: float = Field(description="Idle time of the 1F1B pipeline: (m-1)max_s t_s + sum_s t_s - m t_avg.")
+    dp_comm_s: float = Field(description="Exposed data-parallel / ZeRO communication.")
+    offload_s: float = Field(description="Host<->device transfers and CPU optimizer step.")
+    optimizer_s: float = Field(description="Device optimizer step.")
+    peak_memory_bytes: float
+    memory_capacity_bytes: float
+    memory_breakdown_bytes: MemoryBreakdown
+    tokens_per_s: float
+    model_flops_per_step: float
+    mfu: float = Field(description="Model FLOPs per step / (step time x world size x peak).")
+    compute_source: Literal["profile", "analytic"]
+
+
+class SolverInfo(_Frozen):
+    status: Literal["optimal", "feasible"]
+    gap: float = Field(default=0.0, ge=0, description="Relative MIP gap when stopped by the time limit.")
+    solver: str
+    candidates: int = Field(description="Outer-loop candidates (dp, tp, pp, micro-batch) considered.")
+    milps_solved: int
+    search_time_s: float
+
+
+class Plan(_Frozen):
+    """``paraplan plan`` output."""
+
+    schema_version: int = SCHEMA_VERSION
+    model: ModelSpec
+    cluster: ClusterSpec
+    train: TrainSpec
+    strategy: Strategy
+    predicted: Prediction
+    solver: SolverInfo
+    profile_path: str | None = None
+
+
+class LaunchSpec(_Frozen):
+    """What ``paraplan launch`` writes into the run directory and runs."""
+
+    schema_version: int = SCHEMA_VERSION
+    backend: Backend
+    run_dir: str
+    nproc_per_node: int
+    nnodes: int
+    steps: int
+    data_paths: list[str]
+    command: list[str]
+    files: list[str] = Field(description="Backend files written into run_dir.")

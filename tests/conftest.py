@@ -1,0 +1,48 @@
+"""Shared test helpers: hand-built plans, so backend tests do not depend on the planner's choices."""
+
+from __future__ import annotations
+
+import pytest
+
+from paraplan.catalog import load_cluster_spec
+from paraplan.models.presets import load_model_spec
+from paraplan.types import MemoryBreakdown, Plan, Prediction, SolverInfo, StagePlan, Strategy, TrainSpec
+
+
+def make_plan(
+    model: str = "llama-tiny", cluster: str = "cpu:2", dp: int = 1, tp: int = 1, pp: int = 1,
+    micro_batch_size: int = 2, global_batch: int = 8, seq_len: int = 64, zero_stage: int = 0,
+    offload_optimizer: bool = False, recompute_blocks: int = 0, dtype: str = "fp32", lr: float = 1e-3,
+) -> Plan:
+    """A Plan with blocks split as evenly as possible over ``pp`` stages (earlier stages get the remainder).
+
+    Predictions are zeros: these plans exercise backends, not cost models.
+    """
+    spec = load_model_spec(model)
+    clus = load_cluster_spec(cluster)
+    n_layers = spec.n_layers or 0
+    stages = []
+    first = 0
+    for s in range(pp):
+        n = n_layers // pp + (1 if s < n_layers % pp else 0)
+        last = first + n + (1 if s == 0 else 0) + (1 if s == pp - 1 else 0) - 1
+        stages.append(StagePlan(index=s, first_layer=first, last_layer=last, n_blocks=n,
+                                recompute_blocks=min(recompute_blocks, n), time_per_micro_batch_s=0.0,
+                                memory_bytes=0.0))
+        first = last + 1
+    grad_accum = global_batch // (dp * micro_batch_size)
+    strategy = Strategy(dp=dp, tp=tp, pp=pp, micro_batch_size=micro_batch_size, grad_accum=grad_accum,
+                        zero_stage=zero_stage, offload_optimizer=offload_optimizer, stages=stages)
+    zero = MemoryBreakdown(params=0, grads=0, optimizer=0, activations=0, other=0)
+    pred = Prediction(step_time_s=1.0, compute_s=1.0, bubble_s=0.0, dp_comm_s=0.0, offload_s=0.0, optimizer_s=0.0,
+                      peak_memory_bytes=0.0, memory_capacity_bytes=clus.device.memory_bytes,
+                      memory_breakdown_bytes=zero, tokens_per_s=0.0, model_flops_per_step=0.0, mfu=0.0,
+                      compute_source="analytic")
+    solver = SolverInfo(status="optimal", solver="hand", candidates=1, milps_solved=0, search_time_s=0.0)
+    train = TrainSpec(global_batch=global_batch, seq_len=seq_len, dtype=dtype, lr=lr)
+    return Plan(model=spec, cluster=clus, train=train, strategy=strategy, predicted=pred, solver=solver)
+
+
+@pytest.fixture
+def plan_factory():
+    return make_plan
