@@ -1,0 +1,280 @@
+"""The ``paraplan`` command line: models, profile, plan, launch. Thin commands over the library.
+
+Errors a user can fix (ParaplanError, pydantic ValidationError) print a short message and exit 1; other
+exceptions keep their traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+
+from paraplan.errors import ParaplanError, ProfileError, StrategyError, format_validation_error
+from paraplan.types import Plan, StrategyOverride, TrainSpec
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _fail(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(1)
+
+
+def _guard(func):
+    """Render user errors as a message + exit 1."""
+    import functools
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except ParaplanError as exc:
+            _fail(str(exc))
+        except ValidationError as exc:
+            _fail(format_validation_error("input", exc))
+
+    return wrapper
+
+
+def write_atomic(path: Path, text: str) -> None:
+    from paraplan.backends.launch import write_atomic as _write
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write(path, text)
+
+
+def parse_strategy(text: str | None) -> StrategyOverride:
+    """``dp=2,tp=1,pp=2,mb=4,zero=3,offload=true,recompute=full`` -> StrategyOverride.
+
+    Raises:
+        StrategyError: unknown key or malformed value.
+    """
+    if not text:
+        return StrategyOverride()
+    keys = {"dp": "dp", "tp": "tp", "pp": "pp", "mb": "micro_batch_size", "micro_batch": "micro_batch_size",
+            "zero": "zero_stage", "offload": "offload_optimizer", "recompute": "recompute"}
+    fields: dict[str, object] = {}
+    for part in text.split(","):
+        key, sep, value = part.strip().partition("=")
+        if not sep or key not in keys:
+            raise StrategyError(f"--strategy '{part}': write key=value with keys {', '.join(keys)}")
+        name = keys[key]
+        if name == "offload_optimizer":
+            fields[name] = value.lower() in ("1", "true", "yes", "cpu")
+        elif name == "recompute":
+            if value not in ("none", "full"):
+                raise StrategyError(f"--strategy recompute={value}: use none or full")
+            fields[name] = value
+        else:
+            if not value.isdigit():
+                raise StrategyError(f"--strategy {key}={value}: must be a non-negative integer")
+            fields[name] = int(value)
+    try:
+        return StrategyOverride(**fields)
+    except ValidationError as exc:
+        raise StrategyError(format_validation_error("--strategy", exc)) from exc
+
+
+@app.command("models")
+@_guard
+def models_cmd() -> None:
+    """List model presets with their parameter counts."""
+    from rich.table import Table
+
+    from paraplan.cost_models.transformer import model_params
+    from paraplan.models.presets import PRESETS
+    from paraplan.units import format_count
+
+    table = Table(title="model presets")
+    for col in ("name", "family", "params", "layers", "hidden", "ffn", "heads", "kv heads", "vocab"):
+        table.add_column(col, justify="right" if col not in ("name", "family") else "left")
+    for name, s in PRESETS.items():
+        table.add_row(name, s.family, format_count(model_params(s)), str(s.n_layers), str(s.hidden),
+                      str(s.ffn_hidden), str(s.n_heads), str(s.n_kv_heads), str(s.vocab))
+    console.print(table)
+
+
+@app.command("profile")
+@_guard
+def profile_cmd(
+    model: Annotated[str, typer.Argument(help="Preset, model/config file, or package.module:factory.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the profile JSON.")] = Path(
+        "profile.json"),
+    micro_batches: Annotated[str, typer.Option(help="Comma-separated micro-batch sizes.")] = "1,2,4",
+    seq_len: Annotated[int, typer.Option(help="Sequence length (tokens).")] = 128,
+    dtype: Annotated[str, typer.Option(help="fp32, bf16 or fp16.")] = "fp32",
+    warmup: Annotated[int, typer.Option(help="Untimed runs per measurement.")] = 2,
+    repeats: Annotated[int, typer.Option(help="Timed runs per measurement (median reported).")] = 5,
+    links: Annotated[bool, typer.Option(help="Also measure copy and collective bandwidth.")] = True,
+) -> None:
+    """Measure per-layer forward/backward time, parameter and activation memory and FLOPs on this device."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from paraplan.models.presets import load_model_spec
+    from paraplan.profiler import profile_model
+
+    spec = load_model_spec(model)
+    try:
+        sizes = [int(x) for x in micro_batches.split(",") if x.strip()]
+    except ValueError:
+        raise ProfileError(f"--micro-batches {micro_batches}: write comma-separated integers, e.g. 1,2,4") from None
+    if dtype not in ("fp32", "bf16", "fp16"):
+        raise ProfileError(f"--dtype {dtype}: use fp32, bf16 or fp16")
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=err_console) as bar:
+        task = bar.add_task("profiling", total=None)
+
+        def progress(desc: str, done: int, total: int) -> None:
+            bar.update(task, description=desc, completed=done, total=total)
+
+        prof = profile_model(spec, sizes, seq_len, dtype=dtype, warmup=warmup, repeats=repeats,
+                             progress=progress, links=links)
+    write_atomic(output, prof.model_dump_json(indent=2))
+    _print_profile(prof)
+    console.print(f"wrote {output}")
+
+
+def _print_profile(prof) -> None:
+    from rich.table import Table
+
+    from paraplan.units import format_bytes, format_seconds
+
+    table = Table(title=f"{prof.model.name} on {prof.device_name} ({prof.dtype}, seq {prof.seq_len})")
+    for col in ("layer", "micro-batch", "fwd", "bwd", "params", "activations", "fwd GFLOP"):
+        table.add_column(col, justify="right")
+    for lp in prof.layers:
+        table.add_row(lp.kind, str(lp.micro_batch_size), format_seconds(lp.fwd_time_s),
+                      format_seconds(lp.bwd_time_s), format_bytes(lp.param_bytes), format_bytes(lp.activation_bytes),
+                      f"{lp.fwd_flops / 1e9:.2f}")
+    console.print(table)
+
+
+def _load_profile(path: Path | None, spec, train: TrainSpec):
+    from paraplan.types import ModelProfile
+
+    if path is None:
+        return None
+    if not path.is_file():
+        raise ProfileError(f"--profile {path} does not exist; run `paraplan profile` first")
+    try:
+        prof = ModelProfile.model_validate_json(path.read_text())
+    except ValidationError as exc:
+        raise ProfileError(format_validation_error(f"profile {path}", exc)) from exc
+    if prof.model != spec:
+        raise ProfileError(f"profile {path} is of model {prof.model.name}, not {spec.name}; profile this model")
+    if prof.seq_len != train.seq_len:
+        raise ProfileError(f"profile {path} was taken at seq-len {prof.seq_len}; plan with --seq-len "
+                           f"{prof.seq_len} or profile with --seq-len {train.seq_len}")
+    if prof.dtype != train.dtype:
+        raise ProfileError(f"profile {path} was taken in {prof.dtype}; plan with --dtype {prof.dtype} or re-profile")
+    return prof
+
+
+@app.command("plan")
+@_guard
+def plan_cmd(
+    model: Annotated[str, typer.Argument(help="Preset, model/config file, or package.module:factory.")],
+    cluster: Annotated[str, typer.Option(help="cpu:N, 8xH100-80GB, 4x8xA100-80GB or a cluster file.")],
+    global_batch: Annotated[int, typer.Option(help="Sequences per optimizer step.")],
+    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")],
+    profile: Annotated[Optional[Path], typer.Option(help="Profile from `paraplan profile`.")] = None,
+    dtype: Annotated[str, typer.Option(help="auto (fp32 on CPU, bf16 on GPU), bf16, fp16 or fp32.")] = "auto",
+    strategy: Annotated[Optional[str], typer.Option(help="Force parts: dp=2,tp=1,pp=1,mb=2,zero=3,recompute=full")
+                        ] = None,
+    backend: Annotated[str, typer.Option(help="Backend(s) the plan must run on: any, deepspeed or torch.")] = "any",
+    top: Annotated[int, typer.Option("--top", help="Plans to show.")] = 5,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-3,
+    time_limit: Annotated[float, typer.Option(help="MILP time limit per candidate (s).")] = 10.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary instead of the table.")] = False,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the best plan.")] = Path("plan.json"),
+) -> None:
+    """Search dp x tp x pp x micro-batch, stage assignment, ZeRO, checkpointing and offload for the fastest plan."""
+    from paraplan.catalog import load_cluster_spec
+    from paraplan.models.presets import load_model_spec
+    from paraplan.planner.search import search_plans
+
+    if backend not in ("any", "deepspeed", "torch"):
+        raise StrategyError(f"--backend {backend}: use any, deepspeed or torch")
+    spec = load_model_spec(model)
+    clus = load_cluster_spec(cluster)
+    if dtype == "auto":
+        dtype = "fp32" if clus.device.kind == "cpu" else "bf16"
+    train = TrainSpec(global_batch=global_batch, seq_len=seq_len, dtype=dtype, lr=lr)  # type: ignore[arg-type]
+    prof = _load_profile(profile, spec, train)
+    plans = search_plans(spec, clus, train, prof, parse_strategy(strategy), top_k=top, backend=backend,
+                         time_limit_s=time_limit, profile_path=str(profile) if profile else None)
+    write_atomic(output, plans[0].model_dump_json(indent=2))
+    if as_json:
+        print(json.dumps(plan_summary(plans[0]), indent=2))
+        return
+    from paraplan.cli.render import render_plans
+
+    render_plans(console, plans)
+    console.print(f"wrote {output}")
+
+
+def plan_summary(plan: Plan) -> dict:
+    """The ``--json`` summary: ``strategy.*`` and ``predicted.*`` plus the solver's status."""
+    s = plan.strategy
+    return {
+        "model": plan.model.name, "cluster": plan.cluster.name,
+        "strategy": {
+            "dp": s.dp, "tp": s.tp, "pp": s.pp, "micro_batch_size": s.micro_batch_size, "grad_accum": s.grad_accum,
+            "zero_stage": s.zero_stage, "offload_optimizer": s.offload_optimizer,
+            "recompute_blocks": [st.recompute_blocks for st in s.stages],
+            "stage_blocks": [st.n_blocks for st in s.stages],
+        },
+        "predicted": plan.predicted.model_dump(),
+        "solver": plan.solver.model_dump(),
+    }
+
+
+@app.command("launch")
+@_guard
+def launch_cmd(
+    plan_path: Annotated[Path, typer.Argument(help="plan.json from `paraplan plan`.")],
+    backend: Annotated[str, typer.Option(help="deepspeed or torch.")] = "torch",
+    steps: Annotated[int, typer.Option(help="Optimizer steps to train.")] = 20,
+    data: Annotated[Optional[list[str]], typer.Option(help="Text files or directories (repeatable); default: "
+                                                           "the Python standard library's sources.")] = None,
+    run_dir: Annotated[Optional[Path], typer.Option(help="Run directory (default runs/<plan>-<backend>).")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Write the files and print the command only.")] = False,
+) -> None:
+    """Write DeepSpeed or native torch launch files for a plan and train with torchrun."""
+    from paraplan.backends.launch import launch_plan
+    from paraplan.errors import LaunchError
+
+    if backend not in ("deepspeed", "torch"):
+        raise LaunchError(f"--backend {backend}: use deepspeed or torch")
+    if steps < 1:
+        raise LaunchError("--steps must be >= 1")
+    if not plan_path.is_file():
+        raise LaunchError(f"{plan_path} does not exist; run `paraplan plan ... -o {plan_path}` first")
+    try:
+        plan = Plan.model_validate_json(plan_path.read_text())
+    except ValidationError as exc:
+        raise LaunchError(format_validation_error(f"plan {plan_path}", exc)) from exc
+    run = run_dir or Path("runs") / f"{plan_path.stem}-{backend}"
+    spec, rows = launch_plan(plan, backend, run, steps=steps, data=data, dry_run=dry_run)  # type: ignore[arg-type]
+    console.print(f"run directory: {run} ({', '.join(spec.files)})")
+    console.print("command: " + " ".join(spec.command), highlight=False, soft_wrap=True)
+    if not dry_run:
+        from paraplan.cli.render import render_measured
+
+        render_measured(console, plan, rows)
+
+
+def main() -> None:
+    app(prog_name="paraplan")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

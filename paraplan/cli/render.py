@@ -1,0 +1,84 @@
+"""Rich rendering of plans and of measured-vs-predicted results."""
+
+from __future__ import annotations
+
+import statistics
+
+from rich.console import Console
+from rich.table import Table
+
+from paraplan.types import Plan
+from paraplan.units import format_bytes, format_seconds
+
+WARMUP_STEPS = 2  # steps excluded from the measured mean (allocator and kernel warm-up)
+
+
+def render_plans(console: Console, plans: list[Plan]) -> None:
+    """Table of the best plans, then the stage assignment and cost breakdown of the best one."""
+    best = plans[0]
+    title = (f"{best.model.name} on {best.cluster.name}: global batch {best.train.global_batch} x seq "
+             f"{best.train.seq_len}, {best.train.dtype} (compute from {best.predicted.compute_source})")
+    table = Table(title=title)
+    for col in ("#", "dp", "tp", "pp", "mb", "accum", "ZeRO", "recompute", "offload", "step", "tokens/s", "MFU",
+                "peak mem / capacity"):
+        table.add_column(col, justify="right")
+    for i, plan in enumerate(plans, 1):
+        s, p = plan.strategy, plan.predicted
+        L = sum(st.n_blocks for st in s.stages)
+        rec = sum(st.recompute_blocks for st in s.stages)
+        table.add_row(
+            str(i), str(s.dp), str(s.tp), str(s.pp), str(s.micro_batch_size), str(s.grad_accum), str(s.zero_stage),
+            f"{rec}/{L}", "optimizer" if s.offload_optimizer else "-", format_seconds(p.step_time_s),
+            f"{p.tokens_per_s:,.0f}", f"{p.mfu:.1%}",
+            f"{format_bytes(p.peak_memory_bytes)} / {format_bytes(p.memory_capacity_bytes)}",
+        )
+    console.print(table)
+    stages = Table(title="best plan: pipeline stages")
+    for col in ("stage", "layers", "blocks", "recomputed", "time / micro-batch", "memory"):
+        stages.add_column(col, justify="right")
+    for st in best.strategy.stages:
+        stages.add_row(str(st.index), f"{st.first_layer}-{st.last_layer}", str(st.n_blocks), str(st.recompute_blocks),
+                       format_seconds(st.time_per_micro_batch_s), format_bytes(st.memory_bytes))
+    console.print(stages)
+    p, m = best.predicted, best.predicted.memory_breakdown_bytes
+    console.print(
+        f"step {format_seconds(p.step_time_s)} = pipeline {format_seconds(p.compute_s)} (bubble "
+        f"{format_seconds(p.bubble_s)}) + DP/ZeRO comm {format_seconds(p.dp_comm_s)} + optimizer "
+        f"{format_seconds(p.optimizer_s)} + offload {format_seconds(p.offload_s)}", highlight=False)
+    console.print(
+        f"memory (most loaded stage): params {format_bytes(m.params)}, grads {format_bytes(m.grads)}, optimizer "
+        f"{format_bytes(m.optimizer)}, activations {format_bytes(m.activations)}, other {format_bytes(m.other)}",
+        highlight=False)
+    sol = best.solver
+    gap = f", gap {sol.gap:.2%}" if sol.status == "feasible" else ""
+    console.print(f"solver: {sol.solver}, {sol.status}{gap}; {sol.milps_solved} MILPs over {sol.candidates} "
+                  f"candidates in {sol.search_time_s:.1f} s", highlight=False)
+
+
+def measured_summary(rows: list[dict]) -> dict:
+    """Mean step time after warm-up, max peak memory over ranks and steps, first and last loss."""
+    timed = rows[WARMUP_STEPS:] or rows
+    return {
+        "step_time_s": statistics.mean(r["step_time_s"] for r in timed),
+        "peak_memory_bytes": max(max(r["peak_memory_bytes"]) for r in rows),
+        "first_loss": rows[0]["loss"], "last_loss": rows[-1]["loss"],
+    }
+
+
+def render_measured(console: Console, plan: Plan, rows: list[dict]) -> None:
+    if not rows:
+        console.print("no metrics were written")
+        return
+    meas = measured_summary(rows)
+    pred = plan.predicted
+    table = Table(title="measured vs predicted")
+    for col in ("", "measured", "predicted", "error"):
+        table.add_column(col, justify="right")
+    t_err = (pred.step_time_s - meas["step_time_s"]) / meas["step_time_s"]
+    m_err = (pred.peak_memory_bytes - meas["peak_memory_bytes"]) / meas["peak_memory_bytes"]
+    table.add_row(f"step time (mean of steps {WARMUP_STEPS + 1}+)", format_seconds(meas["step_time_s"]),
+                  format_seconds(pred.step_time_s), f"{t_err:+.0%}")
+    table.add_row("peak memory per rank (max)", format_bytes(meas["peak_memory_bytes"]),
+                  format_bytes(pred.peak_memory_bytes), f"{m_err:+.0%}")
+    console.print(table)
+    console.print(f"loss {meas['first_loss']:.4f} -> {meas['last_loss']:.4f} over {len(rows)} steps", highlight=False)

@@ -1,0 +1,143 @@
+"""Analytic per-layer costs of Llama- and GPT-style decoder blocks: parameters, FLOPs, saved activations.
+
+Notation: b micro-batch, s sequence length, h hidden, f FFN hidden, a heads, k key/value heads, d = h/a head
+dimension, v vocabulary, t tensor-parallel degree. FLOPs count a multiply-add as 2 FLOPs.
+"""
+
+from __future__ import annotations
+
+from paraplan.types import ModelSpec
+
+
+def _dims(spec: ModelSpec) -> tuple[int, int, int, int, int]:
+    assert spec.hidden and spec.ffn_hidden and spec.n_heads and spec.n_kv_heads and spec.vocab
+    return spec.hidden, spec.ffn_hidden, spec.n_heads, spec.n_kv_heads, spec.vocab
+
+
+def block_matmul_params(spec: ModelSpec) -> int:
+    """Weights of the block's matrix multiplies.
+
+    Formula:
+        llama: q and o ``h^2`` each, k and v ``h k d`` each, SwiGLU ``3 h f`` (gate, up, down).
+        gpt: fused qkv ``3 h^2``, proj ``h^2``, MLP ``2 h f``.
+    Source: the module definitions (transformers LlamaDecoderLayer, GPT2Block); for GPT with f = 4h this is the
+        ``12 h^2`` of Narayanan et al. SC'21 eq. 2.
+    """
+    h, f, a, k, _ = _dims(spec)
+    d = h // a
+    if spec.family == "llama":
+        return 2 * h * h + 2 * h * k * d + 3 * h * f
+    return 4 * h * h + 2 * h * f
+
+
+def block_params(spec: ModelSpec) -> int:
+    """All parameters of one block: matmul weights plus norms and biases.
+
+    Formula: llama adds two RMSNorm weights (``2h``); gpt adds two LayerNorms (``4h``) and biases
+    (qkv ``3h``, proj ``h``, fc ``f``, fc-proj ``h``). Source: module definitions; GPT total is Narayanan eq. 2's
+    ``12 h^2 + 13 h`` for f = 4h.
+    """
+    h, f, _, _, _ = _dims(spec)
+    if spec.family == "llama":
+        return block_matmul_params(spec) + 2 * h
+    return block_matmul_params(spec) + 4 * h + 3 * h + h + f + h
+
+
+def embed_params(spec: ModelSpec) -> int:
+    """Token embedding ``v h`` (+ learned positions ``max_seq_len h`` for gpt)."""
+    h, _, _, _, v = _dims(spec)
+    return v * h + (spec.max_seq_len * h if spec.family == "gpt" else 0)
+
+
+def head_params(spec: ModelSpec) -> int:
+    """Final norm plus LM head ``v h`` (the head matrix is counted here even when tied: on a pipeline the last
+    stage holds its own copy, as Megatron-LM does)."""
+    h, _, _, _, v = _dims(spec)
+    norm = h if spec.family == "llama" else 2 * h
+    return norm + v * h
+
+
+def model_params(spec: ModelSpec) -> int:
+    """Unique parameters (tied head counted once). Source: sum of the module definitions."""
+    assert spec.n_layers
+    h, _, _, _, v = _dims(spec)
+    total = embed_params(spec) + spec.n_layers * block_params(spec) + head_params(spec)
+    return total - (v * h if spec.tied_embeddings else 0)
+
+
+def block_fwd_flops(spec: ModelSpec, b: int, s: int) -> float:
+    """Forward FLOPs of one block for a micro-batch.
+
+    Formula: ``2 b s P_matmul + 4 b s^2 h`` (the two attention matmuls QK^T and AV, full s x s as in
+        Megatron's accounting, causal masking not discounted).
+    Source: Narayanan et al. SC'21 sec. 5.1 / eq. 3 (``24 b s h^2 + 4 b s^2 h`` per GPT layer forward).
+    """
+    h = _dims(spec)[0]
+    return 2.0 * b * s * block_matmul_params(spec) + 4.0 * b * s * s * h
+
+
+def head_fwd_flops(spec: ModelSpec, b: int, s: int) -> float:
+    """LM head forward ``2 b s h v``. Source: Narayanan et al. SC'21 eq. 3 (the ``6 B s h V`` term / 3)."""
+    h, _, _, _, v = _dims(spec)
+    return 2.0 * b * s * h * v
+
+
+def model_flops_per_step(spec: ModelSpec, global_batch: int, s: int) -> float:
+    """Model FLOPs of one optimizer step, without recomputation: 3 x forward (backward = 2 x forward).
+
+    Formula: ``3 B (L F_block + F_head)`` with F_block from :func:`block_fwd_flops`. For a GPT block with f = 4h
+        this equals ``72 B s L h^2 (1 + s/(6h) + v/(12 h L))``.
+    Source: Korthikanti et al. 2022, eq. 7 (model FLOPs, used for MFU).
+    """
+    assert spec.n_layers
+    fwd = spec.n_layers * block_fwd_flops(spec, global_batch, s) + head_fwd_flops(spec, global_batch, s)
+    return 3.0 * fwd
+
+
+def block_activation_bytes(spec: ModelSpec, b: int, s: int, t: int, dtype_bytes: int, sp: bool = False) -> float:
+    """Bytes one block saves for backward (no recomputation), per device under tensor parallelism.
+
+    Formula (elements per token, times ``b s dtype_bytes``), attention with a fused (flash/SDPA) kernel so no
+        ``a s^2`` term, no dropout:
+        llama: replicated ``4h`` (block input, normed input, mid residual, normed mid) + sharded
+            ``(2h + 2kd + 4f) / t`` (Q, attention output, K, V; gate, up, silu(gate), product).
+        gpt: replicated ``4h`` (two LayerNorm inputs and outputs feeding the linears) + sharded
+            ``(2h + 2h + 2h ... )``: QKV ``3h``, attention output ``h``, fc output ``f``, GELU output ``f``
+            -> ``(4h + 2f) / t``; with f = 4h this is Korthikanti's ``10 + 24/t`` with the 2 bytes of dropout
+            masks removed (``4 + ... `` replicated part differs by the masks).
+        sp=True shards the replicated part too (divide everything by t).
+    Source: Korthikanti et al. 2022, sec. 4.1-4.2 (Table 2 derivation), adapted per module as above.
+    Assumptions: fused attention (saves Q, K, V, output and a logsumexp of ``a s`` floats, neglected).
+    """
+    h, f, a, k, _ = _dims(spec)
+    d = h // a
+    if spec.family == "llama":
+        replicated, sharded = 4 * h, 2 * h + 2 * k * d + 4 * f
+    else:
+        replicated, sharded = 4 * h, 4 * h + 2 * f
+    per_token = (replicated + sharded) / t if sp else replicated + sharded / t
+    return float(b * s * dtype_bytes * per_token)
+
+
+def block_input_bytes(spec: ModelSpec, b: int, s: int, dtype_bytes: int, t: int = 1, sp: bool = False) -> float:
+    """The block's input ``b s h`` (kept per block under full recomputation; ``/t`` with sequence parallelism).
+
+    Source: Korthikanti et al. 2022, sec. 4.3 ("full activation recomputation ... 2 s b h per layer").
+    """
+    h = _dims(spec)[0]
+    return float(b * s * h * dtype_bytes) / (t if sp else 1)
+
+
+def head_activation_bytes(spec: ModelSpec, b: int, s: int, t: int, dtype_bytes: int) -> float:
+    """Final norm input + head input ``2 b s h`` in dtype, plus fp32 logits and their softmax ``8 b s v / t``.
+
+    Source: Korthikanti et al. 2022, sec. 4.1 ("output layer ... 4 s b v / t" for fp32 logits); the cross-entropy
+    kernel of torch keeps the fp32 logits and their log-softmax (a second ``4 b s v``).
+    """
+    h, _, _, _, v = _dims(spec)
+    return float(2 * b * s * h * dtype_bytes + 8 * b * s * v / t)
+
+
+def embed_activation_bytes(spec: ModelSpec, b: int, s: int) -> float:
+    """Token ids ``8 b s`` (int64) saved by the embedding's backward. Source: torch.nn.Embedding backward."""
+    return float(8 * b * s)

@@ -1,0 +1,252 @@
+"""Outer search: enumerate (dp, tp, pp, micro-batch) candidates, solve the stage MILP of each, keep the best.
+
+Candidates are sorted by a cheap lower bound on the step time (perfect balance, no recomputation, no DP
+communication: ``(m + p - 1)/p * sum of stage times``) and skipped when that bound cannot beat the K-th best plan
+found so far (FORMULAS.md, "Outer loop").
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from paraplan.cost_models.costs import CandidateCosts, Mode, StageCost, step_time_s
+from paraplan.errors import NoFeasiblePlanError, StrategyError, TrainSpecError
+from paraplan.planner.milp import MilpResult, solve_stage_milp
+from paraplan.types import (
+    ClusterSpec,
+    MemoryBreakdown,
+    ModelProfile,
+    ModelSpec,
+    Plan,
+    Prediction,
+    SolverInfo,
+    StagePlan,
+    Strategy,
+    StrategyOverride,
+    TrainSpec,
+)
+from paraplan.units import format_bytes
+
+DEFAULT_MICRO_BATCHES = (1, 2, 4, 8, 16)
+BackendChoice = str  # "any" | "deepspeed" | "torch"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    dp: int
+    tp: int
+    pp: int
+    micro_batch_size: int
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def enumerate_candidates(
+    spec: ModelSpec, cluster: ClusterSpec, train: TrainSpec, override: StrategyOverride,
+    micro_batches: list[int],
+) -> list[Candidate]:
+    """All (dp, tp, pp, b) with ``dp tp pp = world``, tp within a node dividing the attention and KV heads,
+    ``pp <= L`` and ``global_batch`` divisible by ``dp b``; restricted by ``override``.
+
+    Raises:
+        StrategyError: the override itself is impossible (degrees that do not multiply to the world size...).
+        TrainSpecError: no candidate divides the global batch.
+    """
+    world = cluster.world_size
+    L = spec.n_layers or 0
+    o = override
+    forced = [x for x in (o.dp, o.tp, o.pp) if x is not None]
+    prod = 1
+    for x in forced:
+        prod *= x
+    if world % prod or (len(forced) == 3 and prod != world):
+        raise StrategyError(
+            f"--strategy dp/tp/pp ({o.dp}, {o.tp}, {o.pp}) must multiply to the world size {world} of {cluster.name}"
+        )
+    if o.tp is not None and (o.tp > cluster.devices_per_node or (spec.n_heads or 1) % o.tp
+                             or (spec.n_kv_heads or 1) % o.tp):
+        raise StrategyError(
+            f"tp={o.tp} must divide the attention heads ({spec.n_heads}) and KV heads ({spec.n_kv_heads}) and "
+            f"fit in a node ({cluster.devices_per_node} devices)"
+        )
+    if o.pp is not None and o.pp > L:
+        raise StrategyError(f"pp={o.pp} exceeds the model's {L} blocks")
+    out: list[Candidate] = []
+    divisible_batch = False
+    for tp in _divisors(cluster.devices_per_node):
+        if (spec.n_heads or 1) % tp or (spec.n_kv_heads or 1) % tp or (o.tp and tp != o.tp):
+            continue
+        for pp in _divisors(world // tp):
+            if pp > L or (o.pp and pp != o.pp):
+                continue
+            dp = world // (tp * pp)
+            if o.dp and dp != o.dp:
+                continue
+            for b in micro_batches:
+                if o.micro_batch_size and b != o.micro_batch_size:
+                    continue
+                if train.global_batch % (dp * b) == 0:
+                    divisible_batch = True
+                    out.append(Candidate(dp, tp, pp, b))
+    if not out and not divisible_batch:
+        raise TrainSpecError(
+            f"global batch {train.global_batch} is not divisible by dp x micro-batch for any strategy on "
+            f"{cluster.name} (micro-batches {list(micro_batches)}); choose a global batch that is a multiple of "
+            "the data-parallel degree times the micro-batch size"
+        )
+    return out
+
+
+def allowed_modes(cluster: ClusterSpec, cand: Candidate, override: StrategyOverride, backend: str) -> list[Mode]:
+    """ZeRO stage x offload combinations the backends can run for this candidate.
+
+    DeepSpeed's pipeline engine supports ZeRO 0-1 only; optimizer offload needs ZeRO >= 1 (DeepSpeed) and a GPU
+    (on a CPU cluster device memory is host memory). The torch backend has no optimizer-only offload.
+    """
+    modes = []
+    for zero in range(4):
+        for offload in (False, True):
+            if override.zero_stage is not None and zero != override.zero_stage:
+                continue
+            if override.offload_optimizer is not None and offload != override.offload_optimizer:
+                continue
+            if offload and (zero == 0 or cluster.device.kind == "cpu" or backend in ("torch", "any")):
+                continue
+            if cand.dp == 1 and zero > 0 and override.zero_stage is None:
+                continue  # ZeRO shards over dp: with dp = 1 it only adds communication-free overhead
+            if backend in ("deepspeed", "any") and cand.pp > 1 and zero > 1:
+                continue
+            modes.append(Mode(zero, offload))
+    return modes
+
+
+def _lower_bound(costs: CandidateCosts) -> float:
+    L = costs.spec.n_layers or 0
+    blk = costs.block
+    total = L * (blk.fwd_s + blk.bwd_s + blk.tp_fwd_s + blk.tp_bwd_s)
+    total += sum(costs.stage_cost(s, 0, 0, Mode(0, False)).time_per_micro_batch_s for s in range(costs.pp))
+    return (costs.m + costs.pp - 1) / costs.pp * total
+
+
+def _stage_plans(costs: CandidateCosts, res: MilpResult) -> tuple[list[StagePlan], list[StageCost]]:
+    stages, stage_costs = [], []
+    first = 0
+    for s, (n, r) in enumerate(zip(res.n_blocks, res.recompute_blocks)):
+        sc = costs.stage_cost(s, n, r, res.mode)
+        last = first + n - 1 + (1 if s == 0 else 0) + (1 if s == costs.pp - 1 else 0)
+        stages.append(StagePlan(index=s, first_layer=first, last_layer=last, n_blocks=n, recompute_blocks=r,
+                                time_per_micro_batch_s=sc.time_per_micro_batch_s, memory_bytes=sc.memory_bytes))
+        stage_costs.append(sc)
+        first = last + 1
+    return stages, stage_costs
+
+
+def predict(costs: CandidateCosts, stage_costs: list[StageCost]) -> Prediction:
+    """Assemble the Prediction of a strategy from its stage costs (the same numbers the MILP optimized)."""
+    step, pipe, bubble = step_time_s(costs, stage_costs)
+    worst = max(stage_costs, key=lambda sc: sc.memory_bytes)
+    slowest_extra = max(stage_costs, key=lambda sc: sc.step_extra_s)
+    tokens = costs.train.global_batch * costs.train.seq_len
+    flops = costs.model_flops_per_step()
+    world = costs.dp * costs.tp * costs.pp
+    peak = costs.cluster.device.peak_flops_per_s[costs.train.dtype]
+    return Prediction(
+        step_time_s=step, compute_s=pipe, bubble_s=bubble, dp_comm_s=slowest_extra.dp_comm_s,
+        offload_s=slowest_extra.offload_s, optimizer_s=slowest_extra.optimizer_s,
+        peak_memory_bytes=worst.memory_bytes, memory_capacity_bytes=costs.capacity_bytes,
+        memory_breakdown_bytes=MemoryBreakdown(
+            params=worst.params_bytes, grads=worst.grads_bytes, optimizer=worst.optimizer_bytes,
+            activations=worst.activation_bytes, other=worst.other_bytes,
+        ),
+        tokens_per_s=tokens / step, model_flops_per_step=flops, mfu=flops / (step * world * peak),
+        compute_source=costs.compute_source,  # type: ignore[arg-type]
+    )
+
+
+def _min_memory(costs: CandidateCosts, modes: list[Mode]) -> float:
+    """Least peak memory of a candidate: every block recomputed, the leanest mode, blocks balanced."""
+    L, p = costs.spec.n_layers or 0, costs.pp
+    best = float("inf")
+    for mode in modes:
+        worst = 0.0
+        for s in range(p):
+            n = L // p + (1 if s < L % p else 0)
+            worst = max(worst, costs.stage_cost(s, n, n, mode).memory_bytes)
+        best = min(best, worst)
+    return best
+
+
+def search_plans(
+    spec: ModelSpec, cluster: ClusterSpec, train: TrainSpec, profile: ModelProfile | None = None,
+    override: StrategyOverride | None = None, top_k: int = 3, backend: BackendChoice = "any",
+    time_limit_s: float = 10.0, profile_path: str | None = None,
+) -> list[Plan]:
+    """Find the ``top_k`` fastest predicted plans.
+
+    Raises:
+        NoFeasiblePlanError: nothing fits; the message gives the least memory per device any candidate needs.
+        StrategyError, TrainSpecError: impossible overrides or batch sizes.
+    """
+    override = override or StrategyOverride()
+    if spec.family == "custom" and profile is None:
+        raise StrategyError(f"{spec.name} is a factory model: run `paraplan profile` and pass --profile")
+    micro = profile.micro_batch_sizes() if profile is not None else list(DEFAULT_MICRO_BATCHES)
+    if override.micro_batch_size and override.micro_batch_size not in micro and profile is None:
+        micro.append(override.micro_batch_size)
+    start = time.perf_counter()
+    cands = enumerate_candidates(spec, cluster, train, override, micro)
+    scored = []
+    for cand in cands:
+        costs = CandidateCosts(spec, cluster, train, cand.dp, cand.tp, cand.pp, cand.micro_batch_size, profile)
+        modes = allowed_modes(cluster, cand, override, backend)
+        if modes:
+            scored.append((_lower_bound(costs), cand, costs, modes))
+    scored.sort(key=lambda x: x[0])
+    found: list[tuple[float, Candidate, CandidateCosts, MilpResult]] = []
+    solved, status, gap = 0, "optimal", 0.0
+    least_mem: tuple[float, Candidate] | None = None
+    for lb, cand, costs, modes in scored:
+        if len(found) >= top_k and lb >= found[-1][0]:
+            continue
+        res = solve_stage_milp(costs, modes, override.recompute, time_limit_s)
+        solved += 1
+        if res is None:
+            need = _min_memory(costs, modes)
+            if least_mem is None or need < least_mem[0]:
+                least_mem = (need, cand)
+            continue
+        found.append((res.objective_s, cand, costs, res))
+        found.sort(key=lambda x: x[0])
+        found = found[:top_k]
+    if not found:
+        _raise_infeasible(cluster, least_mem)
+    elapsed = time.perf_counter() - start
+    plans = []
+    for _, cand, costs, res in found:
+        if res.status == "feasible":
+            status, gap = "feasible", max(gap, res.gap)
+        stages, stage_costs = _stage_plans(costs, res)
+        strategy = Strategy(dp=cand.dp, tp=cand.tp, pp=cand.pp, micro_batch_size=cand.micro_batch_size,
+                            grad_accum=costs.m, zero_stage=res.mode.zero_stage,
+                            offload_optimizer=res.mode.offload_optimizer, stages=stages)
+        info = SolverInfo(status=status, gap=gap, solver="HiGHS via PuLP", candidates=len(cands),  # type: ignore
+                          milps_solved=solved, search_time_s=elapsed)
+        plans.append(Plan(model=spec, cluster=cluster, train=train, strategy=strategy,
+                          predicted=predict(costs, stage_costs), solver=info, profile_path=profile_path))
+    return plans
+
+
+def _raise_infeasible(cluster: ClusterSpec, least: tuple[float, Candidate] | None) -> None:
+    cap = format_bytes(cluster.device.memory_bytes)
+    if least is None:
+        raise NoFeasiblePlanError(f"no strategy could be evaluated on {cluster.name}; relax --strategy")
+    need, c = least
+    raise NoFeasiblePlanError(
+        f"no plan fits {cap} per device on {cluster.name}; the leanest candidate (dp={c.dp} tp={c.tp} pp={c.pp} "
+        f"micro-batch={c.micro_batch_size}, full recomputation) needs {format_bytes(need)} per device. Try more "
+        "devices or a larger device type, a smaller micro-batch or sequence length, ZeRO-3 (--strategy zero=3), "
+        "or optimizer offload on GPUs (--backend deepspeed)"
+    )
