@@ -64,14 +64,18 @@ def solve_stage_milp(
     p = costs.pp
     blk = costs.block
     prob = pulp.LpProblem("stage_assignment", pulp.LpMinimize)
-    n = [pulp.LpVariable(f"n_{s}", lowBound=0 if s in (0, p - 1) else 1, upBound=L, cat="Integer") for s in range(p)]
-    r = [pulp.LpVariable(f"r_{s}", lowBound=0, upBound=L, cat="Integer") for s in range(p)]
-    z = [pulp.LpVariable(f"z_{s}", cat="Binary") for s in range(p)]
-    y = [pulp.LpVariable(f"y_{k}", cat="Binary") for k in range(len(modes))]
-    w = [[pulp.LpVariable(f"w_{s}_{k}", lowBound=0, upBound=L, cat="Integer") for k in range(len(modes))]
+
+    def var(name: str, low: float, up: float | None, cat: str) -> pulp.LpVariable:
+        return prob.add_variable(name, lowBound=low, upBound=up, cat=cat)
+
+    n = [var(f"n_{s}", 0 if s in (0, p - 1) else 1, L, "Integer") for s in range(p)]
+    r = [var(f"r_{s}", 0, L, "Integer") for s in range(p)]
+    z = [var(f"z_{s}", 0, 1, "Binary") for s in range(p)]
+    y = [var(f"y_{k}", 0, 1, "Binary") for k in range(len(modes))]
+    w = [[var(f"w_{s}_{k}", 0, L, "Integer") for k in range(len(modes))]
          for s in range(p)]
-    T = pulp.LpVariable("T", lowBound=0)
-    U = pulp.LpVariable("U", lowBound=0)
+    T = var("T", 0, None, "Continuous")
+    U = var("U", 0, None, "Continuous")
 
     # Contiguity/partition: every block in exactly one stage.
     prob += pulp.lpSum(n) == L, "partition"

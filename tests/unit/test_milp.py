@@ -1,0 +1,77 @@
+"""The stage MILP against a brute-force enumeration of every assignment, recomputation count and state mode."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from paraplan.catalog import gpu_cluster
+from paraplan.cost_models.costs import CandidateCosts, Mode, step_time_s
+from paraplan.planner.milp import solve_stage_milp
+from paraplan.types import ClusterSpec, ModelSpec, TrainSpec
+from paraplan.units import GiB
+
+SPEC = ModelSpec(name="chain6", family="llama", n_layers=6, hidden=4096, ffn_hidden=14336, n_heads=32, n_kv_heads=8,
+                 vocab=32000)
+MODES = [Mode(0, False), Mode(1, False), Mode(2, False), Mode(3, False), Mode(1, True)]
+
+
+def _cluster(memory_gib: float) -> ClusterSpec:
+    base = gpu_cluster(1, 8, "H100-80GB")
+    return base.model_copy(update={"device": base.device.model_copy(update={"memory_bytes": memory_gib * GiB})})
+
+
+def brute_force(costs: CandidateCosts, modes: list[Mode]) -> float:
+    L, p = SPEC.n_layers, costs.pp
+    best = float("inf")
+    for cut in itertools.combinations_with_replacement(range(L + 1), p - 1):
+        bounds = (0, *cut, L)
+        n = [bounds[i + 1] - bounds[i] for i in range(p)]
+        if any(n[s] < 1 for s in range(1, p - 1)):
+            continue
+        for r in itertools.product(*[range(k + 1) for k in n]):
+            for mode in modes:
+                stages = [costs.stage_cost(s, n[s], r[s], mode) for s in range(p)]
+                if any(st.memory_bytes > costs.capacity_bytes for st in stages):
+                    continue
+                best = min(best, step_time_s(costs, stages)[0])
+    return best
+
+
+@pytest.mark.parametrize("pp,dp,memory_gib", [(2, 4, 80), (2, 4, 16), (3, 2, 14), (2, 4, 9)])
+def test_milp_matches_brute_force(pp, dp, memory_gib):
+    train = TrainSpec(global_batch=16, seq_len=4096)
+    costs = CandidateCosts(SPEC, _cluster(memory_gib), train, dp, 8 // (dp * pp) or 1, pp, 1)
+    ref = brute_force(costs, MODES)
+    res = solve_stage_milp(costs, MODES)
+    if ref == float("inf"):
+        assert res is None
+        return
+    assert res is not None and res.status == "optimal"
+    # The MILP's objective is the evaluator's step time of its own solution...
+    stages = [costs.stage_cost(s, n, r, res.mode) for s, (n, r) in enumerate(zip(res.n_blocks, res.recompute_blocks))]
+    assert step_time_s(costs, stages)[0] == pytest.approx(res.objective_s, rel=1e-6)
+    assert all(st.memory_bytes <= costs.capacity_bytes * (1 + 1e-9) for st in stages)
+    # ... and no assignment is faster.
+    assert res.objective_s == pytest.approx(ref, rel=1e-6)
+
+
+def test_tight_memory_forces_recomputation_or_sharding():
+    train = TrainSpec(global_batch=16, seq_len=4096)
+    roomy = solve_stage_milp(CandidateCosts(SPEC, _cluster(80), train, 4, 1, 2, 1), MODES)
+    tight = solve_stage_milp(CandidateCosts(SPEC, _cluster(9), train, 4, 1, 2, 1), MODES)
+    assert roomy is not None and tight is not None
+    assert sum(roomy.recompute_blocks) == 0 and roomy.mode.zero_stage <= 1
+    assert sum(tight.recompute_blocks) > 0 or tight.mode.zero_stage >= 2
+    assert tight.objective_s > roomy.objective_s
+
+
+def test_forced_recompute_modes():
+    train = TrainSpec(global_batch=16, seq_len=4096)
+    costs = CandidateCosts(SPEC, _cluster(80), train, 4, 1, 2, 1)
+    full = solve_stage_milp(costs, MODES, recompute="full")
+    none = solve_stage_milp(costs, MODES, recompute="none")
+    assert full is not None and none is not None
+    assert full.recompute_blocks == full.n_blocks
+    assert sum(none.recompute_blocks) == 0
