@@ -7,6 +7,7 @@ exceptions keep their traceback.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -19,8 +20,10 @@ from paraplan.errors import ParaplanError, ProfileError, StrategyError, format_v
 from paraplan.types import Plan, StrategyOverride, TrainSpec
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
-console = Console()
-err_console = Console(stderr=True)
+# Piped output (CI logs, tests) gets a wide table instead of rich's 80-column default.
+_WIDTH = shutil.get_terminal_size((160, 24)).columns
+console = Console(width=_WIDTH)
+err_console = Console(stderr=True, width=_WIDTH)
 
 
 def _fail(message: str) -> None:

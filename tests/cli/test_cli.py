@@ -1,0 +1,113 @@
+"""CLI behaviour a user sees: tables, --json keys, and clear errors with exit code 1 and no traceback."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from paraplan.cli.app import app
+
+runner = CliRunner()
+
+
+def run(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def assert_user_error(result, *fragments: str) -> None:
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert isinstance(result.exception, SystemExit)
+    for frag in fragments:
+        assert frag in result.output, result.output
+
+
+def test_models_lists_presets_with_counts():
+    result = run("models")
+    assert result.exit_code == 0
+    for name in ("llama-tiny", "llama-small", "llama3-8b", "llama3-70b", "llama3-405b", "gpt3-175b"):
+        assert name in result.output
+    assert "8.03B" in result.output
+
+
+def test_plan_json_summary(tmp_path):
+    out = tmp_path / "plan.json"
+    result = run("plan", "llama3-8b", "--cluster", "8xH100-80GB", "--global-batch", "64", "--seq-len", "4096",
+                 "--json", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    s, p = summary["strategy"], summary["predicted"]
+    assert s["dp"] * s["tp"] * s["pp"] == 8
+    assert 64 % (s["dp"] * s["micro_batch_size"]) == 0
+    assert 0 < p["peak_memory_bytes"] <= 80 * 2**30
+    assert p["step_time_s"] > 0 and 0 < p["mfu"] < 1
+    assert s["zero_stage"] in (0, 1, 2, 3)
+    plan = json.loads(out.read_text())
+    assert plan["schema_version"] == 1 and plan["solver"]["status"] in ("optimal", "feasible")
+
+
+@pytest.mark.parametrize("forced,key,value", [("dp=2", "dp", 2), ("pp=2", "pp", 2), ("tp=2", "tp", 2),
+                                              ("dp=2,zero=3", "zero_stage", 3)])
+def test_strategy_override_is_honoured(tmp_path, forced, key, value):
+    result = run("plan", "llama-tiny", "--cluster", "cpu:2", "--global-batch", "8", "--seq-len", "64",
+                 "--strategy", forced, "--json", "-o", str(tmp_path / "p.json"))
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["strategy"][key] == value
+
+
+def test_unknown_preset(tmp_path):
+    out = tmp_path / "plan.json"
+    result = run("plan", "llama-huge", "--cluster", "cpu:2", "--global-batch", "8", "--seq-len", "64", "-o", str(out))
+    assert_user_error(result, "unknown model 'llama-huge'", "llama-tiny")
+    assert not out.exists()
+
+
+def test_malformed_cluster_file_lists_errors(tmp_path):
+    bad = tmp_path / "cluster.yaml"
+    bad.write_text("nodes: 0\ndevices_per_node: eight\ndevice: H100-80GB\n")
+    result = run("plan", "llama-tiny", "--cluster", str(bad), "--global-batch", "8", "--seq-len", "64",
+                 "-o", str(tmp_path / "p.json"))
+    assert_user_error(result, "is invalid", "nodes", "devices_per_node", "intra_node_bandwidth_bytes_per_s")
+
+
+def test_malformed_model_file_lists_errors(tmp_path):
+    bad = tmp_path / "model.json"
+    bad.write_text(json.dumps({"family": "llama", "n_layers": 2, "hidden": 64}))
+    result = run("plan", str(bad), "--cluster", "cpu:2", "--global-batch", "8", "--seq-len", "64")
+    assert_user_error(result, "is invalid", "ffn_hidden")
+
+
+def test_global_batch_not_divisible(tmp_path):
+    result = run("plan", "llama-tiny", "--cluster", "cpu:2", "--global-batch", "3", "--seq-len", "64",
+                 "--strategy", "dp=2", "-o", str(tmp_path / "p.json"))
+    assert_user_error(result, "global batch 3 is not divisible")
+
+
+def test_model_that_fits_no_plan_says_what_it_needs(tmp_path):
+    out = tmp_path / "p.json"
+    result = run("plan", "llama3-405b", "--cluster", "1xL4-24GB", "--global-batch", "8", "--seq-len", "4096",
+                 "-o", str(out))
+    assert_user_error(result, "no plan fits", "needs", "per device", "more devices")
+    assert not out.exists()
+
+
+def test_bad_strategy_key():
+    result = run("plan", "llama-tiny", "--cluster", "cpu:2", "--global-batch", "8", "--seq-len", "64",
+                 "--strategy", "dq=2")
+    assert_user_error(result, "--strategy 'dq=2'")
+
+
+def test_launch_world_size_mismatch(tmp_path):
+    plan = tmp_path / "plan.json"
+    assert run("plan", "llama3-8b", "--cluster", "8xH100-80GB", "--global-batch", "64", "--seq-len", "2048",
+               "-o", str(plan)).exit_code == 0
+    result = run("launch", str(plan), "--backend", "torch", "--run-dir", str(tmp_path / "run"))
+    assert_user_error(result, "needs 8 CUDA devices")
+
+
+def test_profile_mismatch_is_reported(tmp_path):
+    result = run("plan", "llama-tiny", "--cluster", "cpu:2", "--global-batch", "8", "--seq-len", "64",
+                 "--profile", str(tmp_path / "missing.json"))
+    assert_user_error(result, "does not exist", "paraplan profile")
