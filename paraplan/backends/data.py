@@ -15,7 +15,7 @@ import torch
 
 from paraplan.errors import LaunchError
 
-MAX_BYTES = 16 * 1024 * 1024
+MAX_BYTES = 8 * 1024 * 1024
 
 
 def default_data_paths() -> list[Path]:
@@ -61,18 +61,18 @@ class ByteDataset:
         raw = b"".join(chunks)
         if len(raw) < seq_len + 2:
             raise LaunchError(f"data has {len(raw)} bytes; need at least seq_len + 2 = {seq_len + 2}")
-        self.data = torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(torch.int64)
+        self.data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)  # uint8 keeps the resident set small
         self.seq_len = seq_len
         n_windows = len(raw) - seq_len - 1
         gen = torch.Generator().manual_seed(seed)
-        self.offsets = torch.randperm(n_windows, generator=gen)
+        self.offsets = torch.randperm(n_windows, generator=gen, dtype=torch.int32)
 
     def batch(self, start: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Samples ``start .. start+n-1`` of the run (wrapping around the data)."""
         idx = torch.arange(start, start + n) % len(self.offsets)
         starts = self.offsets[idx]
         pos = starts[:, None] + torch.arange(self.seq_len + 1)[None, :]
-        window = self.data[pos]
+        window = self.data[pos.long()].long()
         return window[:, :-1].contiguous(), window[:, 1:].contiguous()
 
 
