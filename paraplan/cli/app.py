@@ -275,6 +275,23 @@ def launch_cmd(
         render_measured(console, plan, rows)
 
 
+def _register_extra_commands() -> None:
+    """Commands defined in their own modules (each exposes ``register(app)``)."""
+    import importlib
+
+    for name in ("paraplan.cli.estimate",):
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        module.register(app, _guard)
+
+
+_register_extra_commands()
+
+
 def main() -> None:
     app(prog_name="paraplan")
 
