@@ -69,8 +69,11 @@ class MetricsWriter:
         if self.rank == 0:
             self.path.write_text("")
 
-    def log(self, step: int, loss: float, step_time_s: float) -> None:
-        """Record one step. ``loss`` must already be the global-batch mean (identical on every rank that logs)."""
+    def log(self, step: int, loss: float, step_time_s: float, **extra: float) -> None:
+        """Record one step. ``loss`` must already be the global-batch mean (identical on every rank that logs).
+
+        ``extra`` values (for example ``grad_norm``) are appended to the row as rank 0 passes them.
+        """
         mem = peak_memory_bytes(self.device)
         mems: list[int] = [mem]
         if dist.is_initialized():
@@ -81,7 +84,7 @@ class MetricsWriter:
             row = {
                 "step": step, "loss": loss, "step_time_s": step_time_s,
                 "tokens_per_s": self.tokens_per_step / step_time_s if step_time_s > 0 else 0.0,
-                "peak_memory_bytes": mems,
+                "peak_memory_bytes": mems, **extra,
             }
             with self.path.open("a") as f:
                 f.write(json.dumps(row) + "\n")

@@ -1,0 +1,484 @@
+"""Native torch backend: render a Plan as ``torch_parallel.json`` and apply it to a layer chain.
+
+``build_torch_config`` turns a plan into a :class:`TorchParallelConfig`, the exact recipe the trainer
+(``paraplan.backends.train_torch``) applies: a ``(pp, dp, tp)`` device mesh, a Llama tensor-parallel plan
+(DTensor ``parallelize_module``), full activation checkpointing of chosen blocks, a data-parallel wrapper per ZeRO
+stage (DDP, DDP + ``ZeroRedundancyOptimizer``, FSDP2 ``fully_shard``) and a ``torch.distributed.pipelining`` 1F1B
+schedule. ``emit_torch`` writes that recipe; ``parallelize`` applies it, in the order torchtitan's llama
+``parallelize.py`` uses (pipeline split, TP, activation checkpointing, data parallelism).
+
+ZeRO stage -> wrapper (over the ``dp`` mesh dimension; nothing when dp == 1 and nothing is offloaded):
+
+- 0: ``DistributedDataParallel`` (replicated parameters, gradients and optimizer states).
+- 1: DDP + ``torch.distributed.optim.ZeroRedundancyOptimizer`` (optimizer states sharded).
+- 2: FSDP2 ``fully_shard(reshard_after_forward=False)`` (gradients and optimizer states sharded; parameters stay
+  gathered between forward and backward).
+- 3: FSDP2 ``fully_shard(reshard_after_forward=True)`` (parameters sharded too).
+
+Optimizer offload uses FSDP2's ``CPUOffloadPolicy`` (CUDA only), which keeps sharded parameters, gradients and
+optimizer states on the host and runs the optimizer step there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from paraplan.backends.launch import write_atomic
+from paraplan.backends.train_common import torch_dtype
+from paraplan.errors import LaunchError
+from paraplan.models.build import LayerChain, lm_loss
+from paraplan.types import SCHEMA_VERSION, Dtype, Plan, StagePlan
+
+CONFIG_FILE = "torch_parallel.json"
+MESH_DIM_NAMES = ("pp", "dp", "tp")
+
+# Tensor-parallel plan of one LlamaBlock (names relative to the block), after Megatron-LM (Shoeybi et al. 2019,
+# section 3): the first matmul of attention and of the MLP is split by output columns, the second by input rows,
+# so each block needs one all-reduce in forward and one in backward per sub-layer. Column-sharding q/k/v gives each
+# rank whole heads (transformers reshapes with -1 heads), which is why tp must divide n_heads and n_kv_heads.
+LLAMA_TP_PLAN: dict[str, Literal["ColwiseParallel", "RowwiseParallel"]] = {
+    "layer.self_attn.q_proj": "ColwiseParallel",
+    "layer.self_attn.k_proj": "ColwiseParallel",
+    "layer.self_attn.v_proj": "ColwiseParallel",
+    "layer.self_attn.o_proj": "RowwiseParallel",
+    "layer.mlp.gate_proj": "ColwiseParallel",
+    "layer.mlp.up_proj": "ColwiseParallel",
+    "layer.mlp.down_proj": "RowwiseParallel",
+}
+
+Wrapper = Literal["none", "DDP", "DDP+ZeroRedundancyOptimizer", "FSDP2"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class MeshConfig(_Frozen):
+    shape: list[int] = Field(description="Device mesh shape, one entry per dimension name (pp, dp, tp).")
+    dim_names: list[str] = Field(default=list(MESH_DIM_NAMES), description="Mesh dimension names, outermost first.")
+
+
+class DataParallelConfig(_Frozen):
+    zero_stage: int = Field(ge=0, le=3)
+    wrapper: Wrapper = Field(description="What wraps each stage module over the dp mesh dimension.")
+    reshard_after_forward: bool | None = Field(description="FSDP2 only: free gathered parameters after forward.")
+    cpu_offload: bool = Field(description="FSDP2 CPUOffloadPolicy: params, grads, optimizer states on the host.")
+
+
+class TensorParallelConfig(_Frozen):
+    degree: int = Field(gt=0)
+    plan: dict[str, Literal["ColwiseParallel", "RowwiseParallel"]] = Field(
+        description="Module name (relative to each block) -> DTensor parallel style; empty when degree is 1."
+    )
+    use_local_output: bool = Field(default=True, description="Styles return plain local tensors to the HF code.")
+
+
+class PipelineStageConfig(_Frozen):
+    index: int = Field(ge=0)
+    first_layer: int = Field(ge=0, description="Chain index, inclusive (0 is the embedding).")
+    last_layer: int = Field(ge=0, description="Chain index, inclusive (L+1 is the head).")
+    blocks: list[int] = Field(description="Block indices (0-based, chain index - 1) of this stage.")
+
+
+class PipelineConfig(_Frozen):
+    schedule: Literal["1F1B"] | None = Field(description="torch.distributed.pipelining schedule; None when pp is 1.")
+    n_microbatches: int = Field(gt=0, description="Micro-batches per step per dp rank (gradient accumulation).")
+    micro_batch_size: int = Field(gt=0, description="Sequences per micro-batch.")
+    activation_dtype: Dtype = Field(description="dtype of the hidden states sent between stages.")
+    stages: list[PipelineStageConfig]
+
+
+class MixedPrecisionConfig(_Frozen):
+    compute_dtype: Dtype = Field(description="dtype of matmuls (TrainSpec.dtype).")
+    mechanism: Literal["none", "autocast", "fsdp2"] = Field(
+        description="none: all fp32. autocast: fp32 parameters, torch.autocast compute. fsdp2: MixedPrecisionPolicy."
+    )
+    param_dtype: Dtype = Field(description="dtype parameters are used in during forward/backward.")
+    reduce_dtype: Dtype = Field(description="dtype gradients are reduced in across dp ranks.")
+
+
+class TorchParallelConfig(_Frozen):
+    """``torch_parallel.json``: everything ``train_torch`` applies to the model, derived from the plan only."""
+
+    schema_version: int = SCHEMA_VERSION
+    mesh: MeshConfig
+    data_parallel: DataParallelConfig
+    tensor_parallel: TensorParallelConfig
+    pipeline: PipelineConfig
+    checkpointed_blocks: list[int] = Field(description="Block indices run with full activation checkpointing.")
+    mixed_precision: MixedPrecisionConfig
+
+
+def build_torch_config(plan: Plan) -> TorchParallelConfig:
+    """Derive the native-torch recipe of a plan.
+
+    Args:
+        plan: the plan; its strategy's stages must cover chain layers ``0..L+1`` in order.
+
+    Returns:
+        The configuration ``emit_torch`` writes and ``parallelize`` applies.
+
+    Raises:
+        LaunchError: a plan this backend cannot run (see ``check_supported``).
+    """
+    check_supported(plan)
+    st = plan.strategy
+    stages = [_stage_config(s, n_blocks=st.stages[-1].last_layer - 1) for s in st.stages]
+    checkpointed = [b for s, sc in zip(st.stages, stages) for b in sc.blocks[: s.recompute_blocks]]
+    mp = _mixed_precision(plan)
+    return TorchParallelConfig(
+        mesh=MeshConfig(shape=[st.pp, st.dp, st.tp]),
+        data_parallel=_data_parallel(plan),
+        tensor_parallel=TensorParallelConfig(degree=st.tp, plan=dict(LLAMA_TP_PLAN) if st.tp > 1 else {}),
+        pipeline=PipelineConfig(
+            schedule="1F1B" if st.pp > 1 else None, n_microbatches=st.grad_accum,
+            micro_batch_size=st.micro_batch_size, activation_dtype=mp.param_dtype, stages=stages,
+        ),
+        checkpointed_blocks=checkpointed,
+        mixed_precision=mp,
+    )
+
+
+def check_supported(plan: Plan) -> None:
+    """Refuse plans the native torch backend cannot run, saying what to change.
+
+    Raises:
+        LaunchError: optimizer offload on a CPU cluster, fp16, tensor parallelism for a non-Llama model or a degree
+            that does not divide the heads / key-value heads / MLP width, fewer micro-batches than pipeline
+            stages, pp > 1 without hidden/vocab in the spec, tied embeddings split across pipeline stages, or
+            stages that do not tile the layer chain.
+    """
+    st, spec = plan.strategy, plan.model
+    if st.offload_optimizer and plan.cluster.device.kind != "cuda":
+        raise LaunchError(
+            f"plan offloads optimizer states but cluster {plan.cluster.name} has no CUDA devices; the torch backend "
+            "offloads with FSDP2's CPUOffloadPolicy, which needs CUDA. Re-plan without optimizer offload, or launch "
+            "with --backend deepspeed"
+        )
+    if plan.train.dtype == "fp16":
+        raise LaunchError(
+            "the torch backend does not implement fp16 loss scaling; plan with dtype bf16 (same memory) or fp32, "
+            "or launch with --backend deepspeed"
+        )
+    if st.tp > 1:
+        _check_tp(plan)
+    if st.pp > 1 and st.grad_accum < st.pp:
+        raise LaunchError(
+            f"1F1B needs at least as many micro-batches as stages; the plan has {st.grad_accum} micro-batches for "
+            f"pp={st.pp}. Re-plan with a smaller micro-batch or a larger global batch"
+        )
+    if st.pp > 1 and (spec.hidden is None or spec.vocab is None):
+        raise LaunchError(
+            f"pp={st.pp} for {spec.name}: the torch backend sizes the stage boundaries from hidden and vocab; add "
+            "them to the model spec or re-plan with pp=1"
+        )
+    if st.pp > 1 and spec.tied_embeddings:
+        raise LaunchError(
+            f"{spec.name} ties its embedding and LM head, which pp={st.pp} puts on different stages; the torch "
+            "backend does not synchronize tied weights across stages. Re-plan with pp=1 or use --backend deepspeed"
+        )
+    _check_stage_tiling(plan)
+
+
+def _check_tp(plan: Plan) -> None:
+    spec, tp = plan.model, plan.strategy.tp
+    if spec.family != "llama":
+        why = "GPT-2 blocks fuse q, k, v into one c_attn matmul" if spec.family == "gpt" else "custom models"
+        raise LaunchError(
+            f"tp={tp} for family '{spec.family}': the torch backend has a tensor-parallel plan only for Llama "
+            f"blocks ({why} have none). Re-plan with tp=1 (--strategy tp=1) or use --backend deepspeed"
+        )
+    dims = {"n_heads": spec.n_heads, "n_kv_heads": spec.n_kv_heads, "ffn_hidden": spec.ffn_hidden}
+    bad = [f"{k}={v}" for k, v in dims.items() if v is not None and v % tp]
+    if bad:
+        raise LaunchError(
+            f"tp={tp} must divide {', '.join(bad)} of {spec.name} (each rank holds whole heads and an equal MLP "
+            "slice); re-plan with a tp that divides them"
+        )
+
+
+def _check_stage_tiling(plan: Plan) -> None:
+    stages = plan.strategy.stages
+    expected = 0
+    for s in stages:
+        if s.first_layer != expected or s.last_layer < s.first_layer:
+            raise LaunchError(
+                f"plan stage {s.index} covers chain layers {s.first_layer}..{s.last_layer} but should start at "
+                f"{expected}; stages must tile [embed, blocks..., head] in order. Re-plan"
+            )
+        expected = s.last_layer + 1
+    if plan.model.n_layers is not None and expected != plan.model.n_layers + 2:
+        raise LaunchError(
+            f"plan stages end at chain layer {expected - 1} but {plan.model.name} has {plan.model.n_layers} blocks "
+            f"(head at {plan.model.n_layers + 1}). Re-plan"
+        )
+
+
+def _stage_config(stage: StagePlan, n_blocks: int) -> PipelineStageConfig:
+    chain_ids = range(max(stage.first_layer, 1), min(stage.last_layer, n_blocks) + 1)
+    return PipelineStageConfig(
+        index=stage.index, first_layer=stage.first_layer, last_layer=stage.last_layer,
+        blocks=[c - 1 for c in chain_ids],
+    )
+
+
+def _data_parallel(plan: Plan) -> DataParallelConfig:
+    st = plan.strategy
+    if st.offload_optimizer:  # CPUOffloadPolicy exists only in FSDP2, whatever the ZeRO stage
+        wrapper: Wrapper = "FSDP2"
+    elif st.dp == 1:
+        wrapper = "none"
+    else:
+        wrapper = ("DDP", "DDP+ZeroRedundancyOptimizer", "FSDP2", "FSDP2")[st.zero_stage]
+    return DataParallelConfig(
+        zero_stage=st.zero_stage, wrapper=wrapper,
+        reshard_after_forward=(st.zero_stage == 3) if wrapper == "FSDP2" else None,
+        cpu_offload=st.offload_optimizer,
+    )
+
+
+def _mixed_precision(plan: Plan) -> MixedPrecisionConfig:
+    dtype = plan.train.dtype
+    if dtype == "fp32":
+        return MixedPrecisionConfig(compute_dtype=dtype, mechanism="none", param_dtype="fp32", reduce_dtype="fp32")
+    if _data_parallel(plan).wrapper == "FSDP2":
+        return MixedPrecisionConfig(compute_dtype=dtype, mechanism="fsdp2", param_dtype=dtype, reduce_dtype="fp32")
+    return MixedPrecisionConfig(compute_dtype=dtype, mechanism="autocast", param_dtype="fp32", reduce_dtype="fp32")
+
+
+def emit_torch(plan: Plan, run_dir: Path) -> list[Path]:
+    """Write ``torch_parallel.json`` (atomically) into ``run_dir``.
+
+    Args:
+        plan: the plan to render.
+        run_dir: an existing run directory.
+
+    Returns:
+        The paths written.
+
+    Raises:
+        LaunchError: a plan this backend cannot run (see ``check_supported``).
+    """
+    path = Path(run_dir) / CONFIG_FILE
+    write_atomic(path, build_torch_config(plan).model_dump_json(indent=2))
+    return [path]
+
+
+def load_torch_config(run_dir: Path, plan: Plan) -> TorchParallelConfig:
+    """Read ``torch_parallel.json`` and check it still describes ``plan`` (it is generated, not an input).
+
+    Raises:
+        LaunchError: the file is missing or differs from what the plan implies.
+    """
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise LaunchError(f"{path} is missing; write the run directory with `paraplan launch --backend torch`")
+    written = TorchParallelConfig.model_validate_json(path.read_text())
+    expected = build_torch_config(plan)
+    if written != expected:
+        raise LaunchError(
+            f"{path} does not match plan.json; it is generated from the plan. Change the plan and re-run "
+            "`paraplan launch` instead of editing it"
+        )
+    return written
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Applying the recipe
+# ---------------------------------------------------------------------------------------------------------------
+
+class StageModule(nn.Module):
+    """Chain layers ``first_layer..last_layer`` of one pipeline stage (the whole chain when pp is 1).
+
+    ``forward(x) -> y``: tokens ``(b, s)`` int64 or hidden ``(b, s, h)`` in, hidden ``(b, s, h)`` or logits
+    ``(b, s, v)`` out, cast to ``output_dtype`` so the pipeline's static stage-boundary metadata always holds.
+    Blocks are addressed by their global block index through ``block_position``.
+    """
+
+    def __init__(
+        self, layers: list[nn.Module], block_ids: list[int], first_block_position: int,
+        output_dtype: torch.dtype, autocast_dtype: torch.dtype | None,
+    ) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.block_position = {b: first_block_position + i for i, b in enumerate(block_ids)}
+        self.output_dtype = output_dtype
+        self.autocast_dtype = autocast_dtype
+
+    def block(self, block_id: int) -> nn.Module:
+        return self.layers[self.block_position[block_id]]
+
+    def set_block(self, block_id: int, module: nn.Module) -> None:
+        self.layers[self.block_position[block_id]] = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ctx = (
+            torch.autocast(x.device.type, dtype=self.autocast_dtype)
+            if self.autocast_dtype is not None else contextlib.nullcontext()
+        )
+        with ctx:
+            for layer in self.layers:
+                x = layer(x)
+        return x.to(self.output_dtype)
+
+
+def build_stage_module(chain: LayerChain, stage: PipelineStageConfig, config: TorchParallelConfig) -> StageModule:
+    """Cut one stage out of the chain (keeps references to the chain's layers; drop the chain to free the rest)."""
+    layers = chain.layers()[stage.first_layer: stage.last_layer + 1]
+    mp = config.mixed_precision
+    return StageModule(
+        layers, stage.blocks, first_block_position=1 if stage.first_layer == 0 else 0,
+        output_dtype=torch_dtype(config.pipeline.activation_dtype),
+        autocast_dtype=torch_dtype(mp.compute_dtype) if mp.mechanism == "autocast" else None,
+    )
+
+
+def apply_tp(stage: StageModule, tp_mesh, plan: dict[str, str]) -> None:
+    """Shard every block's attention and MLP projections over ``tp_mesh`` (DTensor ``parallelize_module``)."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    styles = {"ColwiseParallel": ColwiseParallel, "RowwiseParallel": RowwiseParallel}
+    for block_id in stage.block_position:
+        # use_local_output: the HF attention code views/reshapes plain tensors; DTensors would need global shapes.
+        block_plan = {name: styles[style](use_local_output=True) for name, style in plan.items()}
+        parallelize_module(stage.block(block_id), tp_mesh, block_plan)
+
+
+def apply_ac(stage: StageModule, block_ids: list[int]) -> None:
+    """Full activation checkpointing: each chosen block keeps only its input and recomputes in backward."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+
+    for block_id in block_ids:
+        if block_id in stage.block_position:
+            wrapped = checkpoint_wrapper(stage.block(block_id), checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+            stage.set_block(block_id, wrapped)
+
+
+def apply_fsdp(stage: StageModule, dp_mesh, config: TorchParallelConfig) -> None:
+    """FSDP2: shard each block, then the root (embedding, norm, head), over ``dp_mesh``."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    dpc, mp = config.data_parallel, config.mixed_precision
+    policy = MixedPrecisionPolicy(param_dtype=torch_dtype(mp.param_dtype), reduce_dtype=torch_dtype(mp.reduce_dtype))
+    kwargs = dict(
+        mesh=dp_mesh, reshard_after_forward=dpc.reshard_after_forward, mp_policy=policy,
+        offload_policy=CPUOffloadPolicy() if dpc.cpu_offload else OffloadPolicy(),
+    )
+    for block_id in stage.block_position:
+        fully_shard(stage.block(block_id), **kwargs)
+    fully_shard(stage, **kwargs)
+
+
+def apply_ddp(stage: StageModule, dp_mesh, tp: int, device: torch.device) -> nn.Module:
+    """DDP over ``dp_mesh``; with tp > 1 the DTensor parameters are first exposed to DDP as local shards."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if tp > 1:
+        from torch.distributed.tensor.parallel.ddp import _pre_dp_module_transform
+
+        _pre_dp_module_transform(stage)
+    return DistributedDataParallel(
+        stage, process_group=dp_mesh.get_group(), device_ids=[device.index] if device.type == "cuda" else None,
+        broadcast_buffers=False,  # the only buffers are RoPE frequencies, identical on every rank
+    )
+
+
+@dataclass
+class ParallelModel:
+    """This rank's part of the model after ``parallelize``."""
+
+    module: nn.Module  # the stage module, possibly DDP-wrapped or FSDP2-sharded; call it on micro-batches
+    # Captured before any forward: with tp > 1 under DDP, the TP forward hooks re-register the sharded weights as
+    # plain attributes, so module.parameters() would miss them afterwards.
+    params: list[nn.Parameter]
+    stage_index: int
+    is_first: bool
+    is_last: bool
+    schedule: object | None  # torch.distributed.pipelining.Schedule1F1B when pp > 1
+    config: TorchParallelConfig
+
+
+def parallelize(chain: LayerChain, plan: Plan, mesh, device: torch.device | None = None) -> ParallelModel:
+    """Apply the plan's strategy to a freshly built chain, for the calling rank.
+
+    Args:
+        chain: the full model, identical on every rank (same seed).
+        plan: the plan (its recipe is ``build_torch_config(plan)``).
+        mesh: a ``DeviceMesh`` of shape ``(pp, dp, tp)`` named ``("pp", "dp", "tp")``.
+        device: where the chain's parameters live (default: CPU).
+
+    Returns:
+        The rank's stage module (wrapped) and, for pp > 1, its 1F1B schedule.
+
+    Raises:
+        LaunchError: a plan this backend cannot run.
+    """
+    config = build_torch_config(plan)
+    device = device or torch.device("cpu")
+    st = plan.strategy
+    # 1. Pipeline split first, so TP/AC/DP only touch this rank's layers.
+    pp_rank = mesh["pp"].get_local_rank()
+    stage = build_stage_module(chain, config.pipeline.stages[pp_rank], config)
+    # 2. TP before data parallelism: FSDP2 then shards the TP-local shards (2-D), DDP reduces them.
+    if st.tp > 1:
+        apply_tp(stage, mesh["tp"], config.tensor_parallel.plan)
+    # 3. Activation checkpointing wraps the (TP-sharded) blocks, so recomputation replays the TP collectives.
+    apply_ac(stage, config.checkpointed_blocks)
+    # 4. Data parallelism last: FSDP2 units are the (checkpoint-wrapped) blocks plus the root.
+    module: nn.Module = stage
+    wrapper = config.data_parallel.wrapper
+    if wrapper == "FSDP2":
+        apply_fsdp(stage, mesh["dp"], config)
+    elif wrapper.startswith("DDP"):
+        module = apply_ddp(stage, mesh["dp"], st.tp, device)
+    # 5. The pipeline stage wraps the data-parallel module; it handles DDP no_sync / FSDP2 gradient sync itself.
+    schedule = build_schedule(module, config, pp_rank, mesh, plan, device) if st.pp > 1 else None
+    return ParallelModel(
+        module, list(module.parameters()), pp_rank, pp_rank == 0, pp_rank == st.pp - 1, schedule, config
+    )
+
+
+def build_schedule(module: nn.Module, config: TorchParallelConfig, pp_rank: int, mesh, plan: Plan, device):
+    """A ``PipelineStage`` with static boundary shapes and its ``Schedule1F1B`` over ``mesh['pp']``.
+
+    Static shapes (tokens ``(mb, s)`` int64 into stage 0, hidden ``(mb, s, h)`` between stages, logits
+    ``(mb, s, v)`` out of the last) avoid the dynamic shape inference, which runs a real forward/backward.
+    """
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B
+
+    pp = len(config.pipeline.stages)
+    mb, s = config.pipeline.micro_batch_size, plan.train.seq_len
+    act = torch_dtype(config.pipeline.activation_dtype)
+    hidden, vocab = plan.model.hidden, plan.model.vocab
+    assert hidden is not None and vocab is not None  # check_supported refuses pp > 1 without them
+    if pp_rank == 0:
+        inp = torch.empty((mb, s), dtype=torch.int64, device="meta")
+    else:
+        inp = torch.empty((mb, s, hidden), dtype=act, device="meta", requires_grad=True)
+    # requires_grad on the boundary metadata: it decides whether gradients are sent back across the boundary.
+    out = torch.empty((mb, s, vocab if pp_rank == pp - 1 else hidden), dtype=act, device="meta", requires_grad=True)
+    stage = PipelineStage(
+        module, pp_rank, pp, device, input_args=inp, output_args=out, group=mesh["pp"].get_group()
+    )
+    # lm_loss is a mean over the micro-batch; scale_grads divides the summed gradients by n_microbatches.
+    return Schedule1F1B(stage, n_microbatches=config.pipeline.n_microbatches, loss_fn=lm_loss, scale_grads=True)
+
+
+def build_optimizer(model: ParallelModel, plan: Plan, mesh) -> torch.optim.Optimizer:
+    """AdamW over this rank's parameters; ZeRO-1 shards its states over ``mesh['dp']``."""
+    params = model.params
+    lr, wd = plan.train.lr, plan.train.weight_decay
+    if model.config.data_parallel.wrapper == "DDP+ZeroRedundancyOptimizer":
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        return ZeroRedundancyOptimizer(
+            params, optimizer_class=torch.optim.AdamW, process_group=mesh["dp"].get_group(), lr=lr, weight_decay=wd
+        )
+    return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
