@@ -1,0 +1,218 @@
+"""Render a Plan as a DeepSpeed config (``ds_config.json``) for the built-in trainer ``train_deepspeed``.
+
+The file is a plain DeepSpeed config (batch sizes, ZeRO, precision, optimizer) plus one key of our own,
+``"paraplan"``, that DeepSpeed ignores and our trainer reads: the pipeline stage boundaries of the plan (chain
+layer indices, ``[embed, block_0 .. block_{L-1}, head]``) and the chain layers that run with full activation
+checkpointing. DeepSpeed's own ``partition_method`` can only balance by count, parameters or layer type, so the
+trainer imposes the plan's boundaries itself (see ``train_deepspeed.build_pipeline_module``).
+
+What DeepSpeed cannot run is refused here, before any process starts:
+
+- ZeRO stage 2 or 3 with pipeline parallelism (DeepSpeed's ``PipelineEngine`` supports ZeRO 0 and 1 only).
+- Tensor parallelism (tp > 1) except for Llama-family models with pp == 1: it uses DeepSpeed AutoTP training
+  (``tensor_parallel.autotp_size`` with the ``llama`` preset: q/k/v, gate/up column-parallel, o/down row-parallel;
+  embedding and LM head replicated), which needs heads, key/value heads and the MLP width divisible by tp.
+- Optimizer offload without ZeRO (DeepSpeed offloads only the partitioned optimizer states of ZeRO >= 1).
+- Tied input/output embeddings split over pipeline stages (that needs DeepSpeed ``TiedLayerSpec`` layers).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from paraplan.errors import LaunchError
+from paraplan.types import Plan
+
+DS_CONFIG_FILE = "ds_config.json"
+PARAPLAN_KEY = "paraplan"
+DS_CONFIG_SCHEMA_VERSION = 1
+
+# AdamW hyper-parameters that TrainSpec does not carry; torch.optim.AdamW's defaults, so every backend agrees.
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+# DeepSpeed prints a progress line every steps_per_print steps; the trainer prints its own line per step.
+STEPS_PER_PRINT = 1_000_000_000
+
+
+def check_deepspeed_plan(plan: Plan) -> None:
+    """Refuse plans that DeepSpeed's engines cannot run.
+
+    Args:
+        plan: the plan to launch.
+
+    Raises:
+        LaunchError: tp > 1 on a non-Llama model, with pp > 1, or not dividing the heads or MLP width; ZeRO
+            stage >= 2 with pp > 1; optimizer offload with ZeRO stage 0; tied embeddings with pp > 1; stages that
+            do not tile the layer chain; a global batch other than dp x micro-batch x gradient accumulation.
+    """
+    s = plan.strategy
+    if s.tp > 1:
+        _check_autotp(plan)
+    if s.pp > 1 and s.zero_stage >= 2:
+        raise LaunchError(
+            f"DeepSpeed's pipeline engine supports ZeRO stage 0 or 1, but the plan has pp={s.pp} with ZeRO stage "
+            f"{s.zero_stage}; re-plan with --strategy zero=1 (or pp=1), or launch with --backend torch"
+        )
+    if s.offload_optimizer and s.zero_stage == 0:
+        raise LaunchError(
+            "DeepSpeed offloads optimizer states only with ZeRO; the plan offloads the optimizer at ZeRO stage 0. "
+            "Re-plan with --strategy zero=1 (or higher), or without offload"
+        )
+    if s.pp > 1 and plan.model.tied_embeddings:
+        raise LaunchError(
+            f"{plan.model.name} ties its input and output embeddings, which the deepspeed backend cannot split over "
+            f"pp={s.pp} stages; re-plan with --strategy pp=1, or launch with --backend torch"
+        )
+    if plan.train.global_batch != s.dp * s.micro_batch_size * s.grad_accum:
+        raise LaunchError(
+            f"global batch {plan.train.global_batch} != dp {s.dp} x micro-batch {s.micro_batch_size} x gradient "
+            f"accumulation {s.grad_accum}; re-plan so that the product equals the global batch"
+        )
+    expected_first = 0
+    for stage in s.stages:
+        if stage.first_layer != expected_first or stage.last_layer < stage.first_layer:
+            raise LaunchError(
+                f"stage {stage.index} covers chain layers {stage.first_layer}..{stage.last_layer} but should start at "
+                f"layer {expected_first}; stages must tile the chain [embed, blocks..., head] in order. Re-plan"
+            )
+        expected_first = stage.last_layer + 1
+
+
+def _check_autotp(plan: Plan) -> None:
+    """Refuse tensor parallelism that DeepSpeed AutoTP's ``llama`` preset cannot shard (see the module docstring)."""
+    s, m = plan.strategy, plan.model
+    fix = "launch with --backend torch, or re-plan with --strategy tp=1"
+    if m.family != "llama":
+        raise LaunchError(
+            f"the deepspeed backend shards tensor-parallel layers with DeepSpeed AutoTP's Llama preset; {m.name} is "
+            f"a '{m.family}' model and the plan has tp={s.tp}: {fix}"
+        )
+    if s.pp > 1:
+        raise LaunchError(
+            f"DeepSpeed AutoTP does not run inside its pipeline engine, but the plan has tp={s.tp} with pp={s.pp}: "
+            f"re-plan with --strategy pp=1 or tp=1, or launch with --backend torch"
+        )
+    sizes = {"n_heads": m.n_heads, "n_kv_heads": m.n_kv_heads, "ffn_hidden": m.ffn_hidden}
+    bad = [f"{name}={size}" for name, size in sizes.items() if size is None or size % s.tp]
+    if bad:
+        raise LaunchError(f"tp={s.tp} must divide {', '.join(bad)} of {m.name} to shard its layers: {fix}")
+
+
+def stage_boundaries(plan: Plan) -> list[int]:
+    """Pipeline partition as DeepSpeed's ``PipelineModule.parts``: stage ``s`` runs chain layers
+    ``parts[s] .. parts[s+1]-1``; ``parts[-1]`` is the chain length ``L + 2``."""
+    stages = plan.strategy.stages
+    return [st.first_layer for st in stages] + [stages[-1].last_layer + 1]
+
+
+def checkpointed_layers(plan: Plan) -> list[int]:
+    """Chain indices of the blocks run with full activation checkpointing: the first ``recompute_blocks`` blocks of
+    each stage (blocks are chain layers ``1..L``; layer 0 is the embedding and ``L+1`` the head)."""
+    n_blocks = plan.strategy.stages[-1].last_layer - 1  # the last stage ends with the head at chain index L+1
+    layers: list[int] = []
+    for stage in plan.strategy.stages:
+        first_block = max(stage.first_layer, 1)
+        last_block = min(stage.last_layer, n_blocks)
+        n = min(stage.recompute_blocks, max(last_block - first_block + 1, 0))
+        layers.extend(range(first_block, first_block + n))
+    return layers
+
+
+def build_ds_config(plan: Plan) -> dict[str, Any]:
+    """The DeepSpeed config dict of a plan (see the module docstring for the ``paraplan`` key).
+
+    Args:
+        plan: the plan to launch.
+
+    Returns:
+        A JSON-serialisable dict accepted by ``deepspeed.initialize(config=...)``.
+
+    Raises:
+        LaunchError: the plan needs something DeepSpeed cannot do (see :func:`check_deepspeed_plan`).
+    """
+    check_deepspeed_plan(plan)
+    s = plan.strategy
+    config: dict[str, Any] = {}
+    if s.tp == 1:
+        config["train_batch_size"] = plan.train.global_batch
+    # else: DeepSpeed checks train_batch_size against micro-batch x accumulation x *world size* before it builds
+    # the tensor-parallel groups, so no value equal to the global batch passes; left out, DeepSpeed derives it.
+    # Every rank of a tp group reads the same micro-batches, so the global batch is still plan.train.global_batch.
+    config.update({
+        "train_micro_batch_size_per_gpu": s.micro_batch_size,
+        "gradient_accumulation_steps": s.grad_accum,
+        "steps_per_print": STEPS_PER_PRINT,
+        "wall_clock_breakdown": False,
+        "gradient_clipping": 0.0,
+        "zero_optimization": _zero_section(plan),
+        "bf16": {"enabled": plan.train.dtype == "bf16"},
+        "fp16": {"enabled": plan.train.dtype == "fp16"},
+        "optimizer": _optimizer_section(plan),
+        # Full recomputation is applied by the trainer with torch.utils.checkpoint on the layers listed under
+        # paraplan.activation_checkpointing; none of DeepSpeed's extras (partitioned or CPU activations) are used.
+        "activation_checkpointing": {
+            "partition_activations": False, "cpu_checkpointing": False,
+            "contiguous_memory_optimization": False, "synchronize_checkpoint_boundary": False, "profile": False,
+        },
+    })
+    if s.tp > 1:
+        config["tensor_parallel"] = {"autotp_size": s.tp, "preset_model": "llama"}
+    if s.pp > 1:
+        # DeepSpeed reads these from the config when it builds the PipelineEngine; the partition itself comes from
+        # paraplan.stage_boundaries. Checkpointing per layer is ours, so DeepSpeed's interval stays 0.
+        config["pipeline"] = {
+            "stages": s.pp, "partition": "paraplan.stage_boundaries", "seed_layers": False,
+            "activation_checkpoint_interval": 0,
+        }
+    config[PARAPLAN_KEY] = {
+        "schema_version": DS_CONFIG_SCHEMA_VERSION,
+        "dp": s.dp, "tp": s.tp, "pp": s.pp, "global_batch": plan.train.global_batch,
+        "stage_boundaries": stage_boundaries(plan),
+        "activation_checkpointing": {
+            "method": "full", "implementation": "torch.utils.checkpoint(use_reentrant=False)",
+            "chain_layers": checkpointed_layers(plan),
+        },
+    }
+    return config
+
+
+def _zero_section(plan: Plan) -> dict[str, Any]:
+    zero: dict[str, Any] = {"stage": plan.strategy.zero_stage}
+    if plan.strategy.offload_optimizer:
+        # Pinned host buffers speed up host<->GPU copies; on a CPU cluster there is no device copy to speed up.
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": plan.cluster.device.kind == "cuda"}
+    return zero
+
+
+def _optimizer_section(plan: Plan) -> dict[str, Any]:
+    params: dict[str, Any] = {
+        "lr": plan.train.lr, "weight_decay": plan.train.weight_decay, "betas": list(ADAM_BETAS), "eps": ADAM_EPS,
+    }
+    if not plan.strategy.offload_optimizer:
+        # DeepSpeed's default AdamW is FusedAdam, a C++/CUDA op JIT-compiled on first use (minutes; needs nvcc on a
+        # GPU machine). torch.optim.AdamW computes the same update with no build. Offload keeps DeepSpeedCPUAdam,
+        # the host optimizer a plan with offload assumes.
+        params["torch_adam"] = True
+    return {"type": "AdamW", "params": params}
+
+
+def emit_deepspeed(plan: Plan, run_dir: Path) -> list[Path]:
+    """Write ``ds_config.json`` for ``plan`` into ``run_dir``.
+
+    Args:
+        plan: the plan to launch.
+        run_dir: an existing run directory.
+
+    Returns:
+        The paths written (``[run_dir / "ds_config.json"]``).
+
+    Raises:
+        LaunchError: the plan needs something DeepSpeed cannot do (see :func:`check_deepspeed_plan`).
+    """
+    from paraplan.backends.launch import write_atomic
+
+    path = Path(run_dir) / DS_CONFIG_FILE
+    write_atomic(path, json.dumps(build_ds_config(plan), indent=2) + "\n")
+    return [path]

@@ -1,0 +1,207 @@
+"""Built-in DeepSpeed trainer: ``torchrun ... -m paraplan.backends.train_deepspeed --run-dir DIR``.
+
+Reads ``plan.json``, ``launch.json`` and ``ds_config.json`` (from ``emit_deepspeed``) and trains the plan's model
+for ``launch.steps`` steps on byte-level data. Every rank builds the full model from the same seed, so every
+strategy starts from identical weights and sees the same global batch each step (``data.sample_start``); the
+logged loss is the global-batch mean, so runs of different strategies can be compared step by step.
+
+- pp == 1: ``deepspeed.initialize`` on the whole chain (ZeRO 0-3, optional optimizer offload, AutoTP for
+  tp > 1); each step runs ``gradient_accumulation_steps`` micro-batches through ``engine.backward`` /
+  ``engine.step``.
+- pp > 1: a ``PipelineModule`` cut at the plan's stage boundaries, trained with ``engine.train_batch`` (1F1B).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import io
+import json
+import logging
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from paraplan.backends.data import ByteDataset, sample_start
+from paraplan.backends.deepspeed import DS_CONFIG_FILE, PARAPLAN_KEY
+from paraplan.backends.train_common import (
+    MetricsWriter, StepTimer, build_dataset, device_for_rank, dist_backend, load_run,
+)
+from paraplan.errors import LaunchError
+from paraplan.models.build import build_model, hf_config, lm_loss
+from paraplan.types import Plan
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class CheckpointedLayer(nn.Module):
+    """Full activation checkpointing of one chain layer: keep only its input, recompute its forward in backward."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return self.inner(x)
+        # Non-reentrant: works when the input does not require grad, and re-runs module hooks (ZeRO-3 gathers).
+        return checkpoint(self.inner, x, use_reentrant=False)
+
+
+def apply_ac(layers: list[nn.Module], chain_layers: list[int]) -> list[nn.Module]:
+    """Wrap the chain layers at indices ``chain_layers`` in :class:`CheckpointedLayer`; return the new list."""
+    wanted = set(chain_layers)
+    return [CheckpointedLayer(layer) if i in wanted else layer for i, layer in enumerate(layers)]
+
+
+def build_pipeline_module(plan: Plan, ours: dict) -> nn.Module:
+    """This rank's stage of the chain as a DeepSpeed ``PipelineModule`` cut at the plan's stage boundaries.
+
+    DeepSpeed's ``partition_method`` offers 'uniform', 'parameters' and 'type:<regex>'; none reproduces an arbitrary
+    planned cut, so a subclass replaces ``_partition_layers`` (whose whole job is to set ``self.parts`` and this
+    stage's bounds) with the plan's boundaries. The full chain is built first (same seed on every rank, so weights
+    equal the single-process model's); only this stage's layers stay referenced afterwards.
+
+    Args:
+        plan: the plan; ``plan.strategy.pp`` stages.
+        ours: the ``paraplan`` section of ``ds_config.json`` (stage boundaries, checkpointed chain layers).
+
+    Raises:
+        LaunchError: boundaries that do not cut this model's chain into pp stages.
+    """
+    from deepspeed.pipe import PipelineModule
+
+    class PlannedPipelineModule(PipelineModule):
+        def __init__(self, layers: list[nn.Module], parts: list[int], **kwargs) -> None:
+            self._planned_parts = list(parts)
+            super().__init__(layers=layers, **kwargs)
+            # DeepSpeed keeps the whole layer list after building this stage; drop other stages' layers.
+            self._layer_specs = [
+                spec if self._local_start <= i < self._local_stop else None for i, spec in enumerate(self._layer_specs)
+            ]
+
+        def _partition_layers(self, method: str = "uniform") -> None:
+            if len(self._planned_parts) != self.num_stages + 1 or self._planned_parts[-1] != len(self._layer_specs):
+                raise LaunchError(
+                    f"plan stage boundaries {self._planned_parts} do not cut a chain of {len(self._layer_specs)} "
+                    f"layers into {self.num_stages} stages; re-plan for this model"
+                )
+            self.parts = list(self._planned_parts)
+            stage_id = self._topo.get_coord(self.global_rank).pipe
+            self._set_bounds(start=self.parts[stage_id], stop=self.parts[stage_id + 1])
+
+    chain = build_model(plan.model, seed=plan.train.seed)
+    layers = apply_ac(chain.layers(), ours["activation_checkpointing"]["chain_layers"])
+    with contextlib.redirect_stdout(io.StringIO()):  # PipelineModule prints its seed settings on rank 0
+        return PlannedPipelineModule(
+            layers, ours["stage_boundaries"], num_stages=plan.strategy.pp, loss_fn=lm_loss,
+            partition_method="paraplan", activation_checkpoint_interval=0,
+        )
+
+
+def micro_batches(dataset: ByteDataset, plan: Plan, step: int, dp_rank: int) -> Iterator[Batch]:
+    """The ``grad_accum`` micro-batches of data-parallel rank ``dp_rank`` at ``step``, each ``(mb, seq_len)``."""
+    s = plan.strategy
+    for j in range(s.grad_accum):
+        start = sample_start(step, plan.train.global_batch, dp_rank, s.dp, j, s.micro_batch_size)
+        yield dataset.batch(start, s.micro_batch_size)
+
+
+def train_flat(plan: Plan, ds_config: dict, dataset: ByteDataset, steps: int, run_dir: Path) -> None:
+    """pp == 1: DeepSpeed engine (DDP or ZeRO, optionally AutoTP) around the whole chain."""
+    import deepspeed
+    from deepspeed.utils import groups
+
+    device = device_for_rank()
+    chain = build_model(plan.model, seed=plan.train.seed)
+    layers = apply_ac(chain.layers(), ds_config[PARAPLAN_KEY]["activation_checkpointing"]["chain_layers"])
+    chain.blocks = nn.ModuleList(layers[1:-1])  # only blocks are ever checkpointed; embed and head stay as built
+    if plan.strategy.tp > 1:
+        chain.config = hf_config(plan.model)  # AutoTP reads head counts from model.config
+    engine, _, _, _ = deepspeed.initialize(model=chain, model_parameters=chain.parameters(), config=ds_config)
+    # Ranks of one tp group share a dp rank (DeepSpeed's (dp, tp) mesh): they must read the same micro-batches.
+    dp_rank = groups.get_data_parallel_rank() if plan.strategy.tp > 1 else dist.get_rank()
+    metrics, timer = MetricsWriter(run_dir, plan, device), StepTimer(device)
+    for step in range(steps):
+        timer.start()
+        total = torch.zeros((), dtype=torch.float32, device=device)
+        for tokens, targets in micro_batches(dataset, plan, step, dp_rank):
+            loss = lm_loss(engine(tokens.to(device)), targets.to(device))
+            engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps
+            engine.step()  # applies the update only at the accumulation boundary
+            total += loss.detach().float()
+        # Sum over all ranks of per-rank micro-batch sums; the tp ranks of a group hold equal copies, so divide by
+        # world size (dp x tp) x micro-batches for the global-batch mean.
+        dist.all_reduce(total)
+        step_time_s = timer.stop()
+        metrics.log(step, (total / (dist.get_world_size() * plan.strategy.grad_accum)).item(), step_time_s)
+
+
+def train_pipeline(plan: Plan, ds_config: dict, dataset: ByteDataset, steps: int, run_dir: Path) -> None:
+    """pp > 1: ``PipelineModule`` at the plan's stage boundaries, 1F1B via ``engine.train_batch``."""
+    import deepspeed
+
+    device = device_for_rank()
+    ours = ds_config[PARAPLAN_KEY]
+    module = build_pipeline_module(plan, ours)
+    params = [p for p in module.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=params, config=ds_config)
+    dp_rank = engine.grid.get_data_parallel_rank()
+    if dp_rank == 0:  # one line per stage, so the log shows the cut that ran
+        ckpt = [i for i in ours["activation_checkpointing"]["chain_layers"]
+                if module._local_start <= i < module._local_stop]
+        print(f"pipeline stage {engine.stage_id}: chain layers {module._local_start}..{module._local_stop - 1}, "
+              f"checkpointed {ckpt}", flush=True)
+    metrics, timer = MetricsWriter(run_dir, plan, device), StepTimer(device)
+    for step in range(steps):
+        timer.start()
+        # train_batch returns the mean over micro-batches, averaged over dp and broadcast to every stage.
+        loss = engine.train_batch(data_iter=micro_batches(dataset, plan, step, dp_rank))
+        step_time_s = timer.stop()
+        metrics.log(step, float(loss.item()), step_time_s)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Train a paraplan plan with DeepSpeed (run under torchrun).")
+    parser.add_argument("--run-dir", required=True, type=Path, help="Directory written by `paraplan launch`.")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        # Without this DeepSpeed still picks its CPU accelerator, but warns on import that it found no GPU.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)
+    # ZeRO calls torch.distributed's *_into_tensor collectives, which torch flags as deprecated on every call.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (about a minute on first use) that only its
+    # inference path calls; training collectives go through torch.distributed, so skip the build.
+    # (deepspeed.comm re-exports pytorch as ``torch``, so the module must be fetched by name.)
+    ds_comm_torch = importlib.import_module("deepspeed.comm.torch")
+    if not torch.cuda.is_available() and hasattr(ds_comm_torch, "build_shm_op"):
+        ds_comm_torch.build_shm_op = lambda: None
+    plan, spec = load_run(args.run_dir)
+    ds_config = json.loads((args.run_dir / DS_CONFIG_FILE).read_text())
+    if plan.train.dtype == "fp16" and not deepspeed.get_accelerator().is_fp16_supported():
+        raise LaunchError(
+            f"DeepSpeed's {deepspeed.get_accelerator().device_name()} accelerator has no fp16 support on this "
+            "machine; re-plan with --dtype bf16 or fp32"
+        )
+    deepspeed.init_distributed(dist_backend=dist_backend(), verbose=False)
+    dataset = build_dataset(plan, spec)
+    train = train_pipeline if plan.strategy.pp > 1 else train_flat
+    try:
+        train(plan, ds_config, dataset, spec.steps, args.run_dir)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
