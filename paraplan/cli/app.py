@@ -192,7 +192,8 @@ def plan_cmd(
     dtype: Annotated[str, typer.Option(help="auto (fp32 on CPU, bf16 on GPU), bf16, fp16 or fp32.")] = "auto",
     strategy: Annotated[Optional[str], typer.Option(help="Force parts: dp=2,tp=1,pp=1,mb=2,zero=3,recompute=full")
                         ] = None,
-    backend: Annotated[str, typer.Option(help="Backend(s) the plan must run on: any, deepspeed or torch.")] = "any",
+    backend: Annotated[str, typer.Option(help="Backend(s) the plan must run on: any (both), deepspeed, torch, or "
+                                              "unconstrained (cost only, e.g. GPT with tp).")] = "any",
     top: Annotated[int, typer.Option("--top", help="Plans to show.")] = 5,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-3,
     time_limit: Annotated[float, typer.Option(help="MILP time limit per candidate (s).")] = 10.0,
@@ -204,8 +205,8 @@ def plan_cmd(
     from paraplan.models.presets import load_model_spec
     from paraplan.planner.search import search_plans
 
-    if backend not in ("any", "deepspeed", "torch"):
-        raise StrategyError(f"--backend {backend}: use any, deepspeed or torch")
+    if backend not in ("any", "deepspeed", "torch", "unconstrained"):
+        raise StrategyError(f"--backend {backend}: use any, deepspeed, torch or unconstrained")
     spec = load_model_spec(model)
     clus = load_cluster_spec(cluster)
     if dtype == "auto":

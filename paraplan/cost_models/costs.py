@@ -1,35 +1,56 @@
 """Per-candidate cost coefficients: what one layer, one stage and one optimizer step cost under (dp, tp, pp, b).
 
-Both the MILP (``paraplan.planner.milp``) and the evaluator (:func:`estimate_stages`) use these numbers, so a plan's
-reported prediction is exactly the objective the solver minimized. Every quantity that depends on the number of
-parameters of a stage is affine in it (``const + slope * n_params``), which keeps the MILP linear.
+Both the MILP (``paraplan.planner.milp``) and the evaluator (:meth:`CandidateCosts.stage_cost`) use these numbers,
+so a plan's reported prediction is exactly the objective the solver minimized. Every quantity is built from terms
+that are affine in the stage's block count ``n`` and fully recomputed block count ``r`` (:class:`Affine`); the
+evaluator combines them with ``max`` where work overlaps, and the MILP linearizes the same ``max`` exactly.
 
-Step time (Narayanan et al. SC'21 sec. 2.2.1; Alpa/Mist's form for unequal stages):
-    ``T_step = (m - 1) max_s t_s + sum_s t_s + max_s (dp_comm_s + optimizer_s + offload_s)``
-where ``t_s`` is stage s's forward + backward (+ recompute, TP collectives, pipeline p2p) time per micro-batch and
-``m`` the micro-batches per step. Assumption: data-parallel gradient communication is not overlapped with the
-backward pass (conservative; DeepSpeed and Megatron overlap part of it).
+Step time (Narayanan et al. SC'21 sec. 2.2; Alpa/Mist's form for unequal stages, extended to interleaving):
+    ``T_step = m max_s t_s + (sum_s t_s - max_s t_s) / v + max_s extra_s``
+where ``t_s`` is stage s's time per micro-batch, ``m`` the micro-batches per step and ``v`` the virtual stages
+per device (interleaved 1F1B; v = 1 is plain 1F1B: ``(m - 1) max + sum``). With equal stages the bubble is
+``(p - 1) t / v``, i.e. ``(p - 1)/(v m)`` of the ideal time (sec. 2.2.2).
+
+    ``t_s = compute_s + zero_comm_s``        (no overlap)   or   ``max(compute_s, zero_comm_s)`` (overlap)
+    ``extra_s = optimizer_s + grad_reduce_s + param_gather_s`` (no overlap), or with overlap
+    ``extra_s = optimizer_s + max(0, grad_reduce_s - backward_s) + max(0, param_gather_s - forward_s)``
+
+- ``compute_s``: forward + backward (+ recomputation) of the stage's layers for one micro-batch, the exposed
+  tensor-parallel collectives and the pipeline point-to-point transfers.
+- ``zero_comm_s``: per micro-batch ZeRO traffic: ZeRO-3 all-gathers the parameters for the forward and again for
+  the backward and reduce-scatters the gradients; ZeRO-2 reduce-scatters the gradients.
+- ``grad_reduce_s`` / ``param_gather_s``: once per step, the gradient all-reduce (ZeRO-0) or reduce-scatter
+  (ZeRO-1) and the all-gather of updated parameters (ZeRO-1/2).
+Overlap assumption (``CostOptions.overlap_dp``, default on, as DDP/FSDP bucketing, DeepSpeed ``overlap_comm`` and
+Megatron ``--overlap-grad-reduce``/``--overlap-param-gather`` do): ZeRO-2/3 traffic of a micro-batch hides behind
+its compute; the step's gradient reduction hides behind the backward of the stage's last micro-batch and the
+parameter all-gather behind the forward of the first. The optimizer step is never hidden.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from paraplan.cost_models import compute
+from paraplan.cost_models import efficiency as eff
 from paraplan.cost_models import transformer as tf
-from paraplan.cost_models.comm import collective_time_s, dp_spans_nodes, pp_spans_nodes
-from paraplan.errors import ProfileError
+from paraplan.cost_models.compute import KernelTimes
+from paraplan.cost_models.comm import collective_time_s, dp_per_node, dp_spans_nodes, pp_spans_nodes
+from paraplan.errors import ProfileError, StrategyError
 from paraplan.types import DTYPE_BYTES, ClusterSpec, LayerKind, ModelProfile, ModelSpec, TrainSpec
 from paraplan.units import GiB
 
-# Fraction of the dense peak that a transformer layer's GEMMs reach on a GPU, used when no profile is given.
-# Assumption: Megatron-LM reaches 44-52% of peak end to end on A100 including communication and bubbles
-# (Narayanan et al. SC'21 Table 1), so the layer compute alone runs near 60%.
-MATMUL_EFFICIENCY = {"cuda": 0.6, "cpu": 0.6}
-# Achieved fraction of device memory bandwidth for the (memory-bound) optimizer step and embedding.
-MEMORY_BW_EFFICIENCY = 0.8
 # Memory that is neither model states nor activations: CUDA context, cuBLAS/NCCL workspaces and allocator
 # fragmentation on GPUs; Python, libtorch and the data on a CPU process. Assumption, stated not measured.
 OVERHEAD_BYTES = {"cuda": 2.0 * GiB, "cpu": 0.6 * GiB}
+# Achieved fraction of the kernel-level model in a real training framework (launch gaps, synchronization,
+# unfused small kernels, stragglers, data loading, logging): analytic compute times are divided by it.
+# CALIBRATED, not sourced: the median of measured / modeled throughput over the published runs in
+# ../shared/data/published_runs.jsonl (`python benchmarks/fidelity.py --calibrate`); fitted on all sources but one,
+# each held-out source gets 0.85-0.87 (leave-one-source-out), so the factor is a property of GPU training frameworks
+# of 2021-2025 on A100/H100, not of one run. Not applied to measured profiles (they time the real kernels) nor to
+# the nominal CPU figures.
+FRAMEWORK_EFFICIENCY = 0.86
 
 
 @dataclass(frozen=True)
@@ -45,8 +66,52 @@ class Mode:
 
 
 @dataclass(frozen=True)
+class CostOptions:
+    """Strategy settings besides (dp, tp, pp, micro-batch) that change the costs.
+
+    Attributes:
+        vpp: virtual pipeline stages per device (interleaved 1F1B, Narayanan et al. SC'21 sec. 2.2.2); 1 = 1F1B.
+        sequence_parallel: shard norms, dropout and residual activations over tp (Korthikanti et al. 2022 sec. 4.2.2).
+        selective_recompute: recompute the attention core of every block not fully recomputed (sec. 4.3).
+        attention: "flash2" (FlashAttention-2 class: flash-attn 2, torch SDPA, cuDNN), "flash1" (FlashAttention-1
+            and its Triton port) or "unfused" (materialized scores, as Megatron-LM in 2021).
+        overlap_dp: data-parallel / ZeRO communication overlaps compute as described in the module docstring.
+        overlap_tp: tensor-parallel collectives overlap the neighbouring GEMMs (TransformerEngine userbuffers,
+            torch async TP); exposed time is ``max(0, comm - GEMM time)``.
+        framework_efficiency: achieved fraction of the analytic kernel times (:data:`FRAMEWORK_EFFICIENCY`).
+        schedule: "1f1b" (PipeDream-Flush / Megatron, interleaved when vpp > 1) or "gpipe" (all forwards, then all
+            backwards: the same bubble, but every stage holds all m micro-batches).
+    """
+
+    vpp: int = 1
+    sequence_parallel: bool = False
+    selective_recompute: bool = False
+    attention: str = "flash2"
+    overlap_dp: bool = True
+    overlap_tp: bool = False
+    framework_efficiency: float = FRAMEWORK_EFFICIENCY
+    schedule: str = "1f1b"
+
+
+@dataclass(frozen=True)
+class Affine:
+    """``const + per_block n + per_recompute r`` for a stage of n blocks, r of them fully recomputed."""
+
+    const: float = 0.0
+    per_block: float = 0.0
+    per_recompute: float = 0.0
+
+    def __call__(self, n: float, r: float = 0.0) -> float:
+        return self.const + self.per_block * n + self.per_recompute * r
+
+
+@dataclass(frozen=True)
 class LayerCost:
-    """One layer for one micro-batch on one device (already divided by tp)."""
+    """One layer for one micro-batch on one device (already divided by tp).
+
+    ``bwd_s`` includes the selective recomputation when it is on; ``recompute_s`` is the additional time when the
+    block is fully recomputed (its forward and forward TP collectives, less what selective already repeats).
+    """
 
     fwd_s: float
     bwd_s: float
@@ -56,6 +121,27 @@ class LayerCost:
     act_bytes: float
     ckpt_bytes: float
     fwd_flops: float
+    recompute_s: float
+
+    @property
+    def time_s(self) -> float:
+        return self.fwd_s + self.bwd_s + self.tp_fwd_s + self.tp_bwd_s
+
+
+@dataclass(frozen=True)
+class ModeTerms:
+    """The mode-dependent affine terms of one stage (all in n; state bytes per device)."""
+
+    params: Affine
+    grads: Affine
+    optimizer: Affine
+    host: Affine
+    other: Affine
+    zero_comm: Affine
+    grad_reduce: Affine
+    param_gather: Affine
+    optimizer_s: Affine
+    offload_s: Affine
 
 
 @dataclass(frozen=True)
@@ -97,62 +183,106 @@ class CandidateCosts:
     Args:
         spec, cluster, train: the problem.
         dp, tp, pp: parallel degrees; ``micro_batch_size`` b; m = global_batch / (dp b) micro-batches per step.
-        profile: measured per-layer times (compute_source "profile"), else FLOPs / (peak x efficiency).
+        profile: measured per-layer times (compute_source "profile"), else the analytic model of
+            :mod:`paraplan.cost_models.efficiency`.
+        options: interleaving, sequence parallelism, selective recomputation, attention kernel, overlap.
 
     Raises:
         ProfileError: the profile lacks this micro-batch size, or was taken for another sequence length or model.
+        StrategyError: an unknown attention kernel or a virtual-stage count below 1.
     """
 
     def __init__(
         self, spec: ModelSpec, cluster: ClusterSpec, train: TrainSpec, dp: int, tp: int, pp: int,
-        micro_batch_size: int, profile: ModelProfile | None = None,
+        micro_batch_size: int, profile: ModelProfile | None = None, options: CostOptions | None = None,
     ) -> None:
         self.spec, self.cluster, self.train = spec, cluster, train
         self.dp, self.tp, self.pp, self.b = dp, tp, pp, micro_batch_size
+        self.options = opts = options or CostOptions()
+        if opts.attention not in eff.ATTENTION_KERNELS:
+            raise StrategyError(f"attention kernel '{opts.attention}': use one of {', '.join(eff.ATTENTION_KERNELS)}")
+        if opts.vpp < 1:
+            raise StrategyError(f"virtual pipeline stages must be >= 1 (got {opts.vpp})")
+        if opts.schedule not in ("1f1b", "gpipe") or (opts.schedule == "gpipe" and opts.vpp > 1):
+            raise StrategyError(f"schedule '{opts.schedule}' with vpp={opts.vpp}: use 1f1b (any vpp) or gpipe (vpp 1)")
+        if not 0 < opts.framework_efficiency <= 1:
+            raise StrategyError(f"framework efficiency must be in (0, 1] (got {opts.framework_efficiency})")
+        self.vpp = opts.vpp
+        self.sp = opts.sequence_parallel and tp > 1
         self.m = train.global_batch // (dp * micro_batch_size)
         self.dtype_bytes = DTYPE_BYTES[train.dtype]
         self.state_bytes = state_bytes_per_param(train.dtype)
         self.profile = profile
         self.compute_source = "profile" if profile is not None else "analytic"
+        self.dp_spans = dp_spans_nodes(cluster, tp, dp)
+        self.dp_per_node = dp_per_node(cluster, tp, dp)
         self.block = self._layer("block")
         self.embed = self._layer("embed")
         self.head = self._layer("head")
         s, h = train.seq_len, spec.hidden or 0
-        boundary = micro_batch_size * s * h * self.dtype_bytes
+        # Megatron sends 1/t of the boundary activation per tp rank (scatter/gather optimization, Narayanan et al.
+        # SC'21 sec. 4.1; sequence parallelism keeps it sharded anyway); forward activation out and gradient back,
+        # v times per micro-batch with interleaving.
+        boundary = micro_batch_size * s * h * self.dtype_bytes / tp
         spans = pp_spans_nodes(cluster, tp, dp)
-        # Forward activation out and gradient back, per boundary a stage touches (Narayanan SC'21 sec. 2.2).
-        self.p2p_s = 2 * collective_time_s(cluster, "p2p", boundary, 2, spans) if pp > 1 else 0.0
-        self.dp_spans = dp_spans_nodes(cluster, tp, dp)
+        self.p2p_s = 2 * self.vpp * collective_time_s(cluster, "p2p", boundary, 2, spans) if pp > 1 else 0.0
         self.capacity_bytes = cluster.device.memory_bytes
         self.host_capacity_bytes = cluster.host_memory_bytes / cluster.devices_per_node
         self.overhead_bytes = OVERHEAD_BYTES[cluster.device.kind]
 
     # ---- layers -------------------------------------------------------------------------------------------------
+    def _tp_collective_s(self, n_bytes: float) -> float:
+        """One Megatron TP collective slot on ``n_bytes``: an all-reduce, or with SP its reduce-scatter and the
+        matching all-gather (same volume: nccl-tests factors ``2(t-1)/t = (t-1)/t + (t-1)/t``; one more latency).
+
+        Source: Korthikanti et al. 2022 sec. 4.2.2 (SP turns each all-reduce into a reduce-scatter + all-gather).
+        """
+        c, t = self.cluster, self.tp
+        if self.sp:
+            return (collective_time_s(c, "reduce_scatter", n_bytes, t, False)
+                    + collective_time_s(c, "all_gather", n_bytes, t, False))
+        return collective_time_s(c, "all_reduce", n_bytes, t, False)
+
     def _layer(self, kind: LayerKind) -> LayerCost:
         spec, t, b, s = self.spec, self.tp, self.b, self.train.seq_len
-        db = self.dtype_bytes
+        db, h = self.dtype_bytes, spec.hidden or 0
+        v_pad = tf.padded_vocab(spec, t)
+        pad_params = (v_pad - (spec.vocab or 0)) * h
+        n_bytes = b * s * h * db
+        coll = self._tp_collective_s(n_bytes)
         if kind == "block":
             params = tf.block_params(spec) / t
             flops = tf.block_fwd_flops(spec, b, s) / t
-            act = tf.block_activation_bytes(spec, b, s, t, db)
-            ckpt = tf.block_input_bytes(spec, b, s, db)
-            n_ar = 2  # Megatron TP: two all-reduces forward and two backward per block (Shoeybi et al. sec. 3)
-        elif kind == "head":
-            params = tf.head_params(spec) / t  # vocabulary-parallel LM head (Megatron-LM)
-            flops = tf.head_fwd_flops(spec, b, s) / t
-            act = ckpt = tf.head_activation_bytes(spec, b, s, t, db)
-            n_ar = 0
+            act = tf.block_activation_bytes(spec, b, s, t, db, sp=self.sp)
+            if self.options.attention == "unfused" and not self.options.selective_recompute:
+                act += tf.attention_score_activation_bytes(spec, b, s, t)
+            ckpt = tf.block_input_bytes(spec, b, s, db, t=t, sp=self.sp)
+            # Megatron TP: two collective slots forward, two backward (Shoeybi et al. sec. 3).
+            tp_fwd, tp_bwd = 2 * coll, 2 * coll
         else:
-            params = tf.embed_params(spec) / t  # vocabulary-parallel embedding: one all-reduce forward
-            flops = 0.0
-            act = ckpt = tf.embed_activation_bytes(spec, b, s)
-            n_ar = 1
-        fwd_s, bwd_s = self._times(kind, flops)
-        ar = collective_time_s(self.cluster, "all_reduce", b * s * (spec.hidden or 0) * db, t, False)
-        tp_bwd = n_ar * ar if kind == "block" else 0.0
-        return LayerCost(fwd_s, bwd_s, n_ar * ar, tp_bwd, params, act, ckpt, flops)
+            # Vocabulary-parallel embedding and LM head (Megatron-LM), rows padded to padded_vocab. One slot each:
+            # embedding: all-reduce of its output forward (SP: reduce-scatter forward, all-gather backward);
+            # head: all-reduce of its input gradient backward (SP: all-gather forward, reduce-scatter backward).
+            half = collective_time_s(self.cluster, "all_gather", n_bytes, t, False)
+            if kind == "head":
+                params = (tf.head_params(spec) + pad_params) / t
+                flops = tf.head_fwd_flops(spec, b, s) / t
+                act = ckpt = tf.head_activation_bytes(spec, b, s, t, db) + 8.0 * b * s * (v_pad - (spec.vocab or 0)) / t
+                tp_fwd, tp_bwd = (half, half) if self.sp else (0.0, coll)
+            else:
+                params = (tf.embed_params(spec) + pad_params) / t
+                flops = 0.0
+                act = ckpt = tf.embed_activation_bytes(spec, b, s)
+                tp_fwd, tp_bwd = (half, half) if self.sp else (coll, 0.0)
+        kt = self._times(kind)
+        if self.options.overlap_tp:
+            tp_fwd, tp_bwd = max(0.0, tp_fwd - kt.gemm_fwd_s), max(0.0, tp_bwd - 2 * kt.gemm_fwd_s)
+        recompute = kt.fwd_s + tp_fwd - kt.selective_s if kind == "block" else 0.0
+        return LayerCost(kt.fwd_s, kt.bwd_s, tp_fwd, tp_bwd, params, act, ckpt, flops, recompute)
 
-    def _times(self, kind: LayerKind, flops: float) -> tuple[float, float]:
+    def _times(self, kind: LayerKind) -> KernelTimes:
+        """Forward, backward (incl. selective recomputation), selective part and forward GEMM time per micro-batch:
+        measured (profile) or analytic (:mod:`paraplan.cost_models.compute`) divided by the framework efficiency."""
         if self.profile is not None:
             try:
                 lp = self.profile.layer(kind, self.b)
@@ -162,22 +292,33 @@ class CandidateCosts:
                     f"(it has {self.profile.micro_batch_sizes()})"
                 ) from None
             scale = 1.0 if kind == "embed" else 1.0 / self.tp  # Assumption: TP splits block/head time evenly.
-            return lp.fwd_time_s * scale, lp.bwd_time_s * scale
-        dev = self.cluster.device
-        peak = dev.peak_flops_per_s[self.train.dtype] * MATMUL_EFFICIENCY[dev.kind]
-        if kind == "embed":  # memory-bound gather of b s rows of h
-            moved = 2 * self.b * self.train.seq_len * (self.spec.hidden or 0) * self.dtype_bytes
-            t = moved / (dev.memory_bandwidth_bytes_per_s * MEMORY_BW_EFFICIENCY)
-            return t, 2 * t
-        return flops / peak, 2 * flops / peak  # backward = 2 x forward FLOPs (Narayanan SC'21 sec. 5.1)
+            return KernelTimes(lp.fwd_time_s * scale, lp.bwd_time_s * scale, 0.0, lp.fwd_time_s * scale)
+        dev, dtype, b, s, t = self.cluster.device, self.train.dtype, self.b, self.train.seq_len, self.tp
+        if kind == "embed":
+            times = compute.embed_times(self.spec, dev, dtype, b, s)
+        elif kind == "head":
+            times = compute.head_times(self.spec, dev, dtype, b, s, t, self.sp)
+        else:
+            times = compute.block_times(self.spec, dev, dtype, b, s, t, self.sp, self.options.attention,
+                                        self.options.selective_recompute)
+        return times.scaled(1.0 / self.options.framework_efficiency if dev.kind == "cuda" else 1.0)
 
     # ---- stages -------------------------------------------------------------------------------------------------
-    def inflight(self, stage: int) -> int:
-        """Micro-batches whose activations stage ``stage`` holds at its peak under 1F1B: ``min(p - s, m)``.
+    def inflight(self, stage: int) -> float:
+        """Micro-batches (in units of the stage's full activations) that stage ``stage`` holds at its peak.
 
-        Source: Narayanan et al. SC'21 sec. 2.2.1; Megatron-LM schedules.py warm-up count.
+        Formula: 1F1B ``min(p - s, m)``; interleaved with v chunks: ``min(2 (p - s - 1) + (v - 1) p + 1, m v) / v``
+            chunk activations of ``1/v`` of the stage each (stage 0: ``p + (p - 1)/v``); GPipe ``m`` on every stage.
+        Source: Narayanan et al. SC'21 sec. 2.2; Megatron-LM ``schedules.py`` warm-up counts; Korthikanti et al.
+            2022 sec. 4.2.3 (interleaving's ``1 + (p - 1)/(p v)`` factor on the first stage); Huang et al. 2019
+            (GPipe) for the all-forward-then-backward schedule.
         """
-        return min(self.pp - stage, self.m)
+        p, m, v = self.pp, self.m, self.vpp
+        if self.options.schedule == "gpipe":
+            return m
+        if v == 1:
+            return min(p - stage, m)
+        return min(2 * (p - stage - 1) + (v - 1) * p + 1, m * v) / v
 
     def fixed_layers(self, stage: int) -> list[LayerCost]:
         out = []
@@ -188,7 +329,32 @@ class CandidateCosts:
         return out
 
     def stage_params(self, stage: int, n_blocks: float) -> float:
-        return n_blocks * self.block.params + sum(lc.params for lc in self.fixed_layers(stage))
+        """Parameters per device of a stage. A tied LM head on another stage than the embedding keeps its own copy
+        (Megatron-LM); on the same stage (pp = 1) the matrix is held once."""
+        params = n_blocks * self.block.params + sum(lc.params for lc in self.fixed_layers(stage))
+        if self.spec.tied_embeddings and stage == 0 and self.pp == 1:
+            params -= tf.padded_vocab(self.spec, self.tp) * (self.spec.hidden or 0) / self.tp
+        return params
+
+    def compute_terms(self, stage: int) -> Affine:
+        """Compute time per micro-batch of the stage (forward, backward, recomputation, TP, p2p)."""
+        fixed = sum(lc.time_s for lc in self.fixed_layers(stage)) + self.p2p_s
+        return Affine(fixed, self.block.time_s, self.block.recompute_s)
+
+    def backward_terms(self, stage: int) -> Affine:
+        """Backward time of one micro-batch (it includes the recomputed forwards): the window DP reduction hides in."""
+        fixed = sum(lc.bwd_s + lc.tp_bwd_s for lc in self.fixed_layers(stage))
+        return Affine(fixed, self.block.bwd_s + self.block.tp_bwd_s, self.block.recompute_s)
+
+    def forward_terms(self, stage: int) -> Affine:
+        fixed = sum(lc.fwd_s + lc.tp_fwd_s for lc in self.fixed_layers(stage))
+        return Affine(fixed, self.block.fwd_s + self.block.tp_fwd_s)
+
+    def activation_terms(self, stage: int) -> Affine:
+        """Activation bytes held at the peak, excluding the one-block working space of recomputation."""
+        k = self.inflight(stage)
+        fixed = sum(lc.act_bytes for lc in self.fixed_layers(stage))
+        return Affine(k * fixed, k * self.block.act_bytes, k * (self.block.ckpt_bytes - self.block.act_bytes))
 
     def state_memory(self, mode: Mode, n_params: float) -> tuple[float, float, float, float]:
         """(params, grads, optimizer) bytes on the device and optimizer bytes on the host, per device.
@@ -213,30 +379,32 @@ class CandidateCosts:
         largest = max(self.block.params, self.embed.params, self.head.params)
         return 2 * largest * self.state_bytes[0]
 
-    def dp_comm_s(self, mode: Mode, n_params: float) -> float:
-        """Data-parallel / ZeRO communication per step for a stage holding ``n_params`` per device.
+    def _coll(self, op: str, n_bytes: float) -> float:
+        return collective_time_s(self.cluster, op, n_bytes, self.dp, self.dp_spans, self.dp_per_node)  # type: ignore
 
-        Formula: ZeRO-0: one all-reduce of the gradients; ZeRO-1: reduce-scatter + all-gather (same volume);
-            ZeRO-2: a reduce-scatter per micro-batch + one all-gather; ZeRO-3: per micro-batch two parameter
-            all-gathers (forward, backward) and one gradient reduce-scatter.
+    def comm_times(self, mode: Mode, n_params: float) -> tuple[float, float, float]:
+        """(per micro-batch ZeRO traffic, per-step gradient reduction, per-step parameter gather) for a stage
+        holding ``n_params`` per device, before overlap.
+
+        Formula: ZeRO-0: one gradient all-reduce per step; ZeRO-1: reduce-scatter + all-gather per step (same
+            volume); ZeRO-2: a reduce-scatter per micro-batch + one all-gather per step; ZeRO-3: per micro-batch two
+            parameter all-gathers (forward, backward) and one gradient reduce-scatter.
         Source: Rajbhandari et al. 2020 sec. 7 (2 Psi for DP/ZeRO-1/2, 3 Psi for ZeRO-3 per forward/backward);
             ../shared/FORMULAS.md on gradient accumulation re-gathering under ZeRO-3.
         """
         p_b, g_b, _ = self.state_bytes
-        c, d, spans, m = self.cluster, self.dp, self.dp_spans, self.m
         grads, params = n_params * g_b, n_params * p_b
         if mode.zero_stage == 0:
-            return collective_time_s(c, "all_reduce", grads, d, spans)
-        rs = collective_time_s(c, "reduce_scatter", grads, d, spans)
-        ag = collective_time_s(c, "all_gather", params, d, spans)
+            return 0.0, self._coll("all_reduce", grads), 0.0
+        rs, ag = self._coll("reduce_scatter", grads), self._coll("all_gather", params)
         if mode.zero_stage == 1:
-            return rs + ag
+            return 0.0, rs, ag
         if mode.zero_stage == 2:
-            return m * rs + ag
-        return m * (2 * ag + rs)
+            return rs, 0.0, ag
+        return 2 * ag + rs, 0.0, 0.0
 
-    def optimizer_s(self, mode: Mode, n_params: float) -> float:
-        """Optimizer step: memory-bound AdamW on the device, or CPU Adam plus PCIe transfers when offloaded.
+    def optimizer_times(self, mode: Mode, n_params: float) -> tuple[float, float]:
+        """(device optimizer step, offload transfers + CPU Adam) per step.
 
         Formula: device: ``n_opt (param + grad + 2 x optimizer bytes) / (memory bandwidth x efficiency)`` (reads
             and writes of every state); offload: gradients down and parameters up over PCIe,
@@ -248,40 +416,83 @@ class CandidateCosts:
         c = self.cluster
         if mode.offload_optimizer:
             pcie = n_opt * (g_b + p_b) / c.pcie_bandwidth_bytes_per_s
-            return pcie + n_opt / (c.cpu_adam_params_per_s / c.devices_per_node)
-        moved = n_opt * (p_b + g_b + 2 * o_b)
-        return moved / (c.device.memory_bandwidth_bytes_per_s * MEMORY_BW_EFFICIENCY)
+            return 0.0, pcie + n_opt / (c.cpu_adam_params_per_s / c.devices_per_node)
+        return eff.memory_time_s(c.device, n_opt * (p_b + g_b + 2 * o_b)), 0.0
+
+    def optimizer_s(self, mode: Mode, n_params: float) -> float:
+        """Optimizer step time (device, or offload transfers + CPU Adam): see :meth:`optimizer_times`."""
+        dev, off = self.optimizer_times(mode, n_params)
+        return dev + off
+
+    def mode_terms(self, stage: int, mode: Mode) -> ModeTerms:
+        """The mode-dependent terms of a stage, affine in its block count (each quantity is linear in the stage's
+        parameters ``n * block.params + fixed``, so two evaluations fix it exactly)."""
+        fixed = self.stage_params(stage, 0)
+        slope = self.block.params
+
+        def affine(fn) -> Affine:
+            at0 = fn(fixed)
+            return Affine(at0, fn(fixed + slope) - at0)
+
+        other = self.overhead_bytes + self.zero3_working_bytes(mode)
+        return ModeTerms(
+            params=affine(lambda x: self.state_memory(mode, x)[0]),
+            grads=affine(lambda x: self.state_memory(mode, x)[1]),
+            optimizer=affine(lambda x: self.state_memory(mode, x)[2]),
+            host=affine(lambda x: self.state_memory(mode, x)[3]),
+            other=Affine(other),
+            zero_comm=affine(lambda x: self.comm_times(mode, x)[0]),
+            grad_reduce=affine(lambda x: self.comm_times(mode, x)[1]),
+            param_gather=affine(lambda x: self.comm_times(mode, x)[2]),
+            optimizer_s=affine(lambda x: self.optimizer_times(mode, x)[0]),
+            offload_s=affine(lambda x: self.optimizer_times(mode, x)[1]),
+        )
 
     def stage_cost(self, stage: int, n_blocks: int, recompute_blocks: int, mode: Mode) -> StageCost:
         """Time and memory of stage ``stage`` holding ``n_blocks`` blocks, ``recompute_blocks`` of them recomputed."""
-        blk, fixed = self.block, self.fixed_layers(stage)
-        t = n_blocks * (blk.fwd_s + blk.bwd_s + blk.tp_fwd_s + blk.tp_bwd_s)
-        t += recompute_blocks * (blk.fwd_s + blk.tp_fwd_s)
-        t += sum(lc.fwd_s + lc.bwd_s + lc.tp_fwd_s + lc.tp_bwd_s for lc in fixed) + self.p2p_s
-        n_params = self.stage_params(stage, n_blocks)
-        params, grads, optim, host = self.state_memory(mode, n_params)
-        per_mb = (n_blocks - recompute_blocks) * blk.act_bytes + recompute_blocks * blk.ckpt_bytes
-        per_mb += sum(lc.act_bytes for lc in fixed)
-        act = self.inflight(stage) * per_mb + (blk.act_bytes if recompute_blocks > 0 else 0.0)
-        other = self.overhead_bytes + self.zero3_working_bytes(mode)
-        dp_s = self.dp_comm_s(mode, n_params)
-        opt_s = self.optimizer_s(mode, n_params)
-        off_s = opt_s if mode.offload_optimizer else 0.0
-        dev_opt_s = 0.0 if mode.offload_optimizer else opt_s
-        return StageCost(t, dp_s + opt_s, dp_s, dev_opt_s, off_s, params, grads, optim, act, other, host)
+        n, r = n_blocks, recompute_blocks
+        terms = self.mode_terms(stage, mode)
+        compute = self.compute_terms(stage)(n, r)
+        zero_comm, grad_reduce, gather = terms.zero_comm(n), terms.grad_reduce(n), terms.param_gather(n)
+        if self.options.overlap_dp:
+            t = max(compute, zero_comm)
+            dp_s = max(0.0, grad_reduce - self.backward_terms(stage)(n, r))
+            dp_s += max(0.0, gather - self.forward_terms(stage)(n, r))
+        else:
+            t = compute + zero_comm
+            dp_s = grad_reduce + gather
+        opt_s, off_s = terms.optimizer_s(n), terms.offload_s(n)
+        act = self.activation_terms(stage)(n, r) + (self.block.act_bytes if r > 0 else 0.0)
+        return StageCost(
+            time_per_micro_batch_s=t, step_extra_s=dp_s + opt_s + off_s, dp_comm_s=dp_s, optimizer_s=opt_s,
+            offload_s=off_s, params_bytes=terms.params(n), grads_bytes=terms.grads(n),
+            optimizer_bytes=terms.optimizer(n), activation_bytes=act, other_bytes=terms.other(n),
+            host_bytes=terms.host(n),
+        )
 
     def model_flops_per_step(self) -> float:
         """Model FLOPs of one step (Korthikanti et al. 2022 eq. 7 form; see transformer.model_flops_per_step)."""
         return tf.model_flops_per_step(self.spec, self.train.global_batch, self.train.seq_len)
 
 
+def pipeline_time_s(m: int, vpp: int, times: list[float]) -> float:
+    """Forward + backward of ``m`` micro-batches through stages taking ``times`` each per micro-batch.
+
+    Formula: ``m max_s t_s + (sum_s t_s - max_s t_s) / v``: equal stages give ``(m + (p - 1)/v) t``.
+    Source: Narayanan et al. SC'21 sec. 2.2.1 (GPipe and 1F1B both ``(m + p - 1) t``) and 2.2.2 (interleaved:
+        bubble / v).
+    """
+    slowest = max(times)
+    return m * slowest + (sum(times) - slowest) / vpp
+
+
 def step_time_s(costs: CandidateCosts, stages: list[StageCost]) -> tuple[float, float, float]:
     """(step time, pipeline compute incl. bubble, bubble) from per-stage costs.
 
-    Formula: ``(m - 1) max_s t_s + sum_s t_s + max_s extra_s``; bubble = that pipeline part minus ``m mean_s t_s``.
-    Source: Narayanan et al. SC'21 sec. 2.2.1; exact for 1F1B when every stage has the same fwd/bwd ratio.
+    Formula: :func:`pipeline_time_s` ``+ max_s extra_s``; bubble = that pipeline part minus ``m mean_s t_s``.
+    Source: Narayanan et al. SC'21 sec. 2.2; exact for 1F1B when every stage has the same fwd/bwd ratio.
     """
     times = [st.time_per_micro_batch_s for st in stages]
-    pipe = (costs.m - 1) * max(times) + sum(times)
+    pipe = pipeline_time_s(costs.m, costs.vpp, times)
     bubble = pipe - costs.m * sum(times) / len(times)
     return pipe + max(st.step_extra_s for st in stages), pipe, bubble

@@ -65,6 +65,16 @@ def model_params(spec: ModelSpec) -> int:
     return total - (v * h if spec.tied_embeddings else 0)
 
 
+def attention_fwd_flops(spec: ModelSpec, b: int, s: int) -> float:
+    """Forward FLOPs of the attention core (Q K^T and A V) as MFU conventions count them: ``4 b s^2 h``.
+
+    The full ``s x s`` square is counted although a causal kernel skips the masked half (Megatron-LM, Korthikanti
+    et al. and llm-foundry all count it this way). Source: Narayanan et al. SC'21 sec. 5.1.
+    """
+    h = _dims(spec)[0]
+    return 4.0 * b * s * s * h
+
+
 def block_fwd_flops(spec: ModelSpec, b: int, s: int) -> float:
     """Forward FLOPs of one block for a micro-batch.
 
@@ -72,8 +82,7 @@ def block_fwd_flops(spec: ModelSpec, b: int, s: int) -> float:
         Megatron's accounting, causal masking not discounted).
     Source: Narayanan et al. SC'21 sec. 5.1 / eq. 3 (``24 b s h^2 + 4 b s^2 h`` per GPT layer forward).
     """
-    h = _dims(spec)[0]
-    return 2.0 * b * s * block_matmul_params(spec) + 4.0 * b * s * s * h
+    return 2.0 * b * s * block_matmul_params(spec) + attention_fwd_flops(spec, b, s)
 
 
 def head_fwd_flops(spec: ModelSpec, b: int, s: int) -> float:
@@ -141,3 +150,108 @@ def head_activation_bytes(spec: ModelSpec, b: int, s: int, t: int, dtype_bytes: 
 def embed_activation_bytes(spec: ModelSpec, b: int, s: int) -> float:
     """Token ids ``8 b s`` (int64) saved by the embedding's backward. Source: torch.nn.Embedding backward."""
     return float(8 * b * s)
+
+
+# ---- shapes and memory traffic used by the compute-time model (efficiency.py) -----------------------------------
+
+# Megatron-LM pads the vocabulary to a multiple of 128 x tp (``--make-vocab-size-divisible-by 128``,
+# megatron/training/tokenizer ``_vocab_size_with_padding``) so that the vocabulary-parallel head splits evenly.
+VOCAB_MULTIPLE = 128
+
+
+def padded_vocab(spec: ModelSpec, t: int, multiple: int = VOCAB_MULTIPLE) -> int:
+    """Vocabulary rows actually allocated and multiplied: ``ceil(v / (multiple t)) multiple t``.
+
+    Source: Megatron-LM ``_vocab_size_with_padding``. Model FLOPs (MFU) keep the unpadded ``v``; time, parameters
+    held by the head and its memory use the padded size.
+    """
+    v = _dims(spec)[4]
+    unit = multiple * t
+    return -(-v // unit) * unit
+
+
+def block_gemms(spec: ModelSpec, tokens: int, t: int) -> list[tuple[int, int, int]]:
+    """``(M, K, N)`` of each forward GEMM of one block on one tensor-parallel rank (Megatron column/row split).
+
+    llama: q ``(M, h, h/t)``, k and v ``(M, h, k d/t)``, o ``(M, h/t, h)``, gate and up ``(M, h, f/t)``,
+        down ``(M, f/t, h)``; gpt: qkv ``(M, h, 3h/t)``, proj ``(M, h/t, h)``, fc ``(M, h, f/t)``, fc-proj
+        ``(M, f/t, h)``. ``M = b s`` tokens of the micro-batch (sequence-parallel layouts all-gather to it).
+    Source: Shoeybi et al. 2019 (Megatron-LM) sec. 3; the module definitions. Their FLOPs sum to
+        ``2 M P_matmul / t`` (:func:`block_matmul_params`).
+    """
+    h, f, a, k, _ = _dims(spec)
+    d = h // a
+
+    def shard(x: int) -> int:
+        return -(-x // t)
+
+    if spec.family == "llama":
+        return [(tokens, h, shard(h)), (tokens, h, shard(k * d)), (tokens, h, shard(k * d)),
+                (tokens, shard(h), h), (tokens, h, shard(f)), (tokens, h, shard(f)), (tokens, shard(f), h)]
+    return [(tokens, h, shard(3 * h)), (tokens, shard(h), h), (tokens, h, shard(f)), (tokens, shard(f), h)]
+
+
+def block_elementwise_elements(spec: ModelSpec) -> tuple[int, int]:
+    """Elements read + written per token by one block's forward element-wise kernels: (replicated, tp-sharded).
+
+    Formula:
+        replicated (each tp rank repeats them on the full hidden state unless sequence parallelism shards it):
+            two norms (read h, write h) = 4h; two residual adds (read 2h, write h) = 6h; total ``10 h``.
+        sharded (act on the ``/t`` slices): llama: SwiGLU ``silu(g) * u`` (read 2f, write f) = 3f and rotary on
+            q and k (read and write ``h + k d``) = ``2h + 2kd``; gpt: bias + GeLU (read f, write f) = 2f.
+    Source: counted from the module definitions; the backward moves about twice the forward's bytes (gradients
+        in, saved inputs in, gradients out), which the cost model applies.
+    Assumptions: biases of the linear layers are fused into the GEMM epilogue; no dropout in llama blocks.
+    """
+    h, f, a, k, _ = _dims(spec)
+    d = h // a
+    if spec.family == "llama":
+        return 10 * h, 3 * f + 2 * h + 2 * k * d
+    return 10 * h, 2 * f
+
+
+# Bytes per element of the ``b a s^2`` score matrix moved by an unfused attention (Megatron-LM 2021: baddbmm,
+# fused scale-mask-softmax, dropout, bmm). Forward: write scores 2, softmax read 2 + write 2, dropout read 2 +
+# write 2 + mask 1, read by the A V bmm 2 = 13. Backward: write dP 2, dropout read 2 + mask 1 + write 2, softmax
+# read dP 2 + P 2 + write 2, read by the dQ/dK bmms 2 = 15. Without dropout (llama): 8 forward, 10 backward.
+UNFUSED_SCORE_BYTES = {"gpt": (13, 15), "llama": (8, 10)}
+
+
+def attention_score_bytes(spec: ModelSpec, b: int, s: int, t: int) -> tuple[float, float]:
+    """(forward, backward) bytes an unfused attention moves through memory for its score matrix, per tp rank.
+
+    Formula: ``b (a/t) s^2 x UNFUSED_SCORE_BYTES``. Source: counted from Megatron-LM's attention (2021); the same
+        ``s^2`` tensors as the ``5 a s^2 b`` term of Korthikanti et al. 2022 Table 2.
+    """
+    a = _dims(spec)[2]
+    fwd, bwd = UNFUSED_SCORE_BYTES["llama" if spec.family == "llama" else "gpt"]
+    elems = b * (a / t) * s * s
+    return elems * fwd, elems * bwd
+
+
+def attention_score_activation_bytes(spec: ModelSpec, b: int, s: int, t: int) -> float:
+    """Saved ``s^2`` activations of an unfused attention: ``5 a s^2 b / t`` bytes (scores, softmax, dropout mask).
+
+    Source: Korthikanti et al. 2022 sec. 4.1 / Table 2 (the term selective recomputation and FlashAttention remove).
+    """
+    a = _dims(spec)[2]
+    return 5.0 * a * s * s * b / t
+
+
+def hardware_flops_per_step(spec: ModelSpec, global_batch: int, s: int, recompute: str) -> float:
+    """FLOPs the devices execute per step including recomputation (for HFU).
+
+    Formula: model FLOPs (:func:`model_flops_per_step`) plus the recomputed forward: ``none`` adds nothing;
+        ``selective`` adds the attention core's forward ``B L 4 s^2 h`` (Q K^T and A V are recomputed);
+        ``full`` adds every block's forward ``B L F_block`` (the LM head is not recomputed). For a GPT block with
+        ``full`` this equals Narayanan et al. SC'21 eq. 3, ``96 B s L h^2 (1 + s/(6h) + v/(16 L h))``.
+    Source: Narayanan et al. SC'21 eq. 3; Korthikanti et al. 2022 sec. 5 (HFU counts recomputed FLOPs). The
+        FlashAttention backward's internal recomputation of Q K^T is not counted (as llm-foundry's HFU).
+    """
+    assert spec.n_layers
+    model = model_flops_per_step(spec, global_batch, s)
+    if recompute == "full":
+        return model + spec.n_layers * block_fwd_flops(spec, global_batch, s)
+    if recompute == "selective":
+        return model + spec.n_layers * attention_fwd_flops(spec, global_batch, s)
+    return model

@@ -9,10 +9,14 @@ per layer):
     y_k  binary    state mode k (ZeRO stage 0-3 x optimizer offload), one for all stages, since DeepSpeed applies
                    one ZeRO config to the whole engine
     w_sk integer   blocks of stage s under mode k: ``w_sk <= L y_k``, ``sum_k w_sk = n_s`` (linearizes n_s y_k)
-    T, U           max stage time per micro-batch; max per-step extra (DP communication + optimizer)
+    t_s            stage time per micro-batch: ``>= compute_s`` and ``>= ZeRO traffic_s`` when communication overlaps
+                   compute (their max), else ``>= compute_s + traffic_s``
+    T, U           max stage time per micro-batch; max per-step extra (exposed DP communication + optimizer)
 
-Objective (step time, ms): ``(m - 1) T + sum_s t_s + U``; constraints ``T >= t_s``, ``U >= e_s``,
-memory_s <= device capacity, offloaded optimizer bytes <= host memory per device.
+Objective (step time, ms): ``(m - 1/v) T + sum_s t_s / v + U`` (``m max + (sum - max)/v``, interleaving v);
+constraints ``T >= t_s``, ``U >= e_s`` (four affine pieces of the overlapped extra), memory_s <= device capacity,
+offloaded optimizer bytes <= host memory per device. Every coefficient comes from CandidateCosts' affine terms,
+the same ones its evaluator ``stage_cost`` combines.
 Units are scaled to milliseconds and GiB so coefficients stay within about 1e-3..1e3 (FORMULAS.md pitfall).
 """
 
@@ -23,7 +27,7 @@ from dataclasses import dataclass
 
 import pulp
 
-from paraplan.cost_models.costs import CandidateCosts, Mode
+from paraplan.cost_models.costs import Affine, CandidateCosts, Mode, ModeTerms
 from paraplan.units import GiB
 
 MS = 1e3
@@ -62,60 +66,28 @@ def solve_stage_milp(
     """
     L = costs.spec.n_layers or 0
     p = costs.pp
-    blk = costs.block
     prob = pulp.LpProblem("stage_assignment", pulp.LpMinimize)
 
     def var(name: str, low: float, up: float | None, cat: str) -> pulp.LpVariable:
         return prob.add_variable(name, lowBound=low, upBound=up, cat=cat)
 
-    n = [var(f"n_{s}", 0 if s in (0, p - 1) else 1, L, "Integer") for s in range(p)]
-    r = [var(f"r_{s}", 0, L, "Integer") for s in range(p)]
-    z = [var(f"z_{s}", 0, 1, "Binary") for s in range(p)]
-    y = [var(f"y_{k}", 0, 1, "Binary") for k in range(len(modes))]
-    w = [[var(f"w_{s}_{k}", 0, L, "Integer") for k in range(len(modes))]
-         for s in range(p)]
-    T = var("T", 0, None, "Continuous")
-    U = var("U", 0, None, "Continuous")
-
+    v = _Vars(
+        n=[var(f"n_{s}", 0 if s in (0, p - 1) else 1, L, "Integer") for s in range(p)],
+        r=[var(f"r_{s}", 0, L, "Integer") for s in range(p)],
+        z=[var(f"z_{s}", 0, 1, "Binary") for s in range(p)],
+        y=[var(f"y_{k}", 0, 1, "Binary") for k in range(len(modes))],
+        w=[[var(f"w_{s}_{k}", 0, L, "Integer") for k in range(len(modes))] for s in range(p)],
+        tau=[var(f"t_{s}", 0, None, "Continuous") for s in range(p)],
+        T=var("T", 0, None, "Continuous"), U=var("U", 0, None, "Continuous"),
+    )
     # Contiguity/partition: every block in exactly one stage.
-    prob += pulp.lpSum(n) == L, "partition"
-    prob += pulp.lpSum(y) == 1, "one_state_mode"
-    block_time = blk.fwd_s + blk.bwd_s + blk.tp_fwd_s + blk.tp_bwd_s
-    recompute_time = blk.fwd_s + blk.tp_fwd_s
-    stage_times = []
+    prob += pulp.lpSum(v.n) == L, "partition"
+    prob += pulp.lpSum(v.y) == 1, "one_state_mode"
     for s in range(p):
-        prob += r[s] <= n[s], f"recompute_within_stage_{s}"
-        prob += r[s] <= L * z[s], f"recompute_flag_{s}"
-        if recompute == "none":
-            prob += r[s] == 0, f"forced_no_recompute_{s}"
-        elif recompute == "full":
-            prob += r[s] == n[s], f"forced_full_recompute_{s}"
-        prob += pulp.lpSum(w[s]) == n[s], f"mode_split_{s}"
-        for k in range(len(modes)):
-            prob += w[s][k] <= L * y[k], f"mode_link_{s}_{k}"
-        fixed = costs.stage_cost(s, 0, 0, modes[0]).time_per_micro_batch_s
-        t_s = MS * (block_time * n[s] + recompute_time * r[s] + fixed)
-        stage_times.append(t_s)
-        prob += T >= t_s, f"max_stage_time_{s}"
-        # Per-step extra (DP communication + optimizer) and memory are affine in the stage's blocks per mode;
-        # the coefficients come from the same stage_cost() the evaluator uses (difference at 1 and 2 blocks).
-        extra, mem, host = [], [], []
-        for k, mode in enumerate(modes):
-            c1, c2 = costs.stage_cost(s, 1, 0, mode), costs.stage_cost(s, 2, 0, mode)
-            c0_extra = c1.step_extra_s - (c2.step_extra_s - c1.step_extra_s)
-            extra.append(MS * (c0_extra * y[k] + (c2.step_extra_s - c1.step_extra_s) * w[s][k]))
-            state1 = c1.params_bytes + c1.grads_bytes + c1.optimizer_bytes + c1.other_bytes
-            state2 = c2.params_bytes + c2.grads_bytes + c2.optimizer_bytes + c2.other_bytes
-            mem.append(((2 * state1 - state2) * y[k] + (state2 - state1) * w[s][k]) / GiB)
-            host.append(((2 * c1.host_bytes - c2.host_bytes) * y[k] + (c2.host_bytes - c1.host_bytes) * w[s][k]) / GiB)
-        prob += U >= pulp.lpSum(extra), f"max_step_extra_{s}"
-        c_act = costs.stage_cost(s, 0, 0, modes[0])
-        inflight = costs.inflight(s)
-        act = (c_act.activation_bytes + inflight * (blk.act_bytes * (n[s] - r[s]) + blk.ckpt_bytes * r[s])
-               + blk.act_bytes * z[s]) / GiB
-        prob += pulp.lpSum(mem) + act <= costs.capacity_bytes / GiB, f"device_memory_{s}"
-        prob += pulp.lpSum(host) <= costs.host_capacity_bytes / GiB, f"host_memory_{s}"
-    prob += (costs.m - 1) * T + pulp.lpSum(stage_times) + U
+        _add_stage(prob, costs, modes, v, s, recompute, L)
+    # Step time (ms): m max_s t_s + (sum_s t_s - max_s t_s) / v + max_s extra_s (costs.pipeline_time_s).
+    vpp = costs.vpp
+    prob += (costs.m - 1.0 / vpp) * v.T + pulp.lpSum(v.tau) * (1.0 / vpp) + v.U
 
     start = time.perf_counter()
     prob.solve(_solver(time_limit_s))
@@ -126,12 +98,78 @@ def solve_stage_milp(
     if prob.sol_status == pulp.LpSolutionIntegerFeasible or elapsed >= time_limit_s:
         status = "feasible"
         gap = _gap(prob)
-    k_best = max(range(len(modes)), key=lambda k: y[k].value() or 0.0)
+    k_best = max(range(len(modes)), key=lambda k: v.y[k].value() or 0.0)
     return MilpResult(
-        n_blocks=[round(v.value()) for v in n], recompute_blocks=[round(v.value()) for v in r],
+        n_blocks=[round(x.value()) for x in v.n], recompute_blocks=[round(x.value()) for x in v.r],
         mode=modes[k_best], objective_s=pulp.value(prob.objective) / MS, status=status, gap=gap,
         solve_time_s=elapsed,
     )
+
+
+@dataclass
+class _Vars:
+    """The MILP's variables (see the module docstring)."""
+
+    n: list
+    r: list
+    z: list
+    y: list
+    w: list
+    tau: list
+    T: pulp.LpVariable
+    U: pulp.LpVariable
+
+    def affine(self, a: Affine, s: int, scale: float = 1.0):
+        """A mode-independent term ``a0 + a1 n_s + a2 r_s``."""
+        return scale * (a.const + a.per_block * self.n[s] + a.per_recompute * self.r[s])
+
+    def by_mode(self, terms: list[ModeTerms], pick, s: int, scale: float = 1.0):
+        """A mode term ``a0 + a1 n_s`` summed over modes as ``a0 y_k + a1 w_sk`` (exact: ``w_sk = n_s y_k``)."""
+        return pulp.lpSum(scale * (pick(tk).const * self.y[k] + pick(tk).per_block * self.w[s][k])
+                          for k, tk in enumerate(terms))
+
+
+def _add_stage(prob: pulp.LpProblem, costs: CandidateCosts, modes: list[Mode], v: _Vars, s: int,
+               recompute: str | None, L: int) -> None:
+    """Constraint families of stage s: recomputation, mode split, stage time, step extra, memory."""
+    n, r = v.n[s], v.r[s]
+    prob += r <= n, f"recompute_within_stage_{s}"
+    prob += r <= L * v.z[s], f"recompute_flag_{s}"
+    if recompute == "none":
+        prob += r == 0, f"forced_no_recompute_{s}"
+    elif recompute == "full":
+        prob += r == n, f"forced_full_recompute_{s}"
+    prob += pulp.lpSum(v.w[s]) == n, f"mode_split_{s}"
+    for k in range(len(modes)):
+        prob += v.w[s][k] <= L * v.y[k], f"mode_link_{s}_{k}"
+    terms = [costs.mode_terms(s, mode) for mode in modes]
+    overlap = costs.options.overlap_dp
+    # Stage time per micro-batch: max(compute, ZeRO traffic) with overlap, else their sum.
+    compute = v.affine(costs.compute_terms(s), s, MS)
+    zero_comm = v.by_mode(terms, lambda t: t.zero_comm, s, MS)
+    if overlap:
+        prob += v.tau[s] >= compute, f"stage_compute_{s}"
+        prob += v.tau[s] >= zero_comm, f"stage_zero_comm_{s}"
+    else:
+        prob += v.tau[s] >= compute + zero_comm, f"stage_time_{s}"
+    prob += v.T >= v.tau[s], f"max_stage_time_{s}"
+    # Per-step extra: optimizer + gradient reduction + parameter gather; with overlap each exposed part is
+    # max(0, comm - window), and max(0, a) + max(0, b) = max(0, a, b, a + b): four linear lower bounds on U.
+    opt = v.by_mode(terms, lambda t: t.optimizer_s, s, MS) + v.by_mode(terms, lambda t: t.offload_s, s, MS)
+    red = v.by_mode(terms, lambda t: t.grad_reduce, s, MS)
+    gat = v.by_mode(terms, lambda t: t.param_gather, s, MS)
+    if overlap:
+        red = red - v.affine(costs.backward_terms(s), s, MS)
+        gat = gat - v.affine(costs.forward_terms(s), s, MS)
+        for i, extra in enumerate((opt, opt + red, opt + gat, opt + red + gat)):
+            prob += v.U >= extra, f"max_step_extra_{s}_{i}"
+    else:
+        prob += v.U >= opt + red + gat, f"max_step_extra_{s}"
+    states = sum(v.by_mode(terms, pick, s) for pick in (lambda t: t.params, lambda t: t.grads,
+                                                         lambda t: t.optimizer, lambda t: t.other))
+    act = v.affine(costs.activation_terms(s), s) + costs.block.act_bytes * v.z[s]
+    prob += (states + act) / GiB <= costs.capacity_bytes / GiB, f"device_memory_{s}"
+    prob += v.by_mode(terms, lambda t: t.host, s) / GiB <= costs.host_capacity_bytes / GiB, f"host_memory_{s}"
 
 
 def _gap(prob: pulp.LpProblem) -> float:

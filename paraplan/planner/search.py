@@ -1,7 +1,7 @@
 """Outer search: enumerate (dp, tp, pp, micro-batch) candidates, solve the stage MILP of each, keep the best.
 
 Candidates are sorted by a cheap lower bound on the step time (perfect balance, no recomputation, no DP
-communication: ``(m + p - 1)/p * sum of stage times``) and skipped when that bound cannot beat the K-th best plan
+communication: ``(m + (p - 1)/v)/p * sum of stage compute times``) and skipped when that bound cannot beat the K-th best plan
 found so far (FORMULAS.md, "Outer loop").
 """
 
@@ -29,7 +29,7 @@ from paraplan.types import (
 from paraplan.units import format_bytes
 
 DEFAULT_MICRO_BATCHES = (1, 2, 4, 8, 16)
-BackendChoice = str  # "any" | "deepspeed" | "torch"
+BackendChoice = str  # "any" | "deepspeed" | "torch" | "unconstrained"
 
 
 @dataclass(frozen=True)
@@ -123,12 +123,31 @@ def allowed_modes(cluster: ClusterSpec, cand: Candidate, override: StrategyOverr
     return modes
 
 
+def backend_allows(spec: ModelSpec, cand: Candidate, global_batch: int, backend: str) -> bool:
+    """Whether the chosen backend(s) can launch this candidate (``unconstrained``: planning only).
+
+    Both backends: tensor parallelism only for Llama-family blocks (GPT-2's fused qkv is not split), and no tied
+    embeddings across pipeline stages. DeepSpeed: AutoTP does not combine with its pipeline engine. torch:
+    ``Schedule1F1B`` needs at least as many micro-batches as stages.
+    """
+    if backend == "unconstrained":
+        return True
+    m = global_batch // (cand.dp * cand.micro_batch_size)
+    if cand.tp > 1 and (spec.family != "llama" or (spec.ffn_hidden or 0) % cand.tp):
+        return False
+    if cand.pp > 1 and spec.tied_embeddings:
+        return False
+    if backend in ("deepspeed", "any") and cand.tp > 1 and cand.pp > 1:
+        return False
+    if backend in ("torch", "any") and cand.pp > 1 and m < cand.pp:
+        return False
+    return True
+
+
 def _lower_bound(costs: CandidateCosts) -> float:
     L = costs.spec.n_layers or 0
-    blk = costs.block
-    total = L * (blk.fwd_s + blk.bwd_s + blk.tp_fwd_s + blk.tp_bwd_s)
-    total += sum(costs.stage_cost(s, 0, 0, Mode(0, False)).time_per_micro_batch_s for s in range(costs.pp))
-    return (costs.m + costs.pp - 1) / costs.pp * total
+    total = L * costs.block.time_s + sum(costs.compute_terms(s).const for s in range(costs.pp))
+    return (costs.m + (costs.pp - 1) / costs.vpp) / costs.pp * total
 
 
 def _stage_plans(costs: CandidateCosts, res: MilpResult) -> tuple[list[StagePlan], list[StageCost]]:
@@ -202,7 +221,7 @@ def search_plans(
     for cand in cands:
         costs = CandidateCosts(spec, cluster, train, cand.dp, cand.tp, cand.pp, cand.micro_batch_size, profile)
         modes = allowed_modes(cluster, cand, override, backend)
-        if modes:
+        if modes and backend_allows(spec, cand, train.global_batch, backend):
             scored.append((_lower_bound(costs), cand, costs, modes))
     scored.sort(key=lambda x: x[0])
     found: list[tuple[float, Candidate, CandidateCosts, MilpResult]] = []

@@ -62,7 +62,9 @@ def test_tight_memory_forces_recomputation_or_sharding():
     roomy = solve_stage_milp(CandidateCosts(SPEC, _cluster(80), train, 4, 1, 2, 1), MODES)
     tight = solve_stage_milp(CandidateCosts(SPEC, _cluster(9), train, 4, 1, 2, 1), MODES)
     assert roomy is not None and tight is not None
-    assert sum(roomy.recompute_blocks) == 0 and roomy.mode.zero_stage <= 1
+    # With ZeRO traffic overlapped (CostOptions.overlap_dp) ZeRO-1/2/3 can tie when memory is roomy, so only the
+    # recomputation is pinned down: none is needed at 80 GiB.
+    assert sum(roomy.recompute_blocks) == 0
     assert sum(tight.recompute_blocks) > 0 or tight.mode.zero_stage >= 2
     assert tight.objective_s > roomy.objective_s
 

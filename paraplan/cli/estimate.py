@@ -1,0 +1,138 @@
+"""``paraplan estimate``: predict one fixed strategy with the planner's cost model (no search)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from paraplan.errors import StrategyError
+
+
+def estimate_summary(est, cluster, compute_source: str) -> dict:
+    """The ``--json`` object: the issue's keys first, then the rest of the estimate."""
+    m = est.memory_breakdown_bytes
+    return {
+        "step_time_s": est.step_time_s,
+        "model_tflops_per_device": est.model_tflops_per_device,
+        "mfu": est.mfu,
+        "hfu": est.hfu,
+        "peak_memory_bytes": est.peak_memory_bytes,
+        "memory_breakdown_bytes": {"params": m.params, "grads": m.grads, "optimizer": m.optimizer,
+                                   "activations": m.activations, "other": m.other},
+        "hardware_tflops_per_device": est.hardware_tflops_per_device,
+        "tokens_per_s": est.tokens_per_s,
+        "memory_capacity_bytes": est.memory_capacity_bytes,
+        "fits": est.fits,
+        "most_loaded_stage": est.most_loaded_stage,
+        "stage_blocks": est.stage_blocks,
+        "grad_accum": est.grad_accum,
+        "pipeline_s": est.pipeline_s,
+        "bubble_s": est.bubble_s,
+        "dp_comm_s": est.dp_comm_s,
+        "optimizer_s": est.optimizer_s,
+        "peak_flops_per_s": cluster.device.peak_flops_per_s,
+        "flop_count": est.flop_count,
+        "compute_source": compute_source,
+    }
+
+
+def _render(console, spec, cluster, train, st, est, compute_source: str) -> None:
+    from rich.table import Table
+
+    from paraplan.units import format_bytes, format_seconds
+
+    title = (f"{spec.name} on {cluster.name}: dp={st.dp} tp={st.tp} pp={st.pp}"
+             + (f" vpp={st.vpp}" if st.vpp > 1 else "") + f", micro-batch {st.micro_batch_size} (x "
+             f"{est.grad_accum} per step), global batch {train.global_batch} x seq {train.seq_len}, {train.dtype}, "
+             f"ZeRO-{st.zero_stage}, recompute {st.recompute}" + (", SP" if st.sequence_parallel else "")
+             + f" (compute from {compute_source})")
+    table = Table(title=title)
+    table.add_column("quantity")
+    table.add_column("predicted", justify="right")
+    rows = [
+        ("step time", format_seconds(est.step_time_s)),
+        ("  pipeline (incl. bubble)", format_seconds(est.pipeline_s)),
+        ("  bubble", format_seconds(est.bubble_s)),
+        ("  exposed DP/ZeRO communication", format_seconds(est.dp_comm_s)),
+        ("  optimizer step", format_seconds(est.optimizer_s)),
+        ("tokens/s", f"{est.tokens_per_s:,.0f}"),
+        ("model TFLOP/s per device", f"{est.model_tflops_per_device:.4g}"),
+        ("MFU", f"{est.mfu:.1%}"),
+        ("hardware TFLOP/s per device", f"{est.hardware_tflops_per_device:.4g}"),
+        ("HFU", f"{est.hfu:.1%}"),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    console.print(table)
+    m = est.memory_breakdown_bytes
+    fit = "fits" if est.fits else "DOES NOT FIT"
+    console.print(
+        f"peak memory per device (stage {est.most_loaded_stage}): {format_bytes(est.peak_memory_bytes)} of "
+        f"{format_bytes(est.memory_capacity_bytes)} ({fit}): params {format_bytes(m.params)}, grads "
+        f"{format_bytes(m.grads)}, optimizer {format_bytes(m.optimizer)}, activations {format_bytes(m.activations)}, "
+        f"other {format_bytes(m.other)}", highlight=False)
+    console.print(f"FLOP count: {est.flop_count}", highlight=False, soft_wrap=True)
+
+
+def register(app: typer.Typer, guard) -> None:
+    """Add ``estimate`` to the typer app (called by paraplan.cli.app)."""
+
+    @app.command("estimate")
+    @guard
+    def estimate_cmd(
+        model: Annotated[str, typer.Argument(help="Preset or model file (.yaml/.json: family, n_layers, hidden, "
+                                                  "ffn_hidden, n_heads, n_kv_heads, vocab, tied_embeddings).")],
+        cluster: Annotated[str, typer.Option(help="cpu:N, 8xH100-80GB, 4x8xA100-80GB or a cluster file.")],
+        global_batch: Annotated[int, typer.Option(help="Sequences per optimizer step.")],
+        seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")],
+        tp: Annotated[int, typer.Option(help="Tensor-parallel degree.")],
+        pp: Annotated[int, typer.Option(help="Pipeline-parallel degree.")],
+        dp: Annotated[int, typer.Option(help="Data-parallel degree (dp x tp x pp = devices).")],
+        micro_batch: Annotated[int, typer.Option(help="Sequences per micro-batch.")],
+        vpp: Annotated[int, typer.Option(help="Virtual pipeline stages per device (interleaved 1F1B).")] = 1,
+        schedule: Annotated[str, typer.Option(help="Pipeline schedule: 1f1b or gpipe.")] = "1f1b",
+        sequence_parallel: Annotated[bool, typer.Option("--sequence-parallel",
+                                                        help="Megatron sequence parallelism.")] = False,
+        recompute: Annotated[str, typer.Option(help="none, selective (attention core) or full.")] = "none",
+        zero: Annotated[int, typer.Option(help="ZeRO stage 0-3 over the data-parallel group.")] = 0,
+        offload_optimizer: Annotated[bool, typer.Option("--offload-optimizer",
+                                                        help="Optimizer states in host memory.")] = False,
+        attention: Annotated[str, typer.Option(help="flash2, flash1 or unfused.")] = "flash2",
+        tp_comm_overlap: Annotated[bool, typer.Option("--tp-comm-overlap",
+                                                      help="TP collectives overlap the GEMMs.")] = False,
+        dp_overlap: Annotated[bool, typer.Option("--dp-overlap/--no-dp-overlap",
+                                                 help="DP/ZeRO communication overlaps compute.")] = True,
+        dtype: Annotated[str, typer.Option(help="auto (fp32 on CPU, bf16 on GPU), bf16, fp16 or fp32.")] = "auto",
+        profile: Annotated[Optional[Path], typer.Option(help="Profile from `paraplan profile`.")] = None,
+        as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of the table.")] = False,
+    ) -> None:
+        """Predict step time, TFLOP/s, MFU/HFU and peak memory per device of one fixed strategy."""
+        from paraplan.catalog import load_cluster_spec
+        from paraplan.cli import app as cli
+        from paraplan.cost_models.estimate import StrategySpec, estimate_strategy
+        from paraplan.models.presets import load_model_spec
+        from paraplan.types import TrainSpec
+
+        if recompute not in ("none", "selective", "full"):
+            raise StrategyError(f"--recompute {recompute}: use none, selective or full")
+        spec = load_model_spec(model)
+        if spec.family == "custom" and profile is None:
+            raise StrategyError(f"{spec.name} is a factory model: run `paraplan profile` and pass --profile")
+        clus = load_cluster_spec(cluster)
+        if dtype == "auto":
+            dtype = "fp32" if clus.device.kind == "cpu" else "bf16"
+        train = TrainSpec(global_batch=global_batch, seq_len=seq_len, dtype=dtype)  # type: ignore[arg-type]
+        prof = cli._load_profile(profile, spec, train)
+        st = StrategySpec(dp=dp, tp=tp, pp=pp, micro_batch_size=micro_batch, vpp=vpp,
+                          sequence_parallel=sequence_parallel, recompute=recompute,  # type: ignore[arg-type]
+                          zero_stage=zero, offload_optimizer=offload_optimizer, attention=attention,
+                          overlap_dp=dp_overlap, overlap_tp=tp_comm_overlap, schedule=schedule)
+        est = estimate_strategy(spec, clus, train, st, prof)
+        source = "profile" if prof is not None else "analytic"
+        if as_json:
+            print(json.dumps(estimate_summary(est, clus, source), indent=2))
+            return
+        _render(cli.console, spec, clus, train, st, est, source)

@@ -1,0 +1,94 @@
+"""Analytic compute time of one layer for one micro-batch on one device (used when no profile is given).
+
+Each layer's work is split into GEMMs (on the device's efficiency curve), the attention core (flash or unfused) and
+memory-bound element-wise kernels; see :mod:`paraplan.cost_models.efficiency` for the curves and their sources.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from paraplan.cost_models import efficiency as eff
+from paraplan.cost_models import transformer as tf
+from paraplan.types import DTYPE_BYTES, DeviceSpec, ModelSpec
+
+# Logit bytes moved by the cross-entropy per vocabulary entry and token: forward 4 passes over fp32 values (cast,
+# max, exp-sum, log-softmax), backward 2 (softmax gradient, cast back). Assumption, counted from torch's and
+# Megatron's vocab-parallel cross-entropy kernels.
+CROSS_ENTROPY_BYTES = (16, 8)
+
+
+@dataclass(frozen=True)
+class KernelTimes:
+    """Seconds per micro-batch: forward, backward (incl. selective recomputation), the selective part, forward GEMMs."""
+
+    fwd_s: float
+    bwd_s: float
+    selective_s: float
+    gemm_fwd_s: float
+
+    def scaled(self, factor: float) -> KernelTimes:
+        return KernelTimes(self.fwd_s * factor, self.bwd_s * factor, self.selective_s * factor,
+                           self.gemm_fwd_s * factor)
+
+
+def embed_times(spec: ModelSpec, dev: DeviceSpec, dtype: str, b: int, s: int) -> KernelTimes:
+    """Memory-bound gather of ``b s`` rows of ``h`` (read and write); the backward scatter-adds them (2x)."""
+    t = eff.memory_time_s(dev, 2 * b * s * (spec.hidden or 0) * DTYPE_BYTES[dtype])
+    return KernelTimes(t, 2 * t, 0.0, 0.0)
+
+
+def head_times(spec: ModelSpec, dev: DeviceSpec, dtype: str, b: int, s: int, t: int, sp: bool) -> KernelTimes:
+    """Final norm, LM head GEMM ``(b s, h, v_pad/t)``, vocab-parallel cross-entropy over fp32 logits.
+
+    Formula: forward ``t_gemm + t_norm + t_ce_fwd``, backward ``2 t_gemm + 2 t_norm + t_ce_bwd``
+        (:data:`CROSS_ENTROPY_BYTES` per logit); the norm runs on ``1/t`` of the tokens under SP.
+    """
+    db, tokens, h = DTYPE_BYTES[dtype], b * s, spec.hidden or 0
+    v_shard = tf.padded_vocab(spec, t) // t
+    gemm = eff.gemm_time_s(dev, dtype, tokens, h, v_shard, db)
+    norm = eff.memory_time_s(dev, 2 * h * db * tokens / (t if sp else 1))
+    ce_fwd, ce_bwd = (eff.memory_time_s(dev, c * tokens * v_shard) for c in CROSS_ENTROPY_BYTES)
+    return KernelTimes(gemm + norm + ce_fwd, 2 * gemm + 2 * norm + ce_bwd, 0.0, gemm)
+
+
+def attention_times(spec: ModelSpec, dev: DeviceSpec, dtype: str, b: int, s: int, t: int,
+                    kernel: str) -> tuple[float, float]:
+    """(forward, backward) seconds of the attention core on one tp rank.
+
+    Formula: flash kernels run ``2 b s^2 h / t`` actual (causal, masked half skipped) forward FLOPs and 2.5x that
+        backward at the device's attention fraction; unfused runs the full ``4 b s^2 h / t`` as batched GEMMs (two
+        forward, four backward, each ``max(compute, 2 bytes x scores)``) plus the softmax/dropout traffic of
+        ``transformer.attention_score_bytes`` less the bytes charged to the batched GEMMs (approximate).
+    Source: Dao 2023 (FlashAttention-2) sec. 4 FLOP conventions; Megatron-LM 2021 attention for the unfused path.
+    """
+    attn_flops = tf.attention_fwd_flops(spec, b, s) / t
+    if kernel != "unfused":
+        fwd = eff.flash_attention_time_s(dev, dtype, attn_flops / 2, kernel)
+        return fwd, 2.5 * fwd
+    scores = b * ((spec.n_heads or 1) / t) * s * s
+    matmul = (attn_flops / 2) / (dev.peak_flops_per_s[dtype] * eff.device_efficiency(dev).matmul_ceiling)
+    bmm = max(matmul, eff.memory_time_s(dev, 2 * scores))  # each bmm writes or reads the scores once
+    fwd_b, bwd_b = tf.attention_score_bytes(spec, b, s, t)
+    return 2 * bmm + eff.memory_time_s(dev, fwd_b - 4 * scores), 4 * bmm + eff.memory_time_s(dev, bwd_b - 4 * scores)
+
+
+def block_times(spec: ModelSpec, dev: DeviceSpec, dtype: str, b: int, s: int, t: int, sp: bool, kernel: str,
+                selective: bool) -> KernelTimes:
+    """One transformer block: GEMMs on the efficiency curve, the attention core, memory-bound element-wise ops.
+
+    Formula: forward ``sum_gemm t_gemm + t_attn_fwd + t_elem``; backward ``2 sum_gemm t_gemm + t_attn_bwd +
+        2 t_elem`` (dgrad and wgrad GEMMs of the forward's sizes; the element-wise backward moves about twice the
+        forward's bytes), plus ``t_attn_fwd`` again under selective recomputation. Element-wise bytes: the
+        replicated part of ``transformer.block_elementwise_elements`` on ``b s / t`` tokens under SP (all ``b s``
+        otherwise), the sharded part on ``1/t`` of its elements.
+    Source: :mod:`paraplan.cost_models.efficiency`; Narayanan et al. SC'21 sec. 5.1 (backward = 2x forward);
+        Korthikanti et al. 2022 sec. 4.3 (selective recomputation repeats the attention core's forward).
+    """
+    db, tokens = DTYPE_BYTES[dtype], b * s
+    gemm = sum(eff.gemm_time_s(dev, dtype, m, k, n, db) for m, k, n in tf.block_gemms(spec, tokens, t))
+    rep, shd = tf.block_elementwise_elements(spec)
+    elem = eff.memory_time_s(dev, db * tokens * (rep / (t if sp else 1) + shd / t))
+    attn_fwd, attn_bwd = attention_times(spec, dev, dtype, b, s, t, kernel)
+    sel = attn_fwd if selective else 0.0
+    return KernelTimes(gemm + attn_fwd + elem, 2 * gemm + attn_bwd + 2 * elem + sel, sel, gemm)

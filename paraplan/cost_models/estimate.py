@@ -1,0 +1,157 @@
+"""Predict one fixed strategy: step time, model and hardware FLOP/s per device (MFU, HFU), peak memory per device.
+
+The same :class:`~paraplan.cost_models.costs.CandidateCosts` the planner optimizes evaluates the strategy, so
+``paraplan estimate`` and ``paraplan plan`` agree on every number.
+
+FLOP counts (stated in every estimate as ``flop_count``):
+    model FLOPs (MFU): ``3 x forward`` of every block and the LM head, attention counted as the full ``4 b s^2 h``
+        forward (Korthikanti et al. 2022 eq. 7 form; for a GPT block with ``f = 4h`` exactly
+        ``72 B s L h^2 (1 + s/(6h) + v/(12 h L))``), unpadded vocabulary;
+    hardware FLOPs (HFU): model FLOPs plus the recomputed forwards (full: every block; selective: the attention
+        core); for GPT with full recomputation this is Narayanan et al. SC'21 eq. 3.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from paraplan.cost_models import transformer as tf
+from paraplan.cost_models.costs import FRAMEWORK_EFFICIENCY, CandidateCosts, CostOptions, Mode, StageCost, step_time_s
+from paraplan.errors import StrategyError, TrainSpecError
+from paraplan.types import ClusterSpec, MemoryBreakdown, ModelProfile, ModelSpec, TrainSpec
+
+Recompute = Literal["none", "selective", "full"]
+
+FLOP_COUNT = ("model FLOPs = 3 x forward (attention 4 b s^2 h per layer forward, LM head 2 b s h v), Korthikanti et "
+              "al. 2022 eq. 7 form (GPT: 72 B s L h^2 (1 + s/(6h) + v/(12hL))); hardware FLOPs add the recomputed "
+              "forwards (full: Narayanan et al. SC'21 eq. 3)")
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    """A fixed strategy to evaluate (the ``paraplan estimate`` options)."""
+
+    dp: int
+    tp: int
+    pp: int
+    micro_batch_size: int
+    vpp: int = 1
+    sequence_parallel: bool = False
+    recompute: Recompute = "none"
+    zero_stage: int = 0
+    offload_optimizer: bool = False
+    attention: str = "flash2"
+    overlap_dp: bool = True
+    overlap_tp: bool = False
+    framework_efficiency: float = FRAMEWORK_EFFICIENCY
+    schedule: str = "1f1b"
+
+
+@dataclass(frozen=True)
+class StrategyEstimate:
+    """What ``paraplan estimate`` reports (per optimizer step, per device)."""
+
+    step_time_s: float
+    pipeline_s: float
+    bubble_s: float
+    dp_comm_s: float
+    optimizer_s: float
+    tokens_per_s: float
+    model_flops_per_step: float
+    hardware_flops_per_step: float
+    model_tflops_per_device: float
+    hardware_tflops_per_device: float
+    mfu: float
+    hfu: float
+    peak_memory_bytes: float
+    memory_capacity_bytes: float
+    memory_breakdown_bytes: MemoryBreakdown
+    most_loaded_stage: int
+    stage_blocks: list[int]
+    grad_accum: int
+    flop_count: str = FLOP_COUNT
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_memory_bytes <= self.memory_capacity_bytes
+
+
+def stage_blocks(n_layers: int, pp: int) -> list[int]:
+    """Blocks per stage: as even as possible, earlier stages take the remainder (they hold the embedding)."""
+    return [n_layers // pp + (1 if s < n_layers % pp else 0) for s in range(pp)]
+
+
+def validate_strategy(spec: ModelSpec, cluster: ClusterSpec, train: TrainSpec, st: StrategySpec) -> None:
+    """Raises StrategyError / TrainSpecError with what to change when the strategy cannot run."""
+    world = cluster.world_size
+    L = spec.n_layers or 0
+    if st.dp * st.tp * st.pp != world:
+        raise StrategyError(f"dp x tp x pp = {st.dp} x {st.tp} x {st.pp} = {st.dp * st.tp * st.pp} must equal the "
+                            f"{world} devices of {cluster.name}")
+    if st.tp > cluster.devices_per_node or (spec.n_heads or 1) % st.tp:
+        raise StrategyError(f"tp={st.tp} must divide the attention heads ({spec.n_heads}) and fit in a node "
+                            f"({cluster.devices_per_node} devices)")
+    if st.pp > L:
+        raise StrategyError(f"pp={st.pp} exceeds the model's {L} blocks")
+    if st.vpp > 1 and (st.pp == 1 or L % (st.pp * st.vpp)):
+        raise StrategyError(f"--vpp {st.vpp} needs pp > 1 and the {L} blocks divisible by pp x vpp "
+                            f"({st.pp * st.vpp})")
+    if not 0 <= st.zero_stage <= 3:
+        raise StrategyError(f"--zero {st.zero_stage}: use 0, 1, 2 or 3")
+    if st.recompute not in ("none", "selective", "full"):
+        raise StrategyError(f"--recompute {st.recompute}: use none, selective or full")
+    if train.global_batch % (st.dp * st.micro_batch_size):
+        raise TrainSpecError(f"global batch {train.global_batch} is not divisible by dp x micro-batch = "
+                             f"{st.dp} x {st.micro_batch_size}; change --global-batch or --micro-batch")
+
+
+def estimate_strategy(
+    spec: ModelSpec, cluster: ClusterSpec, train: TrainSpec, strategy: StrategySpec,
+    profile: ModelProfile | None = None,
+) -> StrategyEstimate:
+    """Predict a fixed strategy with the planner's cost model.
+
+    Args:
+        spec, cluster, train: model, cluster and training setup (global batch in sequences, sequence length).
+        strategy: degrees, micro-batch, interleaving, sequence parallelism, recomputation, ZeRO stage, kernels.
+        profile: measured per-layer times, used instead of the analytic compute model when given.
+
+    Raises:
+        StrategyError, TrainSpecError: a strategy that cannot run (see :func:`validate_strategy`).
+        ProfileError: the profile lacks the micro-batch size.
+    """
+    st = strategy
+    validate_strategy(spec, cluster, train, st)
+    options = CostOptions(vpp=st.vpp, sequence_parallel=st.sequence_parallel,
+                          selective_recompute=st.recompute == "selective", attention=st.attention,
+                          overlap_dp=st.overlap_dp, overlap_tp=st.overlap_tp,
+                          framework_efficiency=st.framework_efficiency, schedule=st.schedule)
+    costs = CandidateCosts(spec, cluster, train, st.dp, st.tp, st.pp, st.micro_batch_size, profile, options)
+    blocks = stage_blocks(spec.n_layers or 0, st.pp)
+    mode = Mode(st.zero_stage, st.offload_optimizer)
+    stages: list[StageCost] = [
+        costs.stage_cost(s, n, n if st.recompute == "full" else 0, mode) for s, n in enumerate(blocks)
+    ]
+    step, pipe, bubble = step_time_s(costs, stages)
+    worst_i = max(range(st.pp), key=lambda s: stages[s].memory_bytes)
+    worst = stages[worst_i]
+    slowest = max(stages, key=lambda sc: sc.step_extra_s)
+    world = cluster.world_size
+    peak = cluster.device.peak_flops_per_s[train.dtype]
+    model = tf.model_flops_per_step(spec, train.global_batch, train.seq_len)
+    hardware = tf.hardware_flops_per_step(spec, train.global_batch, train.seq_len, st.recompute)
+    return StrategyEstimate(
+        step_time_s=step, pipeline_s=pipe, bubble_s=bubble, dp_comm_s=slowest.dp_comm_s,
+        optimizer_s=slowest.optimizer_s + slowest.offload_s,
+        tokens_per_s=train.global_batch * train.seq_len / step, model_flops_per_step=model,
+        hardware_flops_per_step=hardware, model_tflops_per_device=model / step / world / 1e12,
+        hardware_tflops_per_device=hardware / step / world / 1e12, mfu=model / (step * world * peak),
+        hfu=hardware / (step * world * peak), peak_memory_bytes=worst.memory_bytes,
+        memory_capacity_bytes=costs.capacity_bytes,
+        memory_breakdown_bytes=MemoryBreakdown(
+            params=worst.params_bytes, grads=worst.grads_bytes, optimizer=worst.optimizer_bytes,
+            activations=worst.activation_bytes, other=worst.other_bytes,
+        ),
+        most_loaded_stage=worst_i, stage_blocks=blocks, grad_accum=costs.m,
+    )
