@@ -153,6 +153,7 @@ class ModelProfile(_Frozen):
     seq_len: int
     warmup: int
     repeats: int
+    cpu_threads: int | None = Field(default=None, description="torch intra-op threads of a CPU profile.")
     layers: list[LayerProfile]
     links: list[LinkProfile] = Field(default_factory=list)
 

@@ -105,7 +105,8 @@ def launch_plan(
     spec = emit_run_dir(plan, backend, run_dir, steps, data)
     if dry_run:
         return spec, []
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    threads = os.environ.get("OMP_NUM_THREADS", str(cpu_threads_per_process(spec.nproc_per_node)))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": threads}
     env.setdefault("MASTER_ADDR", "127.0.0.1")
     env.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     log_path = run_dir / "train.log"
@@ -122,6 +123,11 @@ def launch_plan(
         tail = "".join(log_path.read_text().splitlines(keepends=True)[-30:])
         raise LaunchError(f"training job exited with code {code}; last lines of {log_path}:\n{tail}")
     return spec, read_metrics(run_dir)
+
+
+def cpu_threads_per_process(nproc: int) -> int:
+    """Intra-op threads each of ``nproc`` local training processes gets: the cores split evenly, at least 1."""
+    return max(1, (os.cpu_count() or 1) // nproc)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

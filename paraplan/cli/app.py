@@ -117,6 +117,9 @@ def profile_cmd(
     warmup: Annotated[int, typer.Option(help="Untimed runs per measurement.")] = 2,
     repeats: Annotated[int, typer.Option(help="Timed runs per measurement (median reported).")] = 5,
     links: Annotated[bool, typer.Option(help="Also measure copy and collective bandwidth.")] = True,
+    threads: Annotated[Optional[int], typer.Option(
+        help="CPU only: torch threads while profiling. Use what each training process gets: cores / processes "
+             "(`launch` runs cpu:N with that many).")] = None,
 ) -> None:
     """Measure per-layer forward/backward time, parameter and activation memory and FLOPs on this device."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -131,6 +134,12 @@ def profile_cmd(
         raise ProfileError(f"--micro-batches {micro_batches}: write comma-separated integers, e.g. 1,2,4") from None
     if dtype not in ("fp32", "bf16", "fp16"):
         raise ProfileError(f"--dtype {dtype}: use fp32, bf16 or fp16")
+    if threads is not None:
+        if threads < 1:
+            raise ProfileError("--threads must be >= 1")
+        import torch
+
+        torch.set_num_threads(threads)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=err_console) as bar:
         task = bar.add_task("profiling", total=None)
@@ -140,6 +149,10 @@ def profile_cmd(
 
         prof = profile_model(spec, sizes, seq_len, dtype=dtype, warmup=warmup, repeats=repeats,
                              progress=progress, links=links)
+    if prof.device_kind == "cpu":
+        import torch
+
+        prof = prof.model_copy(update={"cpu_threads": torch.get_num_threads()})
     write_atomic(output, prof.model_dump_json(indent=2))
     _print_profile(prof)
     console.print(f"wrote {output}")
@@ -181,6 +194,19 @@ def _load_profile(path: Path | None, spec, train: TrainSpec):
     return prof
 
 
+def _warn_thread_mismatch(prof, clus) -> None:
+    """A CPU profile taken with more threads than each training process will get under-predicts step time."""
+    from paraplan.backends.launch import cpu_threads_per_process
+
+    if prof is None or prof.device_kind != "cpu" or clus.device.kind != "cpu" or prof.cpu_threads is None:
+        return
+    want = cpu_threads_per_process(clus.devices_per_node)
+    if prof.cpu_threads != want:
+        err_console.print(f"[yellow]warning:[/] the profile used {prof.cpu_threads} threads; each of the "
+                          f"{clus.devices_per_node} processes of {clus.name} gets {want}. Re-profile with "
+                          f"--threads {want} for accurate times.", highlight=False)
+
+
 @app.command("plan")
 @_guard
 def plan_cmd(
@@ -213,6 +239,7 @@ def plan_cmd(
         dtype = "fp32" if clus.device.kind == "cpu" else "bf16"
     train = TrainSpec(global_batch=global_batch, seq_len=seq_len, dtype=dtype, lr=lr)  # type: ignore[arg-type]
     prof = _load_profile(profile, spec, train)
+    _warn_thread_mismatch(prof, clus)
     plans = search_plans(spec, clus, train, prof, parse_strategy(strategy), top_k=top, backend=backend,
                          time_limit_s=time_limit, profile_path=str(profile) if profile else None)
     write_atomic(output, plans[0].model_dump_json(indent=2))

@@ -103,8 +103,9 @@ def register(app: typer.Typer, guard) -> None:
         attention: Annotated[str, typer.Option(help="flash2, flash1 or unfused.")] = "flash2",
         tp_comm_overlap: Annotated[bool, typer.Option("--tp-comm-overlap",
                                                       help="TP collectives overlap the GEMMs.")] = False,
-        dp_overlap: Annotated[bool, typer.Option("--dp-overlap/--no-dp-overlap",
-                                                 help="DP/ZeRO communication overlaps compute.")] = True,
+        dp_overlap: Annotated[Optional[bool], typer.Option(
+            "--dp-overlap/--no-dp-overlap",
+            help="DP/ZeRO communication overlaps compute (default: yes on GPUs, no on CPU/gloo).")] = None,
         dtype: Annotated[str, typer.Option(help="auto (fp32 on CPU, bf16 on GPU), bf16, fp16 or fp32.")] = "auto",
         profile: Annotated[Optional[Path], typer.Option(help="Profile from `paraplan profile`.")] = None,
         as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of the table.")] = False,

@@ -29,7 +29,8 @@ def render_plans(console: Console, plans: list[Plan]) -> None:
         table.add_row(
             str(i), str(s.dp), str(s.tp), str(s.pp), str(s.micro_batch_size), str(s.grad_accum), str(s.zero_stage),
             f"{rec}/{L}", "optimizer" if s.offload_optimizer else "-", format_seconds(p.step_time_s),
-            f"{p.tokens_per_s:,.0f}", f"{p.mfu:.1%}",
+            # A CPU's peak FLOP/s in the catalog is nominal, so its MFU would mean nothing.
+            f"{p.tokens_per_s:,.0f}", f"{p.mfu:.1%}" if plan.cluster.device.kind == "cuda" else "n/a",
             f"{format_bytes(p.peak_memory_bytes)} / {format_bytes(p.memory_capacity_bytes)}",
         )
     console.print(table)

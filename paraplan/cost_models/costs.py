@@ -21,14 +21,15 @@ per device (interleaved 1F1B; v = 1 is plain 1F1B: ``(m - 1) max + sum``). With 
   the backward and reduce-scatters the gradients; ZeRO-2 reduce-scatters the gradients.
 - ``grad_reduce_s`` / ``param_gather_s``: once per step, the gradient all-reduce (ZeRO-0) or reduce-scatter
   (ZeRO-1) and the all-gather of updated parameters (ZeRO-1/2).
-Overlap assumption (``CostOptions.overlap_dp``, default on, as DDP/FSDP bucketing, DeepSpeed ``overlap_comm`` and
-Megatron ``--overlap-grad-reduce``/``--overlap-param-gather`` do): ZeRO-2/3 traffic of a micro-batch hides behind
+Overlap assumption (``CostOptions.overlap_dp``, default on for CUDA clusters and off for CPU/gloo, as DDP/FSDP
+bucketing, DeepSpeed ``overlap_comm`` and Megatron ``--overlap-grad-reduce``/``--overlap-param-gather`` do): ZeRO-2/3 traffic of a micro-batch hides behind
 its compute; the step's gradient reduction hides behind the backward of the stage's last micro-batch and the
 parameter all-gather behind the forward of the first. The optimizer step is never hidden.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from paraplan.cost_models import compute
@@ -75,7 +76,8 @@ class CostOptions:
         selective_recompute: recompute the attention core of every block not fully recomputed (sec. 4.3).
         attention: "flash2" (FlashAttention-2 class: flash-attn 2, torch SDPA, cuDNN), "flash1" (FlashAttention-1
             and its Triton port) or "unfused" (materialized scores, as Megatron-LM in 2021).
-        overlap_dp: data-parallel / ZeRO communication overlaps compute as described in the module docstring.
+        overlap_dp: data-parallel / ZeRO communication overlaps compute as described in the module docstring;
+            None: on for CUDA clusters, off for CPU (gloo) clusters.
         overlap_tp: tensor-parallel collectives overlap the neighbouring GEMMs (TransformerEngine userbuffers,
             torch async TP); exposed time is ``max(0, comm - GEMM time)``.
         framework_efficiency: achieved fraction of the analytic kernel times (:data:`FRAMEWORK_EFFICIENCY`).
@@ -87,7 +89,7 @@ class CostOptions:
     sequence_parallel: bool = False
     selective_recompute: bool = False
     attention: str = "flash2"
-    overlap_dp: bool = True
+    overlap_dp: bool | None = None
     overlap_tp: bool = False
     framework_efficiency: float = FRAMEWORK_EFFICIENCY
     schedule: str = "1f1b"
@@ -198,7 +200,11 @@ class CandidateCosts:
     ) -> None:
         self.spec, self.cluster, self.train = spec, cluster, train
         self.dp, self.tp, self.pp, self.b = dp, tp, pp, micro_batch_size
-        self.options = opts = options or CostOptions()
+        opts = options or CostOptions()
+        if opts.overlap_dp is None:
+            # gloo on CPU runs collectives on the cores that compute, so nothing hides behind the backward pass.
+            opts = dataclasses.replace(opts, overlap_dp=cluster.device.kind == "cuda")
+        self.options = opts
         if opts.attention not in eff.ATTENTION_KERNELS:
             raise StrategyError(f"attention kernel '{opts.attention}': use one of {', '.join(eff.ATTENTION_KERNELS)}")
         if opts.vpp < 1:

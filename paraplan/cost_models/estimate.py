@@ -42,7 +42,7 @@ class StrategySpec:
     zero_stage: int = 0
     offload_optimizer: bool = False
     attention: str = "flash2"
-    overlap_dp: bool = True
+    overlap_dp: bool | None = None
     overlap_tp: bool = False
     framework_efficiency: float = FRAMEWORK_EFFICIENCY
     schedule: str = "1f1b"
