@@ -18,6 +18,7 @@ from typing import Literal
 
 from paraplan.cost_models import transformer as tf
 from paraplan.cost_models.costs import FRAMEWORK_EFFICIENCY, CandidateCosts, CostOptions, Mode, StageCost, step_time_s
+from paraplan.cost_models.links import calibrate_cluster
 from paraplan.errors import StrategyError, TrainSpecError
 from paraplan.types import ClusterSpec, MemoryBreakdown, ModelProfile, ModelSpec, TrainSpec
 
@@ -123,6 +124,7 @@ def estimate_strategy(
     """
     st = strategy
     validate_strategy(spec, cluster, train, st)
+    cluster = calibrate_cluster(cluster, profile)
     options = CostOptions(vpp=st.vpp, sequence_parallel=st.sequence_parallel,
                           selective_recompute=st.recompute == "selective", attention=st.attention,
                           overlap_dp=st.overlap_dp, overlap_tp=st.overlap_tp,

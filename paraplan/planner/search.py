@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 
 from paraplan.cost_models.costs import CandidateCosts, Mode, StageCost, step_time_s
+from paraplan.cost_models.links import calibrate_cluster
 from paraplan.errors import NoFeasiblePlanError, StrategyError, TrainSpecError
 from paraplan.planner.milp import MilpResult, solve_stage_milp
 from paraplan.types import (
@@ -210,6 +211,7 @@ def search_plans(
         StrategyError, TrainSpecError: impossible overrides or batch sizes.
     """
     override = override or StrategyOverride()
+    cluster = calibrate_cluster(cluster, profile)
     if spec.family == "custom" and profile is None:
         raise StrategyError(f"{spec.name} is a factory model: run `paraplan profile` and pass --profile")
     micro = profile.micro_batch_sizes() if profile is not None else list(DEFAULT_MICRO_BATCHES)

@@ -27,6 +27,7 @@ from paraplan.units import MiB
 COPY_BYTES = 256 * MiB  # pinned host<->device buffer; large enough to reach PCIe/NVLink-C2C peak
 HOST_COPY_BYTES = 128 * MiB  # host memcpy; much larger than any CPU cache
 ALLREDUCE_BYTES = 16 * MiB  # per-rank payload of the 2-process all-reduce
+SMALL_ALLREDUCE_BYTES = 64 * 1024
 _WARMUP = 2
 _REPEATS = 5
 _TIMEOUT_S = 120.0
@@ -102,7 +103,8 @@ def profile_links(device: str | torch.device | None = None) -> list[LinkProfile]
     On CUDA: ``h2d_pinned`` and ``d2h_pinned`` (a 256 MiB pinned host buffer to/from ``device``) and, with at least
     two visible GPUs, ``allreduce_nccl_2gpu`` (NCCL all-reduce of 16 MiB between two processes on GPUs 0 and 1).
     On CPU: ``host_memcpy`` (copy of a 128 MiB tensor into another; bytes copied per second, not read + write) and
-    ``allreduce_gloo_2proc`` (gloo all-reduce of 16 MiB between two processes over 127.0.0.1).
+    ``allreduce_gloo_2proc`` (gloo all-reduce of 16 MiB between two processes over 127.0.0.1). Each all-reduce is
+    also measured at 64 KiB (``*_small``), where latency dominates.
     Takes a few seconds, most of it starting the two processes.
 
     Args:
@@ -119,9 +121,10 @@ def profile_links(device: str | torch.device | None = None) -> list[LinkProfile]
     if dev.type == "cuda":
         links = [_profile_h2d_d2h(dev, to_device=True), _profile_h2d_d2h(dev, to_device=False)]
         if torch.cuda.device_count() >= 2:
-            links.append(profile_allreduce("nccl", n_ranks=2))
+            links += [profile_allreduce("nccl", n_ranks=2), profile_allreduce("nccl", 2, SMALL_ALLREDUCE_BYTES)]
         return links
-    return [_profile_host_memcpy(), profile_allreduce("gloo", n_ranks=2)]
+    return [_profile_host_memcpy(), profile_allreduce("gloo", n_ranks=2),
+            profile_allreduce("gloo", 2, SMALL_ALLREDUCE_BYTES)]
 
 
 def _profile_h2d_d2h(dev: torch.device, to_device: bool) -> LinkProfile:
@@ -224,6 +227,8 @@ def profile_allreduce(backend: str = "gloo", n_ranks: int = 2, size_bytes: int =
                 proc.wait()
             log.close()
     name = f"allreduce_{backend}_{n_ranks}{'gpu' if backend == 'nccl' else 'proc'}"
+    if size_bytes < ALLREDUCE_BYTES:
+        name += "_small"  # a latency-bound size: with the large one it separates latency from bandwidth
     nbytes = numel * 4
     return LinkProfile(
         name=name, bytes=nbytes, time_s=time_s, bandwidth_bytes_per_s=allreduce_bus_bandwidth(nbytes, time_s, n_ranks)

@@ -148,3 +148,26 @@ def test_analytic_block_time_follows_the_documented_curve():
 def test_model_spec_rejects_heads_not_dividing_hidden():
     with pytest.raises(ValueError, match="divisible by n_heads"):
         ModelSpec(name="x", family="llama", n_layers=2, hidden=100, ffn_hidden=64, n_heads=3, n_kv_heads=1, vocab=10)
+
+
+def test_cpu_cluster_takes_measured_links_from_the_profile():
+    from paraplan.cost_models.comm import collective_time_s
+    from paraplan.cost_models.links import calibrate_cluster
+    from paraplan.types import LinkProfile, ModelProfile
+
+    # A 16 MiB all-reduce at 1 GB/s bus bandwidth and a 64 KiB one in 200 us: latency = 200 us - 65536 B / 1 GB/s.
+    big = LinkProfile(name="allreduce_gloo_2proc", bytes=16 * 2**20, time_s=16 * 2**20 / 1e9,
+                      bandwidth_bytes_per_s=1e9)
+    small = LinkProfile(name="allreduce_gloo_2proc_small", bytes=65536, time_s=200e-6,
+                        bandwidth_bytes_per_s=65536 / 200e-6)
+    memcpy = LinkProfile(name="host_memcpy", bytes=2**27, time_s=0.1, bandwidth_bytes_per_s=2**27 / 0.1)
+    prof = ModelProfile(model=PRESETS["llama-tiny"], device_name="cpu", device_kind="cpu", dtype="fp32", seq_len=64,
+                        warmup=1, repeats=1, layers=[], links=[big, small, memcpy])
+    cpu = calibrate_cluster(load_cluster_spec("cpu:2"), prof)
+    # A 2-rank all-reduce of 16 MiB now takes what was measured: latency + 16 MiB / 1 GB/s (factor 2(n-1)/n = 1).
+    expected = (200e-6 - 65536 / 1e9) + 16 * 2**20 / 1e9
+    assert collective_time_s(cpu, "all_reduce", 16 * 2**20, 2, False) == pytest.approx(expected)
+    assert cpu.device.memory_bandwidth_bytes_per_s == pytest.approx(2 * 2**27 / 0.1)
+    # GPU clusters keep their datasheet links.
+    gpu = load_cluster_spec("8xH100-80GB")
+    assert calibrate_cluster(gpu, prof) == gpu
