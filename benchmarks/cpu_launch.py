@@ -40,7 +40,7 @@ def run(models: list[str], backends: list[str], steps: dict[str, int], global_ba
     for name in models:
         spec = load_model_spec(name)
         torch.set_num_threads(threads)
-        profile = profile_model(spec, [micro_batch], seq_len, dtype="fp32", links=False)
+        profile = profile_model(spec, [micro_batch], seq_len, dtype="fp32", links=True)
         train = TrainSpec(global_batch=global_batch, seq_len=seq_len, dtype="fp32")
         for forced in STRATEGIES:
             override = parse_strategy(f"{forced},mb={micro_batch}")

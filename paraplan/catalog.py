@@ -7,15 +7,14 @@ cost-model assumptions and live in ``paraplan.cost_models``, not here.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
 
-import yaml
 from pydantic import ValidationError
 
 from paraplan.errors import ClusterSpecError, format_validation_error
+from paraplan.files import MAPPING_SUFFIXES, read_mapping
 from paraplan.types import ClusterSpec, DeviceSpec
 from paraplan.units import GB, GiB
 
@@ -164,16 +163,8 @@ def load_cluster_spec(cluster: str) -> ClusterSpec:
             raise ClusterSpecError(f"cluster '{cluster}': node and device counts must be >= 1")
         return gpu_cluster(nodes, per_node, match.group(3))
     path = Path(cluster)
-    if path.suffix.lower() in {".json", ".yaml", ".yml"}:
-        if not path.is_file():
-            raise ClusterSpecError(f"cluster file {cluster} does not exist")
-        try:
-            text = path.read_text()
-            data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
-        except (OSError, ValueError, yaml.YAMLError) as exc:
-            raise ClusterSpecError(f"cannot read cluster file {cluster}: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ClusterSpecError(f"cluster file {cluster} must hold a mapping of fields")
+    if path.suffix.lower() in MAPPING_SUFFIXES:
+        data = read_mapping(path, "cluster file", ClusterSpecError)
         if isinstance(data.get("device"), str):
             data = {**data, "device": _device(data["device"]).model_dump()}
         try:

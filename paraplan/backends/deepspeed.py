@@ -211,7 +211,7 @@ def emit_deepspeed(plan: Plan, run_dir: Path) -> list[Path]:
     Raises:
         LaunchError: the plan needs something DeepSpeed cannot do (see :func:`check_deepspeed_plan`).
     """
-    from paraplan.backends.launch import write_atomic
+    from paraplan.files import write_atomic
 
     path = Path(run_dir) / DS_CONFIG_FILE
     write_atomic(path, json.dumps(build_ds_config(plan), indent=2) + "\n")

@@ -20,14 +20,8 @@ import torch
 from paraplan.backends.data import resolve_data_paths
 from paraplan.backends.train_common import METRICS_FILE
 from paraplan.errors import LaunchError
+from paraplan.files import write_atomic
 from paraplan.types import Backend, LaunchSpec, Plan
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary name beside ``path``, then rename, so no half-written file is ever left."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def check_world_size(plan: Plan) -> None:

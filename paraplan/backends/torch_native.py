@@ -30,7 +30,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from paraplan.backends.launch import write_atomic
+from paraplan.files import write_atomic
 from paraplan.backends.train_common import torch_dtype
 from paraplan.errors import LaunchError
 from paraplan.models.build import LayerChain, lm_loss

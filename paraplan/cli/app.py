@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from paraplan.errors import ParaplanError, ProfileError, StrategyError, format_validation_error
+from paraplan.files import write_atomic
 from paraplan.types import Plan, StrategyOverride, TrainSpec
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
@@ -45,13 +46,6 @@ def _guard(func):
             _fail(format_validation_error("input", exc))
 
     return wrapper
-
-
-def write_atomic(path: Path, text: str) -> None:
-    from paraplan.backends.launch import write_atomic as _write
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write(path, text)
 
 
 def parse_strategy(text: str | None) -> StrategyOverride:

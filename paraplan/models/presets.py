@@ -10,13 +10,12 @@ Sources:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import yaml
 from pydantic import ValidationError
 
 from paraplan.errors import ModelSpecError, format_validation_error
+from paraplan.files import MAPPING_SUFFIXES, read_mapping
 from paraplan.types import ModelSpec
 
 PRESETS: dict[str, ModelSpec] = {
@@ -87,16 +86,8 @@ def load_model_spec(model: str) -> ModelSpec:
     if model in PRESETS:
         return PRESETS[model]
     path = Path(model)
-    if path.suffix.lower() in {".json", ".yaml", ".yml"}:
-        if not path.is_file():
-            raise ModelSpecError(f"model file {model} does not exist")
-        try:
-            text = path.read_text()
-            data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
-        except (OSError, ValueError, yaml.YAMLError) as exc:
-            raise ModelSpecError(f"cannot read model file {model}: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ModelSpecError(f"model file {model} must hold a mapping of fields")
+    if path.suffix.lower() in MAPPING_SUFFIXES:
+        data = read_mapping(path, "model file", ModelSpecError)
         if "family" in data:
             try:
                 return ModelSpec(**{"name": path.stem, **data})

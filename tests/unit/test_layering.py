@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[2] / "paraplan"
-BASE = {"types", "errors", "units", "models", "catalog", "__init__"}
+BASE = {"types", "errors", "units", "files", "models", "catalog", "__init__"}
 ORDER = ["profiler", "cost_models", "planner", "backends", "cli"]
 
 
