@@ -231,7 +231,8 @@ def test_a_failing_allreduce_child_is_reported_not_waited_on(monkeypatch):
 @pytest.mark.integration  # starts a second process that imports torch: seconds, not milliseconds
 def test_cpu_links_measure_memcpy_and_a_two_process_allreduce():
     links = {lp.name: lp for lp in profile_links("cpu")}
-    assert set(links) == {"host_memcpy", "allreduce_gloo_2proc"}
+    assert set(links) == {"host_memcpy", "allreduce_gloo_2proc", "allreduce_gloo_2proc_small"}
+    assert links["allreduce_gloo_2proc_small"].bytes < links["allreduce_gloo_2proc"].bytes
     for lp in links.values():
         assert lp.time_s > 0
         assert lp.bandwidth_bytes_per_s == pytest.approx(lp.bytes / lp.time_s)  # 2 ranks: busbw = algbw
