@@ -217,6 +217,8 @@ def plan_cmd(
     top: Annotated[int, typer.Option("--top", help="Plans to show.")] = 5,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-3,
     time_limit: Annotated[float, typer.Option(help="MILP time limit per candidate (s).")] = 10.0,
+    memory_fraction: Annotated[float, typer.Option(
+        help="Share of device memory a plan may fill (headroom for fragmentation).", min=0.1, max=1.0)] = 0.95,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary instead of the table.")] = False,
     output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the best plan.")] = Path("plan.json"),
 ) -> None:
@@ -235,7 +237,8 @@ def plan_cmd(
     prof = _load_profile(profile, spec, train)
     _warn_thread_mismatch(prof, clus)
     plans = search_plans(spec, clus, train, prof, parse_strategy(strategy), top_k=top, backend=backend,
-                         time_limit_s=time_limit, profile_path=str(profile) if profile else None)
+                         time_limit_s=time_limit, profile_path=str(profile) if profile else None,
+                         memory_fraction=memory_fraction)
     write_atomic(output, plans[0].model_dump_json(indent=2))
     if as_json:
         print(json.dumps(plan_summary(plans[0]), indent=2))

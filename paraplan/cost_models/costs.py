@@ -233,6 +233,8 @@ class CandidateCosts:
         spans = pp_spans_nodes(cluster, tp, dp)
         self.p2p_s = 2 * self.vpp * collective_time_s(cluster, "p2p", boundary, 2, spans) if pp > 1 else 0.0
         self.capacity_bytes = cluster.device.memory_bytes
+        # What a plan may use: the planner lowers it to leave headroom for allocator fragmentation.
+        self.usable_capacity_bytes = self.capacity_bytes
         self.host_capacity_bytes = cluster.host_memory_bytes / cluster.devices_per_node
         self.overhead_bytes = OVERHEAD_BYTES[cluster.device.kind]
 

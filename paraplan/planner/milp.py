@@ -168,7 +168,7 @@ def _add_stage(prob: pulp.LpProblem, costs: CandidateCosts, modes: list[Mode], v
     states = sum(v.by_mode(terms, pick, s) for pick in (lambda t: t.params, lambda t: t.grads,
                                                          lambda t: t.optimizer, lambda t: t.other))
     act = v.affine(costs.activation_terms(s), s) + costs.block.act_bytes * v.z[s]
-    prob += (states + act) / GiB <= costs.capacity_bytes / GiB, f"device_memory_{s}"
+    prob += (states + act) / GiB <= costs.usable_capacity_bytes / GiB, f"device_memory_{s}"
     prob += v.by_mode(terms, lambda t: t.host, s) / GiB <= costs.host_capacity_bytes / GiB, f"host_memory_{s}"
 
 

@@ -202,9 +202,13 @@ def _min_memory(costs: CandidateCosts, modes: list[Mode]) -> float:
 def search_plans(
     spec: ModelSpec, cluster: ClusterSpec, train: TrainSpec, profile: ModelProfile | None = None,
     override: StrategyOverride | None = None, top_k: int = 3, backend: BackendChoice = "any",
-    time_limit_s: float = 10.0, profile_path: str | None = None,
+    time_limit_s: float = 10.0, profile_path: str | None = None, memory_fraction: float = 0.95,
 ) -> list[Plan]:
     """Find the ``top_k`` fastest predicted plans.
+
+    Args:
+        memory_fraction: share of device memory a plan may fill; the rest is headroom for allocator fragmentation
+            and what the model does not see (default 0.95).
 
     Raises:
         NoFeasiblePlanError: nothing fits; the message gives the least memory per device any candidate needs.
@@ -222,6 +226,7 @@ def search_plans(
     scored = []
     for cand in cands:
         costs = CandidateCosts(spec, cluster, train, cand.dp, cand.tp, cand.pp, cand.micro_batch_size, profile)
+        costs.usable_capacity_bytes = memory_fraction * costs.capacity_bytes
         modes = allowed_modes(cluster, cand, override, backend)
         if modes and backend_allows(spec, cand, train.global_batch, backend):
             scored.append((_lower_bound(costs), cand, costs, modes))
@@ -243,7 +248,7 @@ def search_plans(
         found.sort(key=lambda x: x[0])
         found = found[:top_k]
     if not found:
-        _raise_infeasible(cluster, least_mem)
+        _raise_infeasible(cluster, least_mem, memory_fraction)
     elapsed = time.perf_counter() - start
     plans = []
     for _, cand, costs, res in found:
@@ -260,8 +265,8 @@ def search_plans(
     return plans
 
 
-def _raise_infeasible(cluster: ClusterSpec, least: tuple[float, Candidate] | None) -> None:
-    cap = format_bytes(cluster.device.memory_bytes)
+def _raise_infeasible(cluster: ClusterSpec, least: tuple[float, Candidate] | None, fraction: float) -> None:
+    cap = f"{format_bytes(fraction * cluster.device.memory_bytes)} ({fraction:.0%} of {format_bytes(cluster.device.memory_bytes)})"
     if least is None:
         raise NoFeasiblePlanError(f"no strategy could be evaluated on {cluster.name}; relax --strategy")
     need, c = least

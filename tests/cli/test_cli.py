@@ -111,3 +111,11 @@ def test_profile_mismatch_is_reported(tmp_path):
     result = run("plan", "llama-tiny", "--cluster", "cpu:2", "--global-batch", "8", "--seq-len", "64",
                  "--profile", str(tmp_path / "missing.json"))
     assert_user_error(result, "does not exist", "paraplan profile")
+
+
+@pytest.mark.parametrize("fraction", [0.95, 0.5])
+def test_plan_respects_memory_fraction(tmp_path, fraction):
+    result = run("plan", "llama3-8b", "--cluster", "8xH100-80GB", "--global-batch", "64", "--seq-len", "8192",
+                 "--memory-fraction", str(fraction), "--json", "-o", str(tmp_path / "p.json"))
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["predicted"]["peak_memory_bytes"] <= fraction * 80 * 2**30
