@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -56,9 +55,9 @@ def check_world_size(plan: Plan) -> None:
 def build_launch_spec(plan: Plan, backend: Backend, run_dir: Path, steps: int, data: list[str] | None) -> LaunchSpec:
     paths = resolve_data_paths(data)
     module = f"paraplan.backends.train_{backend if backend == 'deepspeed' else 'torch'}"
-    torchrun = shutil.which("torchrun") or "torchrun"
+    # `python -m torch.distributed.run` is torchrun, found without relying on PATH (e.g. a venv not activated).
     command = [
-        torchrun, "--standalone", f"--nproc-per-node={plan.cluster.devices_per_node}",
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={plan.cluster.devices_per_node}",
         "-m", module, "--run-dir", str(run_dir),
     ]
     files = ["plan.json", "launch.json", "ds_config.json" if backend == "deepspeed" else "torch_parallel.json"]

@@ -230,6 +230,8 @@ class CandidateCosts:
         # SC'21 sec. 4.1; sequence parallelism keeps it sharded anyway); forward activation out and gradient back,
         # v times per micro-batch with interleaving.
         boundary = micro_batch_size * s * h * self.dtype_bytes / tp
+        if spec.family == "custom" and profile is not None:
+            boundary = profile.layer("block", micro_batch_size).output_bytes
         spans = pp_spans_nodes(cluster, tp, dp)
         self.p2p_s = 2 * self.vpp * collective_time_s(cluster, "p2p", boundary, 2, spans) if pp > 1 else 0.0
         self.capacity_bytes = cluster.device.memory_bytes
@@ -251,7 +253,26 @@ class CandidateCosts:
                     + collective_time_s(c, "all_gather", n_bytes, t, False))
         return collective_time_s(c, "all_reduce", n_bytes, t, False)
 
+    def _measured_layer(self, kind: LayerKind) -> LayerCost:
+        """A factory model's layer taken whole from its profile (parameters, saved activations, FLOPs; tp = 1).
+
+        A block keeps what the profiler saw it save plus its input, which is the previous layer's output
+        (``activation_bytes`` excludes the input; ``output_bytes`` has its size); under full recomputation only
+        that input stays. Source: the profiler's measurement (``paraplan.profiler.layers``).
+        """
+        assert self.profile is not None
+        lp = self.profile.layer(kind, self.b)
+        kt = self._times(kind)
+        if kind == "block":
+            act, ckpt = lp.activation_bytes + lp.output_bytes, lp.output_bytes
+        else:
+            act = ckpt = lp.activation_bytes
+        recompute = kt.fwd_s if kind == "block" else 0.0
+        return LayerCost(kt.fwd_s, kt.bwd_s, 0.0, 0.0, lp.param_count, act, ckpt, lp.fwd_flops, recompute)
+
     def _layer(self, kind: LayerKind) -> LayerCost:
+        if self.spec.family == "custom":
+            return self._measured_layer(kind)
         spec, t, b, s = self.spec, self.tp, self.b, self.train.seq_len
         db, h = self.dtype_bytes, spec.hidden or 0
         v_pad = tf.padded_vocab(spec, t)
@@ -479,7 +500,16 @@ class CandidateCosts:
         )
 
     def model_flops_per_step(self) -> float:
-        """Model FLOPs of one step (Korthikanti et al. 2022 eq. 7 form; see transformer.model_flops_per_step)."""
+        """Model FLOPs of one step (Korthikanti et al. 2022 eq. 7 form; see transformer.model_flops_per_step).
+
+        A factory model counts its profiled forward + backward FLOPs (torch.utils.flop_counter) per micro-batch.
+        """
+        if self.spec.family == "custom" and self.profile is not None:
+            per_mb = sum(self.profile.layer(k, self.b).fwd_flops + self.profile.layer(k, self.b).bwd_flops
+                         for k in ("embed", "head"))
+            per_mb += (self.spec.n_layers or 0) * sum(
+                getattr(self.profile.layer("block", self.b), f) for f in ("fwd_flops", "bwd_flops"))
+            return per_mb * self.train.global_batch / self.b
         return tf.model_flops_per_step(self.spec, self.train.global_batch, self.train.seq_len)
 
 

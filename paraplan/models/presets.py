@@ -98,8 +98,27 @@ def load_model_spec(model: str) -> ModelSpec:
         except (KeyError, ValidationError) as exc:
             raise ModelSpecError(f"model file {model} is not a valid Hugging Face config: {exc}") from exc
     if ":" in model and not path.exists():
-        return ModelSpec(name=model, family="custom", factory=model)
+        return _factory_spec(model)
     known = ", ".join(PRESETS)
     raise ModelSpecError(
         f"unknown model '{model}'; use a preset ({known}), a .json/.yaml model file, or 'package.module:function'"
+    )
+
+
+def _factory_spec(factory: str) -> ModelSpec:
+    """Spec of a factory model, with the dimensions its chain shows when built on the meta device.
+
+    ``n_layers`` is ``len(chain.blocks)``; ``vocab`` and ``hidden`` come from the first ``nn.Embedding`` of
+    ``chain.embed`` (when there is one). Heads stay unknown, so such a model is planned without tensor parallelism.
+    """
+    from torch import nn
+
+    from paraplan.models.build import build_model
+
+    chain = build_model(ModelSpec(name=factory, family="custom", factory=factory), device="meta", seed=None)
+    embedding = next((m for m in chain.embed.modules() if isinstance(m, nn.Embedding)), None)
+    return ModelSpec(
+        name=factory, family="custom", factory=factory, n_layers=len(chain.blocks),
+        vocab=embedding.num_embeddings if embedding is not None else None,
+        hidden=embedding.embedding_dim if embedding is not None else None,
     )

@@ -27,7 +27,7 @@ def test_dry_run_writes_files_and_prints_torchrun(tmp_path, plan_file, backend, 
     result = runner.invoke(app, ["launch", str(plan_file), "--backend", backend, "--dry-run", "--steps", "3",
                                  "--run-dir", str(run_dir)])
     assert result.exit_code == 0, result.output
-    assert "torchrun" in result.output and "--nproc-per-node=2" in result.output
+    assert "torch.distributed.run" in result.output and "--nproc-per-node=2" in result.output
     assert f"paraplan.backends.train_{backend}" in result.output
     for name in ("plan.json", "launch.json", config):
         assert (run_dir / name).is_file(), name
