@@ -5,10 +5,15 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TypeVar
+
+from pydantic import BaseModel, ValidationError
 
 import yaml
 
-from paraplan.errors import ParaplanError
+from paraplan.errors import ParaplanError, format_validation_error
+
+M = TypeVar("M", bound=BaseModel)
 
 MAPPING_SUFFIXES = {".json", ".yaml", ".yml"}
 
@@ -34,6 +39,20 @@ def read_mapping(path: Path, what: str, error: type[ParaplanError]) -> dict:
     if not isinstance(data, dict):
         raise error(f"{what} {path} must hold a mapping of fields")
     return data
+
+
+def read_model(path: Path, model: type[M], what: str, error: type[ParaplanError], hint: str) -> M:
+    """Read a JSON file paraplan wrote (profile, plan) back into its pydantic model.
+
+    Raises:
+        error: the file is missing (the message ends with ``hint``) or fails validation (errors listed).
+    """
+    if not path.is_file():
+        raise error(f"{what} {path} does not exist; {hint}")
+    try:
+        return model.model_validate_json(path.read_text())
+    except ValidationError as exc:
+        raise error(format_validation_error(f"{what} {path}", exc)) from exc
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -64,11 +64,6 @@ class ModelSpec(_Frozen):
             raise ValueError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
         return self
 
-    @property
-    def head_dim(self) -> int:
-        assert self.hidden is not None and self.n_heads is not None
-        return self.hidden // self.n_heads
-
 
 class DeviceSpec(_Frozen):
     """One accelerator (or CPU process) type, with a source for every figure."""

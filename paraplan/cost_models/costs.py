@@ -61,10 +61,6 @@ class Mode:
     zero_stage: int
     offload_optimizer: bool
 
-    @property
-    def label(self) -> str:
-        return f"zero{self.zero_stage}" + ("+offload" if self.offload_optimizer else "")
-
 
 @dataclass(frozen=True)
 class CostOptions:
@@ -448,11 +444,6 @@ class CandidateCosts:
             return 0.0, pcie + n_opt / (c.cpu_adam_params_per_s / c.devices_per_node)
         return eff.memory_time_s(c.device, n_opt * (p_b + g_b + 2 * o_b)), 0.0
 
-    def optimizer_s(self, mode: Mode, n_params: float) -> float:
-        """Optimizer step time (device, or offload transfers + CPU Adam): see :meth:`optimizer_times`."""
-        dev, off = self.optimizer_times(mode, n_params)
-        return dev + off
-
     def mode_terms(self, stage: int, mode: Mode) -> ModeTerms:
         """The mode-dependent terms of a stage, affine in its block count (each quantity is linear in the stage's
         parameters ``n * block.params + fixed``, so two evaluations fix it exactly)."""
@@ -505,10 +496,11 @@ class CandidateCosts:
         A factory model counts its profiled forward + backward FLOPs (torch.utils.flop_counter) per micro-batch.
         """
         if self.spec.family == "custom" and self.profile is not None:
-            per_mb = sum(self.profile.layer(k, self.b).fwd_flops + self.profile.layer(k, self.b).bwd_flops
-                         for k in ("embed", "head"))
-            per_mb += (self.spec.n_layers or 0) * sum(
-                getattr(self.profile.layer("block", self.b), f) for f in ("fwd_flops", "bwd_flops"))
+            def flops(kind: LayerKind) -> float:
+                lp = self.profile.layer(kind, self.b)  # type: ignore[union-attr]
+                return lp.fwd_flops + lp.bwd_flops
+
+            per_mb = flops("embed") + (self.spec.n_layers or 0) * flops("block") + flops("head")
             return per_mb * self.train.global_batch / self.b
         return tf.model_flops_per_step(self.spec, self.train.global_batch, self.train.seq_len)
 

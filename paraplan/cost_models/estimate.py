@@ -13,11 +13,11 @@ FLOP counts (stated in every estimate as ``flop_count``):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal
 
 from paraplan.cost_models import transformer as tf
-from paraplan.cost_models.costs import FRAMEWORK_EFFICIENCY, CandidateCosts, CostOptions, Mode, StageCost, step_time_s
+from paraplan.cost_models.costs import CandidateCosts, CostOptions, Mode, StageCost, step_time_s
 from paraplan.cost_models.links import calibrate_cluster
 from paraplan.errors import StrategyError, TrainSpecError
 from paraplan.types import ClusterSpec, MemoryBreakdown, ModelProfile, ModelSpec, TrainSpec
@@ -29,24 +29,24 @@ FLOP_COUNT = ("model FLOPs = 3 x forward (attention 4 b s^2 h per layer forward,
               "forwards (full: Narayanan et al. SC'21 eq. 3)")
 
 
-@dataclass(frozen=True)
-class StrategySpec:
-    """A fixed strategy to evaluate (the ``paraplan estimate`` options)."""
+@dataclass(frozen=True, kw_only=True)
+class StrategySpec(CostOptions):
+    """A fixed strategy to evaluate (the ``paraplan estimate`` options): parallel degrees, ZeRO, recomputation and
+    the :class:`CostOptions` it inherits. ``selective_recompute`` follows ``recompute`` and is not set directly."""
 
     dp: int
     tp: int
     pp: int
     micro_batch_size: int
-    vpp: int = 1
-    sequence_parallel: bool = False
     recompute: Recompute = "none"
     zero_stage: int = 0
     offload_optimizer: bool = False
-    attention: str = "flash2"
-    overlap_dp: bool | None = None
-    overlap_tp: bool = False
-    framework_efficiency: float = FRAMEWORK_EFFICIENCY
-    schedule: str = "1f1b"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "selective_recompute", self.recompute == "selective")
+
+    def cost_options(self) -> CostOptions:
+        return CostOptions(**{f.name: getattr(self, f.name) for f in fields(CostOptions)})
 
 
 @dataclass(frozen=True)
@@ -125,11 +125,8 @@ def estimate_strategy(
     st = strategy
     validate_strategy(spec, cluster, train, st)
     cluster = calibrate_cluster(cluster, profile)
-    options = CostOptions(vpp=st.vpp, sequence_parallel=st.sequence_parallel,
-                          selective_recompute=st.recompute == "selective", attention=st.attention,
-                          overlap_dp=st.overlap_dp, overlap_tp=st.overlap_tp,
-                          framework_efficiency=st.framework_efficiency, schedule=st.schedule)
-    costs = CandidateCosts(spec, cluster, train, st.dp, st.tp, st.pp, st.micro_batch_size, profile, options)
+    costs = CandidateCosts(spec, cluster, train, st.dp, st.tp, st.pp, st.micro_batch_size, profile,
+                           st.cost_options())
     blocks = stage_blocks(spec.n_layers or 0, st.pp)
     mode = Mode(st.zero_stage, st.offload_optimizer)
     stages: list[StageCost] = [

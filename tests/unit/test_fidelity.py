@@ -109,7 +109,6 @@ def test_summary_excludes_reference_rows_and_takes_median_and_max():
     assert s["fully_stated_max_abs_error"] == pytest.approx(0.02) and s["goal_stated_met"]
 
 
-@pytest.mark.skipif(not fidelity.DEFAULT_DATA.is_file(), reason="published_runs.jsonl not beside the repo")
 def test_every_published_row_gets_an_estimate():
     rows = [json.loads(line) for line in fidelity.DEFAULT_DATA.read_text().splitlines() if line.strip()]
     results = fidelity.evaluate(rows)
