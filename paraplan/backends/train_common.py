@@ -33,6 +33,16 @@ def build_dataset(plan: Plan, spec: LaunchSpec) -> ByteDataset:
     return ByteDataset([Path(p) for p in spec.data_paths], plan.train.seq_len, seed=plan.train.seed)
 
 
+def shutdown_distributed(clean: bool) -> None:
+    """Destroy the process group. After a clean run every rank first meets at a barrier, so no rank closes its
+    gloo connections while another still uses them (seen as a C++ "terminate called without an active exception"
+    abort of one rank at exit, after all steps had run)."""
+    if dist.is_initialized():
+        if clean:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def device_for_rank() -> torch.device:
     """``cuda:LOCAL_RANK`` when CUDA is present, else CPU."""
     if torch.cuda.is_available():

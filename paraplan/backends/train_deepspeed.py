@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from paraplan.backends.data import ByteDataset, sample_start
 from paraplan.backends.deepspeed import DS_CONFIG_FILE, PARAPLAN_KEY
 from paraplan.backends.train_common import (
-    MetricsWriter, StepTimer, build_dataset, device_for_rank, dist_backend, load_run,
+    MetricsWriter, StepTimer, build_dataset, device_for_rank, dist_backend, load_run, shutdown_distributed,
 )
 from paraplan.errors import LaunchError
 from paraplan.models.build import build_model, hf_config, lm_loss
@@ -197,10 +197,12 @@ def main(argv: list[str] | None = None) -> None:
     deepspeed.init_distributed(dist_backend=dist_backend(), verbose=False)
     dataset = build_dataset(plan, spec)
     train = train_pipeline if plan.strategy.pp > 1 else train_flat
+    clean = False
     try:
         train(plan, ds_config, dataset, spec.steps, args.run_dir)
+        clean = True
     finally:
-        dist.destroy_process_group()
+        shutdown_distributed(clean)
 
 
 if __name__ == "__main__":

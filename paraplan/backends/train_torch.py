@@ -24,7 +24,7 @@ import torch.distributed as dist
 from paraplan.backends.data import ByteDataset, sample_start
 from paraplan.backends.torch_native import ParallelModel, build_optimizer, load_torch_config, parallelize
 from paraplan.backends.train_common import (
-    MetricsWriter, StepTimer, build_dataset, device_for_rank, dist_backend, load_run,
+    MetricsWriter, StepTimer, build_dataset, device_for_rank, dist_backend, load_run, shutdown_distributed,
 )
 from paraplan.models.build import build_model, lm_loss
 from paraplan.types import Plan
@@ -145,10 +145,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     device = device_for_rank()  # before init, so NCCL binds this rank's GPU
     dist.init_process_group(backend=dist_backend())
+    clean = False
     try:
         train(args.run_dir, device)
+        clean = True
     finally:
-        dist.destroy_process_group()
+        shutdown_distributed(clean)
 
 
 if __name__ == "__main__":
