@@ -373,21 +373,27 @@ REASONS = {
                   "1.0-1.4 TB) at 15-21 GB/s, about one 200 Gb/s NIC per GPU; the model prices NCCL's "
                   "hierarchical rings over a node's 8 NICs (~8x faster). No source found for why DeepSpeed's "
                   "collectives of the time got one NIC's bandwidth, so that is not modeled",
-    "mcore_h100": "smallest model of the Megatron-Core series (h 2048, the 131k-vocabulary head is 14% of its "
-                  "FLOPs); micro-batch, interleaving and recomputation unstated (default rule); not explained",
+    "mcore_h100": "the two smallest models of the series (h 2048 and 4096, 131k vocabulary): micro-batch, "
+                  "interleaving and recomputation unstated (default rule: micro-batch 1, none); their steps are "
+                  "the shortest of the series (1.7B: ~0.45 s for 16k tokens per GPU), so per-step costs the model "
+                  "does not price (data loading, logging, launch gaps of small kernels) weigh most; not verified",
     "mcore_strong": "tp/pp/dp unstated: the split rule picks tp 8 and the fewest pipeline stages that fit (96 GPUs: "
                     "pp 3, almost no bubble; 4608 GPUs: pp 2 with 4 micro-batches, a 25% bubble); the runs' layouts "
                     "(interleaving?) are unknown",
-    "foundry_norecompute": "llm-foundry runs without activation checkpointing reach ~25% lower hardware "
-                           "efficiency than its checkpointed runs of the same models (H100 13B: HFU 0.40 vs "
-                           "0.55-0.59); the model gives both the same per-FLOP efficiency. Not explained; suspected "
-                           "allocator pressure at the largest micro-batch that fits",
-    "foundry_fast": "llm-foundry's single-node A100 80 GB runs are faster than the framework average that "
-                    "FRAMEWORK_EFFICIENCY encodes: the kernel model alone (--framework-efficiency 1) predicts them "
-                    "within about 5%",
-    "foundry_tight": "runs at the memory limit (13B on eight 40 GB GPUs at 8k tokens per micro-batch, 70B on 64 x "
-                     "40 GB, 30B with 8k-token sequences on 8 GPUs); the same models with more memory per GPU are "
-                     "within 12%: small micro-batches and allocator pressure are not priced",
+    "foundry_norecompute": "llm-foundry's runs without activation checkpointing are slower per token than a "
+                           "work-based model allows: on H100 the 13B model trains 4800 tokens/s/GPU without "
+                           "checkpointing (micro-batch 2, 64 GPUs) and 5080 with it (micro-batch 16, 128 GPUs), "
+                           "although checkpointing adds a third more FLOPs per token. The runs without it use "
+                           "the small micro-batches that fit, so the missing cost is per micro-batch, and it is "
+                           "neither FLOPs nor (by this model's estimate) exposed FSDP traffic; not identified",
+    "foundry_fast": "llm-foundry's single-node A100 80 GB runs of the 13B model at 16k-32k-token sequences are faster "
+                    "than the framework average that FRAMEWORK_EFFICIENCY encodes (the same model and sequence "
+                    "lengths on H100 are within 4%)",
+    "foundry_tight": "runs where model states fill most of the GPU (13B on eight 40 GB GPUs, 70B on 64 x 40 GB or "
+                     "32 x 80 GB, 30B on eight 80 GB GPUs at 4k-8k tokens per sequence): they fit only small "
+                     "micro-batches and lose per-token speed the model does not price: 13B at 2k tokens on A100 "
+                     "40 GB trains 1668 tokens/s/GPU on 8 GPUs (micro-batch 4) and 1993 on 16 (micro-batch 10), "
+                     "where the model predicts the same; allocator pressure is suspected, not verified",
     "titan_asynctp": "ratio of async to vanilla TP: the model hides all TP communication behind the GEMMs and "
                      "prices vanilla TP at ring all-gather/reduce-scatter speed on an H100 SXM; this 500 W part "
                      "computes slower (smaller communication share) and async TP hides only part of it",

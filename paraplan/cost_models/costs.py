@@ -45,13 +45,14 @@ from paraplan.units import GiB
 # fragmentation on GPUs; Python, libtorch and the data on a CPU process. Assumption, stated not measured.
 OVERHEAD_BYTES = {"cuda": 2.0 * GiB, "cpu": 0.6 * GiB}
 # Achieved fraction of the kernel-level model in a real training framework (launch gaps, synchronization,
-# unfused small kernels, stragglers, data loading, logging): analytic compute times are divided by it.
-# CALIBRATED, not sourced: the median of measured / modeled throughput over the published runs in
-# ../shared/data/published_runs.jsonl (`python benchmarks/fidelity.py --calibrate`); fitted on all sources but one,
-# each held-out source gets 0.85-0.87 (leave-one-source-out), so the factor is a property of GPU training frameworks
-# of 2021-2025 on A100/H100, not of one run. Not applied to measured profiles (they time the real kernels) nor to
-# the nominal CPU figures.
-FRAMEWORK_EFFICIENCY = 0.86
+# unfused small kernels, data loading, logging): analytic compute times are divided by it (the slowest-GPU pace of
+# a job is priced separately, efficiency.straggler_factor). CALIBRATED, not sourced: the median of measured /
+# modeled throughput over the published runs in ../shared/data/published_runs.jsonl
+# (`python benchmarks/fidelity.py --calibrate`: 0.906 on all rows); fitted on all sources but one, each held-out
+# source gets 0.904-0.909 (leave-one-source-out), so the factor is a property of GPU training frameworks of
+# 2021-2025 on A100/H100, not of one run. Not applied to measured profiles (they time the real kernels) nor to the
+# nominal CPU figures.
+FRAMEWORK_EFFICIENCY = 0.91
 
 
 @dataclass(frozen=True)
@@ -307,7 +308,11 @@ class CandidateCosts:
 
     def _times(self, kind: LayerKind) -> KernelTimes:
         """Forward, backward (incl. selective recomputation), selective part and forward GEMM time per micro-batch:
-        measured (profile) or analytic (:mod:`paraplan.cost_models.compute`) divided by the framework efficiency."""
+        measured (profile) or analytic (:mod:`paraplan.cost_models.compute`) divided by the framework efficiency;
+        on GPUs both are divided by :func:`efficiency.straggler_factor` of the job's devices (a synchronous step
+        runs at the pace of its slowest GPU; a profile times one GPU)."""
+        dev, dtype, b, s, t = self.cluster.device, self.train.dtype, self.b, self.train.seq_len, self.tp
+        pace = eff.straggler_factor(self.dp * self.tp * self.pp) if dev.kind == "cuda" else 1.0
         if self.profile is not None:
             try:
                 lp = self.profile.layer(kind, self.b)
@@ -317,8 +322,8 @@ class CandidateCosts:
                     f"(it has {self.profile.micro_batch_sizes()})"
                 ) from None
             scale = 1.0 if kind == "embed" else 1.0 / self.tp  # Assumption: TP splits block/head time evenly.
+            scale /= pace
             return KernelTimes(lp.fwd_time_s * scale, lp.bwd_time_s * scale, 0.0, lp.fwd_time_s * scale)
-        dev, dtype, b, s, t = self.cluster.device, self.train.dtype, self.b, self.train.seq_len, self.tp
         if kind == "embed":
             times = compute.embed_times(self.spec, dev, dtype, b, s)
         elif kind == "head":
@@ -326,7 +331,7 @@ class CandidateCosts:
         else:
             times = compute.block_times(self.spec, dev, dtype, b, s, t, self.sp, self.options.attention,
                                         self.options.selective_recompute)
-        return times.scaled(1.0 / self.options.framework_efficiency if dev.kind == "cuda" else 1.0)
+        return times.scaled(1.0 / (self.options.framework_efficiency * pace) if dev.kind == "cuda" else 1.0)
 
     # ---- stages -------------------------------------------------------------------------------------------------
     def inflight(self, stage: int) -> float:

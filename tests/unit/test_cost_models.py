@@ -125,7 +125,8 @@ def test_analytic_block_time_follows_the_documented_curve():
     #   busy (e.g. 1024 tiles -> 8 waves of 132 = 1056 slots). All are compute bound (intensity above the ridge).
     # - element-wise: 10h replicated + (3f + 2h + 2kd)/t elements per token, 2 bytes each, at 80% of 3.35 TB/s.
     # - flash attention: half of 4 b s^2 h / t (causal) at the FlashAttention-2 fraction of the peak.
-    # - every analytic kernel time divided by the stated framework efficiency.
+    # - every analytic kernel time divided by the stated framework efficiency and by the pace of the slowest of the
+    #   job's 8 GPUs, which is the measured slowest-of-a-node / median ratio 727 / 752.
     from paraplan.cost_models import efficiency as eff
     from paraplan.cost_models.costs import FRAMEWORK_EFFICIENCY as eta
 
@@ -139,9 +140,10 @@ def test_analytic_block_time_follows_the_documented_curve():
     gemm = matmul_flops / (peak * ceiling * 32 / 33)
     elem = 2 * tokens * (10 * h + (3 * f + 2 * h + 2 * kd) / 2) / (bw * 0.8)
     attn = (4 * 2 * 4096**2 * h / 2) / 2 / (peak * eff.DEVICE_EFFICIENCY["H100-80GB"].attention_fraction["flash2"])
-    assert costs.block.fwd_s == pytest.approx((gemm + elem + attn) / eta, rel=1e-9)
+    pace = 727 / 752
+    assert costs.block.fwd_s == pytest.approx((gemm + elem + attn) / (eta * pace), rel=1e-9)
     # Backward: dgrad + wgrad GEMMs (2x), the attention backward (2.5x its forward), twice the element-wise bytes.
-    assert costs.block.bwd_s == pytest.approx((2 * gemm + 2 * elem + 2.5 * attn) / eta, rel=1e-9)
+    assert costs.block.bwd_s == pytest.approx((2 * gemm + 2 * elem + 2.5 * attn) / (eta * pace), rel=1e-9)
     assert math.isclose(costs.block.params, tf.block_params(spec) / 2)
 
 
@@ -171,3 +173,18 @@ def test_cpu_cluster_takes_measured_links_from_the_profile():
     # GPU clusters keep their datasheet links.
     gpu = load_cluster_spec("8xH100-80GB")
     assert calibrate_cluster(gpu, prof) == gpu
+
+
+def test_straggler_factor_is_the_expected_slowest_gpu():
+    import torch
+
+    from paraplan.cost_models import efficiency as eff
+
+    assert eff.straggler_factor(1) == 1.0
+    assert eff.straggler_factor(8) == pytest.approx(727 / 752)  # the measured node it is derived from
+    # Blom's z(n) against a brute-force reference: the mean of the largest of n standard normal draws.
+    gen = torch.Generator().manual_seed(0)
+    for n in (8, 128, 1024):
+        brute = torch.randn(4000, n, generator=gen, dtype=torch.float64).max(dim=1).values.mean().item()
+        assert eff.expected_slowest_z(n) == pytest.approx(brute, rel=0.02)
+    assert eff.straggler_factor(512) < eff.straggler_factor(128) < eff.straggler_factor(8)
