@@ -38,7 +38,9 @@ from paraplan.cost_models import transformer as tf
 from paraplan.cost_models.compute import KernelTimes
 from paraplan.cost_models.comm import collective_time_s, dp_per_node, dp_spans_nodes, pp_spans_nodes
 from paraplan.errors import ProfileError, StrategyError
-from paraplan.types import DTYPE_BYTES, ClusterSpec, LayerKind, ModelProfile, ModelSpec, TrainSpec
+from paraplan.types import (
+    DTYPE_BYTES, ClusterSpec, LayerKind, MemoryBreakdown, ModelProfile, ModelSpec, Prediction, TrainSpec,
+)
 from paraplan.units import GiB
 
 # Memory that is neither model states nor activations: CUDA context, cuBLAS/NCCL workspaces and allocator
@@ -119,7 +121,6 @@ class LayerCost:
     params: float
     act_bytes: float
     ckpt_bytes: float
-    fwd_flops: float
     recompute_s: float
 
     @property
@@ -157,11 +158,14 @@ class StageCost:
     optimizer_bytes: float
     activation_bytes: float
     other_bytes: float
-    host_bytes: float
+
+    def breakdown(self) -> MemoryBreakdown:
+        return MemoryBreakdown(params=self.params_bytes, grads=self.grads_bytes, optimizer=self.optimizer_bytes,
+                               activations=self.activation_bytes, other=self.other_bytes)
 
     @property
     def memory_bytes(self) -> float:
-        return self.params_bytes + self.grads_bytes + self.optimizer_bytes + self.activation_bytes + self.other_bytes
+        return self.breakdown().total
 
 
 def state_bytes_per_param(dtype: str) -> tuple[int, int, int]:
@@ -265,7 +269,7 @@ class CandidateCosts:
         else:
             act = ckpt = lp.activation_bytes
         recompute = kt.fwd_s if kind == "block" else 0.0
-        return LayerCost(kt.fwd_s, kt.bwd_s, 0.0, 0.0, lp.param_count, act, ckpt, lp.fwd_flops, recompute)
+        return LayerCost(kt.fwd_s, kt.bwd_s, 0.0, 0.0, lp.param_count, act, ckpt, recompute)
 
     def _layer(self, kind: LayerKind) -> LayerCost:
         if self.spec.family == "custom":
@@ -278,7 +282,6 @@ class CandidateCosts:
         coll = self._tp_collective_s(n_bytes)
         if kind == "block":
             params = tf.block_params(spec) / t
-            flops = tf.block_fwd_flops(spec, b, s) / t
             act = tf.block_activation_bytes(spec, b, s, t, db, sp=self.sp)
             if self.options.attention == "unfused" and not self.options.selective_recompute:
                 act += tf.attention_score_activation_bytes(spec, b, s, t)
@@ -292,19 +295,17 @@ class CandidateCosts:
             half = collective_time_s(self.cluster, "all_gather", n_bytes, t, False)
             if kind == "head":
                 params = (tf.head_params(spec) + pad_params) / t
-                flops = tf.head_fwd_flops(spec, b, s) / t
                 act = ckpt = tf.head_activation_bytes(spec, b, s, t, db) + 8.0 * b * s * (v_pad - (spec.vocab or 0)) / t
                 tp_fwd, tp_bwd = (half, half) if self.sp else (0.0, coll)
             else:
                 params = (tf.embed_params(spec) + pad_params) / t
-                flops = 0.0
                 act = ckpt = tf.embed_activation_bytes(spec, b, s)
                 tp_fwd, tp_bwd = (half, half) if self.sp else (coll, 0.0)
         kt = self._times(kind)
         if self.options.overlap_tp:
             tp_fwd, tp_bwd = max(0.0, tp_fwd - kt.gemm_fwd_s), max(0.0, tp_bwd - 2 * kt.gemm_fwd_s)
         recompute = kt.fwd_s + tp_fwd - kt.selective_s if kind == "block" else 0.0
-        return LayerCost(kt.fwd_s, kt.bwd_s, tp_fwd, tp_bwd, params, act, ckpt, flops, recompute)
+        return LayerCost(kt.fwd_s, kt.bwd_s, tp_fwd, tp_bwd, params, act, ckpt, recompute)
 
     def _times(self, kind: LayerKind) -> KernelTimes:
         """Forward, backward (incl. selective recomputation), selective part and forward GEMM time per micro-batch:
@@ -492,7 +493,6 @@ class CandidateCosts:
             time_per_micro_batch_s=t, step_extra_s=dp_s + opt_s + off_s, dp_comm_s=dp_s, optimizer_s=opt_s,
             offload_s=off_s, params_bytes=terms.params(n), grads_bytes=terms.grads(n),
             optimizer_bytes=terms.optimizer(n), activation_bytes=act, other_bytes=terms.other(n),
-            host_bytes=terms.host(n),
         )
 
     def model_flops_per_step(self) -> float:
@@ -531,3 +531,25 @@ def step_time_s(costs: CandidateCosts, stages: list[StageCost]) -> tuple[float, 
     pipe = pipeline_time_s(costs.m, costs.vpp, times)
     bubble = pipe - costs.m * sum(times) / len(times)
     return pipe + max(st.step_extra_s for st in stages), pipe, bubble
+
+
+def predict(costs: CandidateCosts, stage_costs: list[StageCost]) -> Prediction:
+    """Assemble the Prediction of a strategy from its stage costs (the same numbers the MILP optimized).
+
+    Peak memory and its breakdown are the most loaded stage's; the per-step extras are the slowest stage's; MFU is
+    model FLOPs per step / (step time x devices x dense peak).
+    """
+    step, pipe, bubble = step_time_s(costs, stage_costs)
+    worst = max(stage_costs, key=lambda sc: sc.memory_bytes)
+    slowest_extra = max(stage_costs, key=lambda sc: sc.step_extra_s)
+    flops = costs.model_flops_per_step()
+    world = costs.dp * costs.tp * costs.pp
+    peak = costs.cluster.device.peak_flops_per_s[costs.train.dtype]
+    return Prediction(
+        step_time_s=step, compute_s=pipe, bubble_s=bubble, dp_comm_s=slowest_extra.dp_comm_s,
+        offload_s=slowest_extra.offload_s, optimizer_s=slowest_extra.optimizer_s,
+        peak_memory_bytes=worst.memory_bytes, memory_capacity_bytes=costs.capacity_bytes,
+        memory_breakdown_bytes=worst.breakdown(), tokens_per_s=costs.train.global_batch * costs.train.seq_len / step,
+        model_flops_per_step=flops, mfu=flops / (step * world * peak),
+        compute_source=costs.compute_source,  # type: ignore[arg-type]
+    )

@@ -17,7 +17,7 @@ from dataclasses import dataclass, fields
 from typing import Literal
 
 from paraplan.cost_models import transformer as tf
-from paraplan.cost_models.costs import CandidateCosts, CostOptions, Mode, StageCost, step_time_s
+from paraplan.cost_models.costs import CandidateCosts, CostOptions, Mode, StageCost, predict
 from paraplan.cost_models.links import calibrate_cluster
 from paraplan.errors import StrategyError, TrainSpecError
 from paraplan.types import ClusterSpec, MemoryBreakdown, ModelProfile, ModelSpec, TrainSpec
@@ -132,25 +132,18 @@ def estimate_strategy(
     stages: list[StageCost] = [
         costs.stage_cost(s, n, n if st.recompute == "full" else 0, mode) for s, n in enumerate(blocks)
     ]
-    step, pipe, bubble = step_time_s(costs, stages)
+    pred = predict(costs, stages)
     worst_i = max(range(st.pp), key=lambda s: stages[s].memory_bytes)
-    worst = stages[worst_i]
-    slowest = max(stages, key=lambda sc: sc.step_extra_s)
     world = cluster.world_size
     peak = cluster.device.peak_flops_per_s[train.dtype]
-    model = tf.model_flops_per_step(spec, train.global_batch, train.seq_len)
+    step, model = pred.step_time_s, pred.model_flops_per_step
     hardware = tf.hardware_flops_per_step(spec, train.global_batch, train.seq_len, st.recompute)
     return StrategyEstimate(
-        step_time_s=step, pipeline_s=pipe, bubble_s=bubble, dp_comm_s=slowest.dp_comm_s,
-        optimizer_s=slowest.optimizer_s + slowest.offload_s,
-        tokens_per_s=train.global_batch * train.seq_len / step, model_flops_per_step=model,
+        step_time_s=step, pipeline_s=pred.compute_s, bubble_s=pred.bubble_s, dp_comm_s=pred.dp_comm_s,
+        optimizer_s=pred.optimizer_s + pred.offload_s, tokens_per_s=pred.tokens_per_s, model_flops_per_step=model,
         hardware_flops_per_step=hardware, model_tflops_per_device=model / step / world / 1e12,
-        hardware_tflops_per_device=hardware / step / world / 1e12, mfu=model / (step * world * peak),
-        hfu=hardware / (step * world * peak), peak_memory_bytes=worst.memory_bytes,
-        memory_capacity_bytes=costs.capacity_bytes,
-        memory_breakdown_bytes=MemoryBreakdown(
-            params=worst.params_bytes, grads=worst.grads_bytes, optimizer=worst.optimizer_bytes,
-            activations=worst.activation_bytes, other=worst.other_bytes,
-        ),
+        hardware_tflops_per_device=hardware / step / world / 1e12, mfu=pred.mfu,
+        hfu=hardware / (step * world * peak), peak_memory_bytes=pred.peak_memory_bytes,
+        memory_capacity_bytes=pred.memory_capacity_bytes, memory_breakdown_bytes=pred.memory_breakdown_bytes,
         most_loaded_stage=worst_i, stage_blocks=blocks, grad_accum=costs.m,
     )

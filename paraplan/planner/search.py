@@ -10,17 +10,15 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from paraplan.cost_models.costs import CandidateCosts, Mode, StageCost, step_time_s
+from paraplan.cost_models.costs import CandidateCosts, Mode, StageCost, predict
 from paraplan.cost_models.links import calibrate_cluster
 from paraplan.errors import NoFeasiblePlanError, StrategyError, TrainSpecError
 from paraplan.planner.milp import MilpResult, solve_stage_milp
 from paraplan.types import (
     ClusterSpec,
-    MemoryBreakdown,
     ModelProfile,
     ModelSpec,
     Plan,
-    Prediction,
     SolverInfo,
     StagePlan,
     Strategy,
@@ -162,28 +160,6 @@ def _stage_plans(costs: CandidateCosts, res: MilpResult) -> tuple[list[StagePlan
         stage_costs.append(sc)
         first = last + 1
     return stages, stage_costs
-
-
-def predict(costs: CandidateCosts, stage_costs: list[StageCost]) -> Prediction:
-    """Assemble the Prediction of a strategy from its stage costs (the same numbers the MILP optimized)."""
-    step, pipe, bubble = step_time_s(costs, stage_costs)
-    worst = max(stage_costs, key=lambda sc: sc.memory_bytes)
-    slowest_extra = max(stage_costs, key=lambda sc: sc.step_extra_s)
-    tokens = costs.train.global_batch * costs.train.seq_len
-    flops = costs.model_flops_per_step()
-    world = costs.dp * costs.tp * costs.pp
-    peak = costs.cluster.device.peak_flops_per_s[costs.train.dtype]
-    return Prediction(
-        step_time_s=step, compute_s=pipe, bubble_s=bubble, dp_comm_s=slowest_extra.dp_comm_s,
-        offload_s=slowest_extra.offload_s, optimizer_s=slowest_extra.optimizer_s,
-        peak_memory_bytes=worst.memory_bytes, memory_capacity_bytes=costs.capacity_bytes,
-        memory_breakdown_bytes=MemoryBreakdown(
-            params=worst.params_bytes, grads=worst.grads_bytes, optimizer=worst.optimizer_bytes,
-            activations=worst.activation_bytes, other=worst.other_bytes,
-        ),
-        tokens_per_s=tokens / step, model_flops_per_step=flops, mfu=flops / (step * world * peak),
-        compute_source=costs.compute_source,  # type: ignore[arg-type]
-    )
 
 
 def _min_memory(costs: CandidateCosts, modes: list[Mode]) -> float:
