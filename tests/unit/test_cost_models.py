@@ -74,7 +74,7 @@ def test_ring_all_reduce_time_uses_nccl_bus_bandwidth_factor():
 
 
 def _stage(t: float, extra: float = 0.0) -> StageCost:
-    return StageCost(t, extra, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+    return StageCost(t, extra, 0, 0, 0, 0, 0, 0, 0, 0)
 
 
 def test_balanced_1f1b_bubble_is_p_minus_1_over_m():

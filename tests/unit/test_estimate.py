@@ -19,7 +19,7 @@ GPT = PRESETS["gpt3-175b"]
 
 
 def _stage(t: float) -> StageCost:
-    return StageCost(t, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+    return StageCost(t, 0, 0, 0, 0, 0, 0, 0, 0, 0)
 
 
 def test_interleaved_bubble_is_divided_by_virtual_stages():
