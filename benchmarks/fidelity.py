@@ -388,7 +388,7 @@ REASONS = {
                            "neither FLOPs nor (by this model's estimate) exposed FSDP traffic; not identified",
     "foundry_fast": "llm-foundry's single-node A100 80 GB runs of the 13B model at 16k-32k-token sequences are faster "
                     "than the framework average that FRAMEWORK_EFFICIENCY encodes (the same model and sequence "
-                    "lengths on H100 are within 4%)",
+                    "lengths on H100 are within 5%)",
     "foundry_tight": "runs where model states fill most of the GPU (13B on eight 40 GB GPUs, 70B on 64 x 40 GB or "
                      "32 x 80 GB, 30B on eight 80 GB GPUs at 4k-8k tokens per sequence): they fit only small "
                      "micro-batches and lose per-token speed the model does not price: 13B at 2k tokens on A100 "

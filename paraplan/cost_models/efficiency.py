@@ -129,7 +129,7 @@ def device_efficiency(device: DeviceSpec) -> DeviceEfficiency:
 
 # GPU-to-GPU spread of sustained matmul throughput: within one 8-GPU node the slowest GPU ran at 727 TFLOP/s against a
 # median of 752 (stas00/ml-engineering, compute/accelerator/benchmarks/README.md, H200 MSMF across a node's GPUs).
-# Read as a normal spread, the slowest of 8 sits z(8) = 1.42 standard deviations below the median, so the standard
+# Read as a normal spread, the slowest of 8 sits z(8) = 1.43 standard deviations below the median, so the standard
 # deviation is (1 - 727/752) / z(8) = 2.3% of the median. Assumption: the same relative spread for every GPU model
 # (no per-device measurement is published for the others).
 _SLOWEST_OF_NODE, _NODE_MEDIAN, _NODE_GPUS = 727.0, 752.0, 8
@@ -154,7 +154,7 @@ def straggler_factor(n_devices: int) -> float:
 
     Every step ends in collectives over all ranks (data-parallel gradient reduction), so every rank waits for the
     slowest: ``1 - z(n) x GPU_SPEED_SPREAD`` with z from :func:`expected_slowest_z` (1.0 on one GPU; 0.967 on 8,
-    0.939 on 128, 0.930 on 512, 0.915 on 6144).
+    0.940 on 128, 0.930 on 512, 0.914 on 6144).
     Source: the spread measured in a node (see GPU_SPEED_SPREAD); order statistics of the normal distribution.
     """
     return 1.0 - expected_slowest_z(n_devices) * GPU_SPEED_SPREAD
