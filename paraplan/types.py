@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from paraplan.errors import ProfileError
+
 SCHEMA_VERSION = 1
 
 Dtype = Literal["bf16", "fp16", "fp32"]
@@ -160,6 +162,26 @@ class ModelProfile(_Frozen):
             if lp.kind == kind and lp.micro_batch_size == micro_batch_size:
                 return lp
         raise KeyError((kind, micro_batch_size))
+
+    def check_matches(self, spec: ModelSpec, train: TrainSpec, source: str | None = None) -> None:
+        """Refuse a profile taken for another model, sequence length or dtype than the one being costed.
+
+        Args:
+            spec: the model being planned or estimated.
+            train: its training setup (``seq_len`` in tokens, ``dtype``).
+            source: where the profile came from (a path), named in the message; None says "the profile".
+
+        Raises:
+            ProfileError: the profile's model, ``seq_len`` or ``dtype`` differs; the message says what to re-run.
+        """
+        name = f"profile {source}" if source else "the profile"
+        if self.model != spec:
+            raise ProfileError(f"{name} is of model {self.model.name}, not {spec.name}; profile this model")
+        if self.seq_len != train.seq_len:
+            raise ProfileError(f"{name} was taken at seq-len {self.seq_len}; plan with --seq-len {self.seq_len} "
+                               f"or profile with --seq-len {train.seq_len}")
+        if self.dtype != train.dtype:
+            raise ProfileError(f"{name} was taken in {self.dtype}; plan with --dtype {self.dtype} or re-profile")
 
 
 class StrategyOverride(_Frozen):

@@ -1,4 +1,4 @@
-"""Shared test helpers: hand-built plans, so backend tests do not depend on the planner's choices."""
+"""Shared test helpers: hand-built plans, so backend tests do not depend on the planner's choices; the CLI runner."""
 
 from __future__ import annotations
 
@@ -46,3 +46,21 @@ def make_plan(
 @pytest.fixture
 def plan_factory():
     return make_plan
+
+
+def run_cli(*args: str):
+    """Invoke the ``paraplan`` CLI in-process (typer's runner)."""
+    from typer.testing import CliRunner
+
+    from paraplan.cli.app import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def assert_user_error(result, *fragments: str) -> None:
+    """Exit code 1, no traceback, a clean SystemExit, and every fragment in the message."""
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert isinstance(result.exception, SystemExit)
+    for frag in fragments:
+        assert frag in result.output, result.output

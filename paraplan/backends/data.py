@@ -71,8 +71,8 @@ class ByteDataset:
         """Samples ``start .. start+n-1`` of the run (wrapping around the data)."""
         idx = torch.arange(start, start + n) % len(self.offsets)
         starts = self.offsets[idx]
-        pos = starts[:, None] + torch.arange(self.seq_len + 1)[None, :]
-        window = self.data[pos.long()].long()
+        pos = starts[:, None] + torch.arange(self.seq_len + 1)[None, :]  # int32 + int64 -> int64 indices
+        window = self.data[pos].long()
         return window[:, :-1].contiguous(), window[:, 1:].contiguous()
 
 

@@ -9,11 +9,12 @@ trainer imposes the plan's boundaries itself (see ``train_deepspeed.build_pipeli
 What DeepSpeed cannot run is refused here, before any process starts:
 
 - ZeRO stage 2 or 3 with pipeline parallelism (DeepSpeed's ``PipelineEngine`` supports ZeRO 0 and 1 only).
-- Tensor parallelism (tp > 1) except for Llama-family models with pp == 1: it uses DeepSpeed AutoTP training
-  (``tensor_parallel.autotp_size`` with the ``llama`` preset: q/k/v, gate/up column-parallel, o/down row-parallel;
-  embedding and LM head replicated), which needs heads, key/value heads and the MLP width divisible by tp.
+- Tensor parallelism (tp > 1) with pp > 1: it uses DeepSpeed AutoTP training (``tensor_parallel.autotp_size``
+  with the ``llama`` preset: q/k/v, gate/up column-parallel, o/down row-parallel; embedding and LM head
+  replicated), which does not run inside the pipeline engine.
 - Optimizer offload without ZeRO (DeepSpeed offloads only the partitioned optimizer states of ZeRO >= 1).
-- Tied input/output embeddings split over pipeline stages (that needs DeepSpeed ``TiedLayerSpec`` layers).
+- What neither backend runs (``checks``): tp > 1 on a non-Llama model or not dividing the heads, key/value heads
+  and MLP width; tied input/output embeddings split over pipeline stages; stages that do not tile the chain.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from paraplan.backends.checks import check_stage_tiling, check_tied_embeddings, check_tp, stage_block_layers
 from paraplan.errors import LaunchError
+from paraplan.files import write_atomic
 from paraplan.types import Plan
 
 DS_CONFIG_FILE = "ds_config.json"
@@ -43,13 +46,19 @@ def check_deepspeed_plan(plan: Plan) -> None:
         plan: the plan to launch.
 
     Raises:
-        LaunchError: tp > 1 on a non-Llama model, with pp > 1, or not dividing the heads or MLP width; ZeRO
-            stage >= 2 with pp > 1; optimizer offload with ZeRO stage 0; tied embeddings with pp > 1; stages that
-            do not tile the layer chain; a global batch other than dp x micro-batch x gradient accumulation.
+        LaunchError: tp > 1 on a non-Llama model, with pp > 1, or not dividing the heads, key/value heads or MLP
+            width; ZeRO stage >= 2 with pp > 1; optimizer offload with ZeRO stage 0; tied embeddings with pp > 1;
+            stages that do not tile the layer chain from the embedding to the head; a global batch other than
+            dp x micro-batch x gradient accumulation.
     """
     s = plan.strategy
     if s.tp > 1:
-        _check_autotp(plan)
+        check_tp(plan.model, s.tp)
+    if s.tp > 1 and s.pp > 1:
+        raise LaunchError(
+            f"DeepSpeed AutoTP does not run inside its pipeline engine, but the plan has tp={s.tp} with pp={s.pp}: "
+            f"re-plan with --strategy pp=1 or tp=1, or launch with --backend torch"
+        )
     if s.pp > 1 and s.zero_stage >= 2:
         raise LaunchError(
             f"DeepSpeed's pipeline engine supports ZeRO stage 0 or 1, but the plan has pp={s.pp} with ZeRO stage "
@@ -60,44 +69,13 @@ def check_deepspeed_plan(plan: Plan) -> None:
             "DeepSpeed offloads optimizer states only with ZeRO; the plan offloads the optimizer at ZeRO stage 0. "
             "Re-plan with --strategy zero=1 (or higher), or without offload"
         )
-    if s.pp > 1 and plan.model.tied_embeddings:
-        raise LaunchError(
-            f"{plan.model.name} ties its input and output embeddings, which the deepspeed backend cannot split over "
-            f"pp={s.pp} stages; re-plan with --strategy pp=1, or launch with --backend torch"
-        )
+    check_tied_embeddings(plan)
     if plan.train.global_batch != s.dp * s.micro_batch_size * s.grad_accum:
         raise LaunchError(
             f"global batch {plan.train.global_batch} != dp {s.dp} x micro-batch {s.micro_batch_size} x gradient "
             f"accumulation {s.grad_accum}; re-plan so that the product equals the global batch"
         )
-    expected_first = 0
-    for stage in s.stages:
-        if stage.first_layer != expected_first or stage.last_layer < stage.first_layer:
-            raise LaunchError(
-                f"stage {stage.index} covers chain layers {stage.first_layer}..{stage.last_layer} but should start at "
-                f"layer {expected_first}; stages must tile the chain [embed, blocks..., head] in order. Re-plan"
-            )
-        expected_first = stage.last_layer + 1
-
-
-def _check_autotp(plan: Plan) -> None:
-    """Refuse tensor parallelism that DeepSpeed AutoTP's ``llama`` preset cannot shard (see the module docstring)."""
-    s, m = plan.strategy, plan.model
-    fix = "launch with --backend torch, or re-plan with --strategy tp=1"
-    if m.family != "llama":
-        raise LaunchError(
-            f"the deepspeed backend shards tensor-parallel layers with DeepSpeed AutoTP's Llama preset; {m.name} is "
-            f"a '{m.family}' model and the plan has tp={s.tp}: {fix}"
-        )
-    if s.pp > 1:
-        raise LaunchError(
-            f"DeepSpeed AutoTP does not run inside its pipeline engine, but the plan has tp={s.tp} with pp={s.pp}: "
-            f"re-plan with --strategy pp=1 or tp=1, or launch with --backend torch"
-        )
-    sizes = {"n_heads": m.n_heads, "n_kv_heads": m.n_kv_heads, "ffn_hidden": m.ffn_hidden}
-    bad = [f"{name}={size}" for name, size in sizes.items() if size is None or size % s.tp]
-    if bad:
-        raise LaunchError(f"tp={s.tp} must divide {', '.join(bad)} of {m.name} to shard its layers: {fix}")
+    check_stage_tiling(plan)
 
 
 def stage_boundaries(plan: Plan) -> list[int]:
@@ -110,14 +88,8 @@ def stage_boundaries(plan: Plan) -> list[int]:
 def checkpointed_layers(plan: Plan) -> list[int]:
     """Chain indices of the blocks run with full activation checkpointing: the first ``recompute_blocks`` blocks of
     each stage (blocks are chain layers ``1..L``; layer 0 is the embedding and ``L+1`` the head)."""
-    n_blocks = plan.strategy.stages[-1].last_layer - 1  # the last stage ends with the head at chain index L+1
-    layers: list[int] = []
-    for stage in plan.strategy.stages:
-        first_block = max(stage.first_layer, 1)
-        last_block = min(stage.last_layer, n_blocks)
-        n = min(stage.recompute_blocks, max(last_block - first_block + 1, 0))
-        layers.extend(range(first_block, first_block + n))
-    return layers
+    stages = plan.strategy.stages
+    return [c for stage, blocks in zip(stages, stage_block_layers(plan)) for c in blocks[: stage.recompute_blocks]]
 
 
 def build_ds_config(plan: Plan) -> dict[str, Any]:
@@ -144,28 +116,21 @@ def build_ds_config(plan: Plan) -> dict[str, Any]:
         "train_micro_batch_size_per_gpu": s.micro_batch_size,
         "gradient_accumulation_steps": s.grad_accum,
         "steps_per_print": STEPS_PER_PRINT,
-        "wall_clock_breakdown": False,
-        "gradient_clipping": 0.0,
+        "gradient_clipping": 0.0,  # DeepSpeed's default is 1.0; the plan (and the torch trainer) do not clip
         "zero_optimization": _zero_section(plan),
         "bf16": {"enabled": plan.train.dtype == "bf16"},
         "fp16": {"enabled": plan.train.dtype == "fp16"},
         "optimizer": _optimizer_section(plan),
-        # Full recomputation is applied by the trainer with torch.utils.checkpoint on the layers listed under
-        # paraplan.activation_checkpointing; none of DeepSpeed's extras (partitioned or CPU activations) are used.
-        "activation_checkpointing": {
-            "partition_activations": False, "cpu_checkpointing": False,
-            "contiguous_memory_optimization": False, "synchronize_checkpoint_boundary": False, "profile": False,
-        },
     })
     if s.tp > 1:
         config["tensor_parallel"] = {"autotp_size": s.tp, "preset_model": "llama"}
     if s.pp > 1:
-        # DeepSpeed reads these from the config when it builds the PipelineEngine; the partition itself comes from
-        # paraplan.stage_boundaries. Checkpointing per layer is ours, so DeepSpeed's interval stays 0.
-        config["pipeline"] = {
-            "stages": s.pp, "partition": "paraplan.stage_boundaries", "seed_layers": False,
-            "activation_checkpoint_interval": 0,
-        }
+        # Stage count and partition come from the PipelineModule the trainer builds, not from this section.
+        # Checkpointing is per chain layer (paraplan.activation_checkpointing below), so DeepSpeed's own
+        # every-k-layers interval must stay off; 0 is also its default, stated so the file says so.
+        config["pipeline"] = {"activation_checkpoint_interval": 0}
+    # Full recomputation is applied by the trainer with torch.utils.checkpoint on these chain layers; DeepSpeed's
+    # own activation checkpointing (and its top-level "activation_checkpointing" section) is not used.
     config[PARAPLAN_KEY] = {
         "schema_version": DS_CONFIG_SCHEMA_VERSION,
         "dp": s.dp, "tp": s.tp, "pp": s.pp, "global_batch": plan.train.global_batch,
@@ -203,7 +168,7 @@ def emit_deepspeed(plan: Plan, run_dir: Path) -> list[Path]:
 
     Args:
         plan: the plan to launch.
-        run_dir: an existing run directory.
+        run_dir: the run directory (created if missing).
 
     Returns:
         The paths written (``[run_dir / "ds_config.json"]``).
@@ -211,8 +176,6 @@ def emit_deepspeed(plan: Plan, run_dir: Path) -> list[Path]:
     Raises:
         LaunchError: the plan needs something DeepSpeed cannot do (see :func:`check_deepspeed_plan`).
     """
-    from paraplan.files import write_atomic
-
     path = Path(run_dir) / DS_CONFIG_FILE
     write_atomic(path, json.dumps(build_ds_config(plan), indent=2) + "\n")
     return [path]

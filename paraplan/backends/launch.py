@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 
 from paraplan.backends.data import resolve_data_paths
+from paraplan.backends.deepspeed import DS_CONFIG_FILE, emit_deepspeed
+from paraplan.backends.torch_native import CONFIG_FILE, emit_torch
 from paraplan.backends.train_common import METRICS_FILE
 from paraplan.errors import LaunchError
 from paraplan.files import write_atomic
@@ -54,13 +56,13 @@ def check_world_size(plan: Plan) -> None:
 
 def build_launch_spec(plan: Plan, backend: Backend, run_dir: Path, steps: int, data: list[str] | None) -> LaunchSpec:
     paths = resolve_data_paths(data)
-    module = f"paraplan.backends.train_{backend if backend == 'deepspeed' else 'torch'}"
+    module = f"paraplan.backends.train_{backend}"
     # `python -m torch.distributed.run` is torchrun, found without relying on PATH (e.g. a venv not activated).
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={plan.cluster.devices_per_node}",
         "-m", module, "--run-dir", str(run_dir),
     ]
-    files = ["plan.json", "launch.json", "ds_config.json" if backend == "deepspeed" else "torch_parallel.json"]
+    files = ["plan.json", "launch.json", DS_CONFIG_FILE if backend == "deepspeed" else CONFIG_FILE]
     return LaunchSpec(
         backend=backend, run_dir=str(run_dir), nproc_per_node=plan.cluster.devices_per_node,
         nnodes=plan.cluster.nodes, steps=steps, data_paths=[str(p) for p in paths], command=command, files=files,
@@ -69,13 +71,9 @@ def build_launch_spec(plan: Plan, backend: Backend, run_dir: Path, steps: int, d
 
 def emit_run_dir(plan: Plan, backend: Backend, run_dir: Path, steps: int, data: list[str] | None) -> LaunchSpec:
     """Write every file of the run into ``run_dir`` (created if missing) and return the LaunchSpec."""
-    if backend == "deepspeed":
-        from paraplan.backends.deepspeed import emit_deepspeed as emit
-    else:
-        from paraplan.backends.torch_native import emit_torch as emit
-    run_dir.mkdir(parents=True, exist_ok=True)
     spec = build_launch_spec(plan, backend, run_dir, steps, data)
-    emit(plan, run_dir)
+    emit = emit_deepspeed if backend == "deepspeed" else emit_torch
+    emit(plan, run_dir)  # writes through write_atomic, which creates run_dir
     write_atomic(run_dir / "plan.json", plan.model_dump_json(indent=2))
     write_atomic(run_dir / "launch.json", spec.model_dump_json(indent=2))
     return spec

@@ -27,14 +27,15 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import nn
 
-from paraplan.files import write_atomic
-from paraplan.backends.train_common import torch_dtype
+from paraplan.backends.checks import check_stage_tiling, check_tied_embeddings, check_tp, stage_block_layers
+from paraplan.models.build import torch_dtype
 from paraplan.errors import LaunchError
+from paraplan.files import read_model, write_atomic
 from paraplan.models.build import LayerChain, lm_loss
-from paraplan.types import SCHEMA_VERSION, Dtype, Plan, StagePlan
+from paraplan.types import SCHEMA_VERSION, Dtype, Plan, _Frozen
 
 CONFIG_FILE = "torch_parallel.json"
 MESH_DIM_NAMES = ("pp", "dp", "tp")
@@ -56,10 +57,6 @@ LLAMA_TP_PLAN: dict[str, Literal["ColwiseParallel", "RowwiseParallel"]] = {
 Wrapper = Literal["none", "DDP", "DDP+ZeroRedundancyOptimizer", "FSDP2"]
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
 class MeshConfig(_Frozen):
     shape: list[int] = Field(description="Device mesh shape, one entry per dimension name (pp, dp, tp).")
     dim_names: list[str] = Field(default=list(MESH_DIM_NAMES), description="Mesh dimension names, outermost first.")
@@ -77,6 +74,7 @@ class TensorParallelConfig(_Frozen):
     plan: dict[str, Literal["ColwiseParallel", "RowwiseParallel"]] = Field(
         description="Module name (relative to each block) -> DTensor parallel style; empty when degree is 1."
     )
+    # The HF attention code views/reshapes plain tensors with local head counts; DTensors would need global shapes.
     use_local_output: bool = Field(default=True, description="Styles return plain local tensors to the HF code.")
 
 
@@ -130,7 +128,11 @@ def build_torch_config(plan: Plan) -> TorchParallelConfig:
     """
     check_supported(plan)
     st = plan.strategy
-    stages = [_stage_config(s, n_blocks=st.stages[-1].last_layer - 1) for s in st.stages]
+    stages = [
+        PipelineStageConfig(index=s.index, first_layer=s.first_layer, last_layer=s.last_layer,
+                            blocks=[c - 1 for c in chain_ids])
+        for s, chain_ids in zip(st.stages, stage_block_layers(plan))
+    ]
     checkpointed = [b for s, sc in zip(st.stages, stages) for b in sc.blocks[: s.recompute_blocks]]
     mp = _mixed_precision(plan)
     return TorchParallelConfig(
@@ -168,7 +170,7 @@ def check_supported(plan: Plan) -> None:
             "or launch with --backend deepspeed"
         )
     if st.tp > 1:
-        _check_tp(plan)
+        check_tp(spec, st.tp)
     if st.pp > 1 and st.grad_accum < st.pp:
         raise LaunchError(
             f"1F1B needs at least as many micro-batches as stages; the plan has {st.grad_accum} micro-batches for "
@@ -179,54 +181,8 @@ def check_supported(plan: Plan) -> None:
             f"pp={st.pp} for {spec.name}: the torch backend sizes the stage boundaries from hidden and vocab; add "
             "them to the model spec or re-plan with pp=1"
         )
-    if st.pp > 1 and spec.tied_embeddings:
-        raise LaunchError(
-            f"{spec.name} ties its embedding and LM head, which pp={st.pp} puts on different stages; the torch "
-            "backend does not synchronize tied weights across stages. Re-plan with pp=1 or use --backend deepspeed"
-        )
-    _check_stage_tiling(plan)
-
-
-def _check_tp(plan: Plan) -> None:
-    spec, tp = plan.model, plan.strategy.tp
-    if spec.family != "llama":
-        why = "GPT-2 blocks fuse q, k, v into one c_attn matmul" if spec.family == "gpt" else "custom models"
-        raise LaunchError(
-            f"tp={tp} for family '{spec.family}': the torch backend has a tensor-parallel plan only for Llama "
-            f"blocks ({why} have none). Re-plan with tp=1 (--strategy tp=1) or use --backend deepspeed"
-        )
-    dims = {"n_heads": spec.n_heads, "n_kv_heads": spec.n_kv_heads, "ffn_hidden": spec.ffn_hidden}
-    bad = [f"{k}={v}" for k, v in dims.items() if v is not None and v % tp]
-    if bad:
-        raise LaunchError(
-            f"tp={tp} must divide {', '.join(bad)} of {spec.name} (each rank holds whole heads and an equal MLP "
-            "slice); re-plan with a tp that divides them"
-        )
-
-
-def _check_stage_tiling(plan: Plan) -> None:
-    stages = plan.strategy.stages
-    expected = 0
-    for s in stages:
-        if s.first_layer != expected or s.last_layer < s.first_layer:
-            raise LaunchError(
-                f"plan stage {s.index} covers chain layers {s.first_layer}..{s.last_layer} but should start at "
-                f"{expected}; stages must tile [embed, blocks..., head] in order. Re-plan"
-            )
-        expected = s.last_layer + 1
-    if plan.model.n_layers is not None and expected != plan.model.n_layers + 2:
-        raise LaunchError(
-            f"plan stages end at chain layer {expected - 1} but {plan.model.name} has {plan.model.n_layers} blocks "
-            f"(head at {plan.model.n_layers + 1}). Re-plan"
-        )
-
-
-def _stage_config(stage: StagePlan, n_blocks: int) -> PipelineStageConfig:
-    chain_ids = range(max(stage.first_layer, 1), min(stage.last_layer, n_blocks) + 1)
-    return PipelineStageConfig(
-        index=stage.index, first_layer=stage.first_layer, last_layer=stage.last_layer,
-        blocks=[c - 1 for c in chain_ids],
-    )
+    check_tied_embeddings(plan)
+    check_stage_tiling(plan)
 
 
 def _data_parallel(plan: Plan) -> DataParallelConfig:
@@ -258,7 +214,7 @@ def emit_torch(plan: Plan, run_dir: Path) -> list[Path]:
 
     Args:
         plan: the plan to render.
-        run_dir: an existing run directory.
+        run_dir: the run directory (created if missing).
 
     Returns:
         The paths written.
@@ -275,12 +231,13 @@ def load_torch_config(run_dir: Path, plan: Plan) -> TorchParallelConfig:
     """Read ``torch_parallel.json`` and check it still describes ``plan`` (it is generated, not an input).
 
     Raises:
-        LaunchError: the file is missing or differs from what the plan implies.
+        LaunchError: the file is missing, invalid, or differs from what the plan implies.
     """
     path = Path(run_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise LaunchError(f"{path} is missing; write the run directory with `paraplan launch --backend torch`")
-    written = TorchParallelConfig.model_validate_json(path.read_text())
+    written = read_model(
+        path, TorchParallelConfig, "torch backend config", LaunchError,
+        "write the run directory with `paraplan launch --backend torch`",
+    )
     expected = build_torch_config(plan)
     if written != expected:
         raise LaunchError(
@@ -340,14 +297,13 @@ def build_stage_module(chain: LayerChain, stage: PipelineStageConfig, config: To
     )
 
 
-def apply_tp(stage: StageModule, tp_mesh, plan: dict[str, str]) -> None:
+def apply_tp(stage: StageModule, tp_mesh, tp: TensorParallelConfig) -> None:
     """Shard every block's attention and MLP projections over ``tp_mesh`` (DTensor ``parallelize_module``)."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     styles = {"ColwiseParallel": ColwiseParallel, "RowwiseParallel": RowwiseParallel}
     for block_id in stage.block_position:
-        # use_local_output: the HF attention code views/reshapes plain tensors; DTensors would need global shapes.
-        block_plan = {name: styles[style](use_local_output=True) for name, style in plan.items()}
+        block_plan = {name: styles[style](use_local_output=tp.use_local_output) for name, style in tp.plan.items()}
         parallelize_module(stage.block(block_id), tp_mesh, block_plan)
 
 
@@ -398,7 +354,6 @@ class ParallelModel:
     # Captured before any forward: with tp > 1 under DDP, the TP forward hooks re-register the sharded weights as
     # plain attributes, so module.parameters() would miss them afterwards.
     params: list[nn.Parameter]
-    stage_index: int
     is_first: bool
     is_last: bool
     schedule: object | None  # torch.distributed.pipelining.Schedule1F1B when pp > 1
@@ -428,7 +383,7 @@ def parallelize(chain: LayerChain, plan: Plan, mesh, device: torch.device | None
     stage = build_stage_module(chain, config.pipeline.stages[pp_rank], config)
     # 2. TP before data parallelism: FSDP2 then shards the TP-local shards (2-D), DDP reduces them.
     if st.tp > 1:
-        apply_tp(stage, mesh["tp"], config.tensor_parallel.plan)
+        apply_tp(stage, mesh["tp"], config.tensor_parallel)
     # 3. Activation checkpointing wraps the (TP-sharded) blocks, so recomputation replays the TP collectives.
     apply_ac(stage, config.checkpointed_blocks)
     # 4. Data parallelism last: FSDP2 units are the (checkpoint-wrapped) blocks plus the root.
@@ -440,9 +395,7 @@ def parallelize(chain: LayerChain, plan: Plan, mesh, device: torch.device | None
         module = apply_ddp(stage, mesh["dp"], st.tp, device)
     # 5. The pipeline stage wraps the data-parallel module; it handles DDP no_sync / FSDP2 gradient sync itself.
     schedule = build_schedule(module, config, pp_rank, mesh, plan, device) if st.pp > 1 else None
-    return ParallelModel(
-        module, list(module.parameters()), pp_rank, pp_rank == 0, pp_rank == st.pp - 1, schedule, config
-    )
+    return ParallelModel(module, list(module.parameters()), pp_rank == 0, pp_rank == st.pp - 1, schedule, config)
 
 
 def build_schedule(module: nn.Module, config: TorchParallelConfig, pp_rank: int, mesh, plan: Plan, device):

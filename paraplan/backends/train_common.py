@@ -56,10 +56,6 @@ def dist_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def torch_dtype(name: str) -> torch.dtype:
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
-
-
 def peak_memory_bytes(device: torch.device) -> int:
     """Peak device memory of this process: CUDA max allocated, or peak resident set size on CPU (ru_maxrss KiB)."""
     if device.type == "cuda":

@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import importlib
 import io
-import json
 import logging
 import os
 import warnings
@@ -35,6 +34,7 @@ from paraplan.backends.train_common import (
     MetricsWriter, StepTimer, build_dataset, device_for_rank, dist_backend, load_run, shutdown_distributed,
 )
 from paraplan.errors import LaunchError
+from paraplan.files import read_mapping
 from paraplan.models.build import build_model, hf_config, lm_loss
 from paraplan.types import Plan
 
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     if not torch.cuda.is_available() and hasattr(ds_comm_torch, "build_shm_op"):
         ds_comm_torch.build_shm_op = lambda: None
     plan, spec = load_run(args.run_dir)
-    ds_config = json.loads((args.run_dir / DS_CONFIG_FILE).read_text())
+    ds_config = read_mapping(args.run_dir / DS_CONFIG_FILE, "DeepSpeed config", LaunchError)
     if plan.train.dtype == "fp16" and not deepspeed.get_accelerator().is_fp16_supported():
         raise LaunchError(
             f"DeepSpeed's {deepspeed.get_accelerator().device_name()} accelerator has no fp16 support on this "

@@ -75,13 +75,14 @@ def train_pipeline(model: ParallelModel, batches: list[tuple[torch.Tensor, torch
     return None
 
 
-def global_mean_loss(local: torch.Tensor | None, model: ParallelModel, plan: Plan, device: torch.device) -> float:
+def global_mean_loss(local: torch.Tensor | None, plan: Plan, device: torch.device) -> float:
     """Global-batch mean loss on every rank.
 
     The ``dp * tp`` ranks of the last stage each hold their dp rank's mean (tp ranks hold identical copies); the
-    others contribute 0. Summing over the world and dividing by ``dp * tp`` gives the mean over dp ranks.
+    others hold None and contribute 0. Summing over the world and dividing by ``dp * tp`` gives the mean over dp
+    ranks.
     """
-    value = local.item() if (model.is_last and local is not None) else 0.0
+    value = local.item() if local is not None else 0.0
     buf = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(buf)
     return buf.item() / (plan.strategy.dp * plan.strategy.tp)
@@ -135,7 +136,7 @@ def train(run_dir: Path, device: torch.device) -> None:
         local = train_pipeline(model, batches) if model.schedule is not None else train_micro_batches(model, batches)
         grad_norm = global_grad_norm(model, plan, device)
         optimizer.step()
-        loss = global_mean_loss(local, model, plan, device)
+        loss = global_mean_loss(local, plan, device)
         writer.log(step, loss, timer.stop(), grad_norm=grad_norm)
 
 

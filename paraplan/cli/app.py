@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -48,36 +47,37 @@ def _guard(func):
     return wrapper
 
 
+_STRATEGY_KEYS = {"dp": "dp", "tp": "tp", "pp": "pp", "mb": "micro_batch_size", "micro_batch": "micro_batch_size",
+                  "zero": "zero_stage", "offload": "offload_optimizer", "recompute": "recompute"}
+
+
 def parse_strategy(text: str | None) -> StrategyOverride:
     """``dp=2,tp=1,pp=2,mb=4,zero=3,offload=true,recompute=full`` -> StrategyOverride.
 
+    The values are validated by :class:`StrategyOverride`: positive integers for dp, tp, pp and mb, 0-3 for zero,
+    a boolean (true/false, yes/no, on/off, 1/0) for offload, none or full for recompute.
+
     Raises:
-        StrategyError: unknown key or malformed value.
+        StrategyError: an unknown key, a part without ``=``, or a value its field does not accept.
     """
     if not text:
         return StrategyOverride()
-    keys = {"dp": "dp", "tp": "tp", "pp": "pp", "mb": "micro_batch_size", "micro_batch": "micro_batch_size",
-            "zero": "zero_stage", "offload": "offload_optimizer", "recompute": "recompute"}
-    fields: dict[str, object] = {}
+    fields: dict[str, str] = {}
+    written: dict[str, str] = {}  # field -> the key=value the user wrote, for the error message
     for part in text.split(","):
         key, sep, value = part.strip().partition("=")
-        if not sep or key not in keys:
-            raise StrategyError(f"--strategy '{part}': write key=value with keys {', '.join(keys)}")
-        name = keys[key]
-        if name == "offload_optimizer":
-            fields[name] = value.lower() in ("1", "true", "yes", "cpu")
-        elif name == "recompute":
-            if value not in ("none", "full"):
-                raise StrategyError(f"--strategy recompute={value}: use none or full")
-            fields[name] = value
-        else:
-            if not value.isdigit():
-                raise StrategyError(f"--strategy {key}={value}: must be a non-negative integer")
-            fields[name] = int(value)
+        if not sep or key not in _STRATEGY_KEYS:
+            raise StrategyError(f"--strategy '{part}': write key=value with keys {', '.join(_STRATEGY_KEYS)}")
+        fields[_STRATEGY_KEYS[key]] = value
+        written[_STRATEGY_KEYS[key]] = part.strip()
     try:
         return StrategyOverride(**fields)
     except ValidationError as exc:
-        raise StrategyError(format_validation_error("--strategy", exc)) from exc
+        lines = ["--strategy is invalid:"]
+        for err in exc.errors():
+            field = str(err["loc"][0]) if err["loc"] else "(root)"
+            lines.append(f"  - {written.get(field, field)}: {err['msg']}")
+        raise StrategyError("\n".join(lines)) from exc
 
 
 @app.command("models")
@@ -126,16 +126,15 @@ def profile_cmd(
         sizes = [int(x) for x in micro_batches.split(",") if x.strip()]
     except ValueError:
         raise ProfileError(f"--micro-batches {micro_batches}: write comma-separated integers, e.g. 1,2,4") from None
-    if dtype not in ("fp32", "bf16", "fp16"):
-        raise ProfileError(f"--dtype {dtype}: use fp32, bf16 or fp16")
     if threads is not None:
         if threads < 1:
             raise ProfileError("--threads must be >= 1")
         import torch
 
         torch.set_num_threads(threads)
+    # transient: the bar goes when profiling ends, so input the profiler refuses leaves only the error message.
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=err_console) as bar:
+                  TimeElapsedColumn(), console=err_console, transient=True) as bar:
         task = bar.add_task("profiling", total=None)
 
         def progress(desc: str, done: int, total: int) -> None:
@@ -143,10 +142,6 @@ def profile_cmd(
 
         prof = profile_model(spec, sizes, seq_len, dtype=dtype, warmup=warmup, repeats=repeats,
                              progress=progress, links=links)
-    if prof.device_kind == "cpu":
-        import torch
-
-        prof = prof.model_copy(update={"cpu_threads": torch.get_num_threads()})
     write_atomic(output, prof.model_dump_json(indent=2))
     _print_profile(prof)
     console.print(f"wrote {output}")
@@ -167,20 +162,21 @@ def _print_profile(prof) -> None:
     console.print(table)
 
 
-def _load_profile(path: Path | None, spec, train: TrainSpec):
+def load_profile(path: Path | None):
+    """The ModelProfile in ``path`` (None for None). Whether it suits the model, sequence length and dtype is
+    checked by the library (``ModelProfile.check_matches``) when it is used."""
     from paraplan.types import ModelProfile
 
     if path is None:
         return None
-    prof = read_model(path, ModelProfile, "--profile", ProfileError, "run `paraplan profile` first")
-    if prof.model != spec:
-        raise ProfileError(f"profile {path} is of model {prof.model.name}, not {spec.name}; profile this model")
-    if prof.seq_len != train.seq_len:
-        raise ProfileError(f"profile {path} was taken at seq-len {prof.seq_len}; plan with --seq-len "
-                           f"{prof.seq_len} or profile with --seq-len {train.seq_len}")
-    if prof.dtype != train.dtype:
-        raise ProfileError(f"profile {path} was taken in {prof.dtype}; plan with --dtype {prof.dtype} or re-profile")
-    return prof
+    return read_model(path, ModelProfile, "--profile", ProfileError, "run `paraplan profile` first")
+
+
+def resolve_dtype(dtype: str, cluster) -> str:
+    """``--dtype auto``: fp32 on a CPU cluster, bf16 on GPUs; any other value is passed on (TrainSpec checks it)."""
+    if dtype == "auto":
+        return "fp32" if cluster.device.kind == "cpu" else "bf16"
+    return dtype
 
 
 def _warn_thread_mismatch(prof, clus) -> None:
@@ -226,14 +222,13 @@ def plan_cmd(
         raise StrategyError(f"--backend {backend}: use any, deepspeed, torch or unconstrained")
     spec = load_model_spec(model)
     clus = load_cluster_spec(cluster)
-    if dtype == "auto":
-        dtype = "fp32" if clus.device.kind == "cpu" else "bf16"
+    dtype = resolve_dtype(dtype, clus)
     train = TrainSpec(global_batch=global_batch, seq_len=seq_len, dtype=dtype, lr=lr)  # type: ignore[arg-type]
-    prof = _load_profile(profile, spec, train)
-    _warn_thread_mismatch(prof, clus)
+    prof = load_profile(profile)
     plans = search_plans(spec, clus, train, prof, parse_strategy(strategy), top_k=top, backend=backend,
                          time_limit_s=time_limit, profile_path=str(profile) if profile else None,
                          memory_fraction=memory_fraction)
+    _warn_thread_mismatch(prof, clus)
     write_atomic(output, plans[0].model_dump_json(indent=2))
     if as_json:
         print(json.dumps(plan_summary(plans[0]), indent=2))
@@ -298,7 +293,3 @@ _estimate.register(app, _guard)
 
 def main() -> None:
     app(prog_name="paraplan")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

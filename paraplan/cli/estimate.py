@@ -8,8 +8,6 @@ from typing import Annotated, Optional
 
 import typer
 
-from paraplan.errors import StrategyError
-
 
 def estimate_summary(est, cluster, compute_source: str) -> dict:
     """The ``--json`` object: the issue's keys first, then the rest of the estimate."""
@@ -42,6 +40,7 @@ def estimate_summary(est, cluster, compute_source: str) -> dict:
 def _render(console, spec, cluster, train, st, est, compute_source: str) -> None:
     from rich.table import Table
 
+    from paraplan.cli.render import format_memory_breakdown
     from paraplan.units import format_bytes, format_seconds
 
     title = (f"{spec.name} on {cluster.name}: dp={st.dp} tp={st.tp} pp={st.pp}"
@@ -67,13 +66,11 @@ def _render(console, spec, cluster, train, st, est, compute_source: str) -> None
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)
-    m = est.memory_breakdown_bytes
     fit = "fits" if est.fits else "DOES NOT FIT"
     console.print(
         f"peak memory per device (stage {est.most_loaded_stage}): {format_bytes(est.peak_memory_bytes)} of "
-        f"{format_bytes(est.memory_capacity_bytes)} ({fit}): params {format_bytes(m.params)}, grads "
-        f"{format_bytes(m.grads)}, optimizer {format_bytes(m.optimizer)}, activations {format_bytes(m.activations)}, "
-        f"other {format_bytes(m.other)}", highlight=False)
+        f"{format_bytes(est.memory_capacity_bytes)} ({fit}): {format_memory_breakdown(est.memory_breakdown_bytes)}",
+        highlight=False)
     console.print(f"FLOP count: {est.flop_count}", highlight=False, soft_wrap=True)
 
 
@@ -117,16 +114,11 @@ def register(app: typer.Typer, guard) -> None:
         from paraplan.models.presets import load_model_spec
         from paraplan.types import TrainSpec
 
-        if recompute not in ("none", "selective", "full"):
-            raise StrategyError(f"--recompute {recompute}: use none, selective or full")
         spec = load_model_spec(model)
-        if spec.family == "custom" and profile is None:
-            raise StrategyError(f"{spec.name} is a factory model: run `paraplan profile` and pass --profile")
         clus = load_cluster_spec(cluster)
-        if dtype == "auto":
-            dtype = "fp32" if clus.device.kind == "cpu" else "bf16"
+        dtype = cli.resolve_dtype(dtype, clus)
         train = TrainSpec(global_batch=global_batch, seq_len=seq_len, dtype=dtype)  # type: ignore[arg-type]
-        prof = cli._load_profile(profile, spec, train)
+        prof = cli.load_profile(profile)
         st = StrategySpec(dp=dp, tp=tp, pp=pp, micro_batch_size=micro_batch, vpp=vpp,
                           sequence_parallel=sequence_parallel, recompute=recompute,  # type: ignore[arg-type]
                           zero_stage=zero, offload_optimizer=offload_optimizer, attention=attention,

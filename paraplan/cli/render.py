@@ -7,7 +7,7 @@ import statistics
 from rich.console import Console
 from rich.table import Table
 
-from paraplan.types import Plan
+from paraplan.types import MemoryBreakdown, Plan
 from paraplan.units import format_bytes, format_seconds
 
 WARMUP_STEPS = 2  # steps excluded from the measured mean (allocator and kernel warm-up)
@@ -46,14 +46,17 @@ def render_plans(console: Console, plans: list[Plan]) -> None:
         f"step {format_seconds(p.step_time_s)} = pipeline {format_seconds(p.compute_s)} (bubble "
         f"{format_seconds(p.bubble_s)}) + DP/ZeRO comm {format_seconds(p.dp_comm_s)} + optimizer "
         f"{format_seconds(p.optimizer_s)} + offload {format_seconds(p.offload_s)}", highlight=False)
-    console.print(
-        f"memory (most loaded stage): params {format_bytes(m.params)}, grads {format_bytes(m.grads)}, optimizer "
-        f"{format_bytes(m.optimizer)}, activations {format_bytes(m.activations)}, other {format_bytes(m.other)}",
-        highlight=False)
+    console.print(f"memory (most loaded stage): {format_memory_breakdown(m)}", highlight=False)
     sol = best.solver
     gap = f", gap {sol.gap:.2%}" if sol.status == "feasible" else ""
     console.print(f"solver: {sol.solver}, {sol.status}{gap}; {sol.milps_solved} MILPs over {sol.candidates} "
                   f"candidates in {sol.search_time_s:.1f} s", highlight=False)
+
+
+def format_memory_breakdown(m: MemoryBreakdown) -> str:
+    """``params 1.2 GiB, grads ..., optimizer ..., activations ..., other ...`` (bytes per device)."""
+    return (f"params {format_bytes(m.params)}, grads {format_bytes(m.grads)}, optimizer {format_bytes(m.optimizer)}, "
+            f"activations {format_bytes(m.activations)}, other {format_bytes(m.other)}")
 
 
 def measured_summary(rows: list[dict]) -> dict:

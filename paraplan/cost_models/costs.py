@@ -191,7 +191,8 @@ class CandidateCosts:
         options: interleaving, sequence parallelism, selective recomputation, attention kernel, overlap.
 
     Raises:
-        ProfileError: the profile lacks this micro-batch size, or was taken for another sequence length or model.
+        ProfileError: the profile lacks this micro-batch size (callers check that it matches the model, sequence
+            length and dtype: ModelProfile.check_matches).
         StrategyError: an unknown attention kernel or a virtual-stage count below 1.
     """
 

@@ -83,8 +83,21 @@ def stage_blocks(n_layers: int, pp: int) -> list[int]:
     return [n_layers // pp + (1 if s < n_layers % pp else 0) for s in range(pp)]
 
 
-def validate_strategy(spec: ModelSpec, cluster: ClusterSpec, train: TrainSpec, st: StrategySpec) -> None:
-    """Raises StrategyError / TrainSpecError with what to change when the strategy cannot run."""
+def validate_strategy(
+    spec: ModelSpec, cluster: ClusterSpec, train: TrainSpec, st: StrategySpec, profile: ModelProfile | None = None,
+) -> None:
+    """Check that ``st`` can run ``spec`` on ``cluster`` and that ``profile`` (if any) was taken for this problem.
+
+    Raises:
+        StrategyError: degrees that do not fit the cluster or the model, a bad ZeRO stage or recomputation, or a
+            factory model (family ``custom``) without a profile.
+        TrainSpecError: a global batch not divisible by dp x micro-batch.
+        ProfileError: a profile of another model, sequence length or dtype (:meth:`ModelProfile.check_matches`).
+    """
+    if profile is None and spec.family == "custom":
+        raise StrategyError(f"{spec.name} is a factory model: run `paraplan profile` and pass --profile")
+    if profile is not None:
+        profile.check_matches(spec, train)
     world = cluster.world_size
     L = spec.n_layers or 0
     if st.dp * st.tp * st.pp != world:
@@ -120,10 +133,10 @@ def estimate_strategy(
 
     Raises:
         StrategyError, TrainSpecError: a strategy that cannot run (see :func:`validate_strategy`).
-        ProfileError: the profile lacks the micro-batch size.
+        ProfileError: the profile is of another model, sequence length or dtype, or lacks the micro-batch size.
     """
     st = strategy
-    validate_strategy(spec, cluster, train, st)
+    validate_strategy(spec, cluster, train, st, profile)
     cluster = calibrate_cluster(cluster, profile)
     costs = CandidateCosts(spec, cluster, train, st.dp, st.tp, st.pp, st.micro_batch_size, profile,
                            st.cost_options())

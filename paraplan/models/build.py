@@ -41,6 +41,23 @@ class LayerChain(nn.Module):
         return self.head(x)
 
 
+_TORCH_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a paraplan dtype name: ``fp32``, ``bf16`` or ``fp16`` (KeyError for any other)."""
+    return _TORCH_DTYPES[name]
+
+
+def first_embedding(module: nn.Module) -> nn.Embedding | None:
+    """The first ``nn.Embedding`` inside ``module`` (itself included), in ``modules()`` order; None if there is none.
+
+    A factory chain's token embedding is taken to be this one: its ``num_embeddings`` is the vocabulary size and
+    its ``embedding_dim`` the hidden size.
+    """
+    return next((m for m in module.modules() if isinstance(m, nn.Embedding)), None)
+
+
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy. ``logits (b, s, v)``, ``targets (b, s)`` int64 -> scalar."""
     return nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))

@@ -111,12 +111,10 @@ def _factory_spec(factory: str) -> ModelSpec:
     ``n_layers`` is ``len(chain.blocks)``; ``vocab`` and ``hidden`` come from the first ``nn.Embedding`` of
     ``chain.embed`` (when there is one). Heads stay unknown, so such a model is planned without tensor parallelism.
     """
-    from torch import nn
-
-    from paraplan.models.build import build_model
+    from paraplan.models.build import build_model, first_embedding
 
     chain = build_model(ModelSpec(name=factory, family="custom", factory=factory), device="meta", seed=None)
-    embedding = next((m for m in chain.embed.modules() if isinstance(m, nn.Embedding)), None)
+    embedding = first_embedding(chain.embed)
     return ModelSpec(
         name=factory, family="custom", factory=factory, n_layers=len(chain.blocks),
         vocab=embedding.num_embeddings if embedding is not None else None,

@@ -125,14 +125,16 @@ def allowed_modes(cluster: ClusterSpec, cand: Candidate, override: StrategyOverr
 def backend_allows(spec: ModelSpec, cand: Candidate, global_batch: int, backend: str) -> bool:
     """Whether the chosen backend(s) can launch this candidate (``unconstrained``: planning only).
 
-    Both backends: tensor parallelism only for Llama-family blocks (GPT-2's fused qkv is not split), and no tied
-    embeddings across pipeline stages. DeepSpeed: AutoTP does not combine with its pipeline engine. torch:
-    ``Schedule1F1B`` needs at least as many micro-batches as stages.
+    Both backends (``backends/checks.py``, which the planner may not import; keep the two in step): tensor
+    parallelism only for Llama-family blocks (GPT-2's fused qkv is not split) with tp dividing the heads, key/value
+    heads and MLP width, and no tied embeddings across pipeline stages. DeepSpeed: AutoTP does not combine with its
+    pipeline engine. torch: ``Schedule1F1B`` needs at least as many micro-batches as stages.
     """
     if backend == "unconstrained":
         return True
     m = global_batch // (cand.dp * cand.micro_batch_size)
-    if cand.tp > 1 and (spec.family != "llama" or (spec.ffn_hidden or 0) % cand.tp):
+    tp_dims = (spec.n_heads, spec.n_kv_heads, spec.ffn_hidden)
+    if cand.tp > 1 and (spec.family != "llama" or any(d is None or d % cand.tp for d in tp_dims)):
         return False
     if cand.pp > 1 and spec.tied_embeddings:
         return False
@@ -188,12 +190,16 @@ def search_plans(
 
     Raises:
         NoFeasiblePlanError: nothing fits; the message gives the least memory per device any candidate needs.
-        StrategyError, TrainSpecError: impossible overrides or batch sizes.
+        StrategyError, TrainSpecError: impossible overrides or batch sizes; StrategyError also for a factory
+            model without a profile.
+        ProfileError: a profile of another model, sequence length or dtype (:meth:`ModelProfile.check_matches`).
     """
     override = override or StrategyOverride()
-    cluster = calibrate_cluster(cluster, profile)
-    if spec.family == "custom" and profile is None:
+    if profile is None and spec.family == "custom":
         raise StrategyError(f"{spec.name} is a factory model: run `paraplan profile` and pass --profile")
+    if profile is not None:
+        profile.check_matches(spec, train, profile_path)
+    cluster = calibrate_cluster(cluster, profile)
     micro = profile.micro_batch_sizes() if profile is not None else list(DEFAULT_MICRO_BATCHES)
     if override.micro_batch_size and override.micro_batch_size not in micro and profile is None:
         micro.append(override.micro_batch_size)

@@ -23,11 +23,10 @@ from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 from paraplan.errors import ProfileError
-from paraplan.models.build import build_layer, build_model, lm_loss
+from paraplan.models.build import build_layer, build_model, first_embedding, lm_loss, torch_dtype
 from paraplan.profiler.links import device_name, profile_links, resolve_device
 from paraplan.types import DTYPE_BYTES, LayerKind, LayerProfile, ModelProfile, ModelSpec
 
-TORCH_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LAYER_KINDS: tuple[LayerKind, ...] = ("embed", "block", "head")
 _SEED = 0
 
@@ -88,7 +87,8 @@ def profile_model(
 
     Returns:
         A :class:`ModelProfile` with one :class:`LayerProfile` per (layer kind, micro-batch size), ordered by kind
-        (embed, block, head) then micro-batch size.
+        (embed, block, head) then micro-batch size; on CPU its ``cpu_threads`` is ``torch.get_num_threads()``
+        during profiling (None on GPU).
 
     Raises:
         ProfileError: an empty or invalid micro-batch list, a bad ``seq_len``, ``dtype``, ``warmup``, ``repeats`` or
@@ -96,7 +96,6 @@ def profile_model(
     """
     mbs = _check_args(spec, micro_batch_sizes, seq_len, dtype, warmup, repeats)
     dev = resolve_device(device)
-    torch_dtype = TORCH_DTYPES[dtype]
     total = len(LAYER_KINDS) * len(mbs)
     results: list[LayerProfile] = []
     # Shape and dtype of each micro-batch's input to the next layer type; starts as the token batch.
@@ -104,7 +103,7 @@ def profile_model(
     rng_devices = [dev.index] if dev.type == "cuda" else []
     with torch.random.fork_rng(devices=rng_devices):
         torch.manual_seed(_SEED)
-        source = _LayerSource(spec, dev, torch_dtype)
+        source = _LayerSource(spec, dev, torch_dtype(dtype))
         for kind in LAYER_KINDS:
             layer = source.build(kind)
             vocab = _vocab(spec, layer) if kind == "embed" else 0
@@ -127,7 +126,8 @@ def profile_model(
     link_profiles = profile_links(dev) if links else []
     return ModelProfile(
         model=spec, device_name=device_name(dev), device_kind=dev.type, dtype=dtype, seq_len=seq_len,
-        warmup=warmup, repeats=repeats, layers=results, links=link_profiles,
+        warmup=warmup, repeats=repeats, cpu_threads=torch.get_num_threads() if dev.type == "cpu" else None,
+        layers=results, links=link_profiles,
     )
 
 
@@ -183,9 +183,9 @@ def _vocab(spec: ModelSpec, embed: nn.Module) -> int:
     """Token ids are drawn from ``[0, vocab)``: ``spec.vocab``, else the embedding layer's first nn.Embedding."""
     if spec.vocab is not None:
         return spec.vocab
-    for module in embed.modules():
-        if isinstance(module, nn.Embedding):
-            return module.num_embeddings
+    embedding = first_embedding(embed)
+    if embedding is not None:
+        return embedding.num_embeddings
     raise ProfileError(f"cannot tell the vocabulary size of '{spec.name}': set vocab in the model file")
 
 
@@ -341,12 +341,11 @@ def _extra_flop_formulas() -> dict[object, Callable[..., int]]:
     """Formulas for attention kernels torch's flop counter lacks (the CPU flash kernel as of torch 2.13)."""
     aten = torch.ops.aten
     extra: dict[object, Callable[..., int]] = {}
-    for fwd, bwd in (("_scaled_dot_product_flash_attention_for_cpu",
-                      "_scaled_dot_product_flash_attention_for_cpu_backward"),):
-        if hasattr(aten, fwd) and getattr(aten, fwd) not in flop_counter.flop_registry:
-            extra[getattr(aten, fwd)] = sdpa_forward_flops
-        if hasattr(aten, bwd) and getattr(aten, bwd) not in flop_counter.flop_registry:
-            extra[getattr(aten, bwd)] = sdpa_backward_flops
+    for name, formula in (("_scaled_dot_product_flash_attention_for_cpu", sdpa_forward_flops),
+                          ("_scaled_dot_product_flash_attention_for_cpu_backward", sdpa_backward_flops)):
+        op = getattr(aten, name, None)
+        if op is not None and op not in flop_counter.flop_registry:
+            extra[op] = formula
     return extra
 
 

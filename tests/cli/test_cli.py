@@ -5,23 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from typer.testing import CliRunner
 
-from paraplan.cli.app import app
-
-runner = CliRunner()
-
-
-def run(*args: str):
-    return runner.invoke(app, list(args))
-
-
-def assert_user_error(result, *fragments: str) -> None:
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    assert isinstance(result.exception, SystemExit)
-    for frag in fragments:
-        assert frag in result.output, result.output
+from conftest import assert_user_error, run_cli as run
+from paraplan.cli.app import parse_strategy
 
 
 def test_models_lists_presets_with_counts():
@@ -97,6 +83,26 @@ def test_bad_strategy_key():
     result = run("plan", "llama-tiny", "--cluster", "cpu:2", "--global-batch", "8", "--seq-len", "64",
                  "--strategy", "dq=2")
     assert_user_error(result, "--strategy 'dq=2'")
+
+
+@pytest.mark.parametrize("forced,fragment", [
+    ("offload=maybe", "valid boolean"),  # used to be read silently as offload=false
+    ("recompute=some", "'none' or 'full'"),
+    ("dp=two", "valid integer"),
+    ("mb=0", "greater than 0"),
+    ("zero=4", "less than or equal to 3"),
+])
+def test_bad_strategy_values_name_what_was_written(forced, fragment):
+    result = run("plan", "llama-tiny", "--cluster", "cpu:2", "--global-batch", "8", "--seq-len", "64",
+                 "--strategy", f"dp=2,{forced}")
+    assert_user_error(result, "--strategy is invalid", forced, fragment)
+
+
+def test_strategy_values_are_converted():
+    override = parse_strategy("dp=2,mb=4,zero=3,offload=true,recompute=full")
+    assert (override.dp, override.micro_batch_size, override.zero_stage) == (2, 4, 3)
+    assert override.offload_optimizer is True and override.recompute == "full"
+    assert parse_strategy("offload=no").offload_optimizer is False
 
 
 def test_launch_world_size_mismatch(tmp_path):

@@ -5,23 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from typer.testing import CliRunner
 
-from paraplan.cli.app import app
+from conftest import assert_user_error, run_cli as run
 
-runner = CliRunner()
 BASE = ["--cluster", "8xH100-80GB", "--global-batch", "64", "--seq-len", "4096"]
-
-
-def run(*args: str):
-    return runner.invoke(app, list(args))
-
-
-def assert_user_error(result, *fragments: str) -> None:
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    for frag in fragments:
-        assert frag in result.output, result.output
 
 
 def test_json_has_the_issue_keys_and_consistent_values():

@@ -79,8 +79,10 @@ def test_pipeline_boundaries_and_recomputed_blocks():
     cfg = build_ds_config(plan)
     assert cfg[PARAPLAN_KEY]["stage_boundaries"] == [0, 4, 8]
     assert cfg[PARAPLAN_KEY]["activation_checkpointing"]["chain_layers"] == [1, 2, 4, 5]
-    assert cfg["pipeline"]["stages"] == 2
-    assert cfg["pipeline"]["activation_checkpoint_interval"] == 0  # ours is per layer, not DeepSpeed's interval
+    assert cfg[PARAPLAN_KEY]["pp"] == 2
+    # Checkpointing is ours, per layer: DeepSpeed's every-k-layers interval is off, and the section carries nothing
+    # DeepSpeed does not read (its stage count and partition come from the PipelineModule).
+    assert cfg["pipeline"] == {"activation_checkpoint_interval": 0}
     assert cfg["gradient_accumulation_steps"] == 4  # 8 = dp 1 x micro-batch 2 x 4
 
 
@@ -113,7 +115,8 @@ def test_tensor_parallel_uses_autotp_llama_preset_without_train_batch_size():
         (dict(pp=2, zero_stage=2), "--strategy zero=1"),
         (dict(pp=2, zero_stage=3), "--strategy zero=1"),
         (dict(dp=2, zero_stage=0, offload_optimizer=True), "--strategy zero=1"),
-        (dict(model="gpt3-175b", tp=2), "--backend torch"),
+        # The torch backend cannot shard GPT-2 blocks either, so the fix is tp=1, not the other backend.
+        (dict(model="gpt3-175b", tp=2), "--strategy tp=1"),
         (dict(cluster="cpu:4", tp=2, pp=2), "--strategy pp=1"),
         # llama-tiny has 2 key/value heads: tp=4 cannot split them.
         (dict(cluster="cpu:4", tp=4, global_batch=8), "n_kv_heads=2"),
@@ -137,6 +140,12 @@ def test_tied_embeddings_over_pipeline_stages_are_refused():
 def test_stages_with_a_gap_are_refused():
     plan = _with_stages(make_plan(pp=2), [(0, 2, 0), (4, 7, 0)])  # chain layer 3 belongs to no stage
     with pytest.raises(LaunchError, match="should start at layer 3"):
+        build_ds_config(plan)
+
+
+def test_stages_that_stop_before_the_head_are_refused():
+    plan = _with_stages(make_plan(pp=2), [(0, 3, 0), (4, 6, 0)])  # llama-tiny's head is chain layer 7
+    with pytest.raises(LaunchError, match="end at chain layer 6 but llama-tiny has 6 blocks"):
         build_ds_config(plan)
 
 

@@ -10,10 +10,11 @@ from paraplan.cost_models import transformer as tf
 from paraplan.cost_models.comm import LINK_EFFICIENCY, collective_time_s
 from paraplan.cost_models.costs import CandidateCosts, CostOptions, Mode, StageCost, step_time_s
 from paraplan.cost_models.estimate import StrategySpec, estimate_strategy
-from paraplan.errors import StrategyError, TrainSpecError
+from paraplan.errors import ProfileError, StrategyError, TrainSpecError
 from paraplan.models.presets import PRESETS
 from paraplan.planner.milp import solve_stage_milp
-from paraplan.types import ModelSpec, TrainSpec
+from paraplan.planner.search import search_plans
+from paraplan.types import Dtype, LayerProfile, ModelProfile, ModelSpec, StrategyOverride, TrainSpec
 
 GPT = PRESETS["gpt3-175b"]
 
@@ -166,6 +167,45 @@ def test_invalid_strategies_say_what_to_change():
     with pytest.raises(StrategyError, match="attention kernel"):
         estimate_strategy(spec, cluster, train, StrategySpec(dp=8, tp=1, pp=1, micro_batch_size=1,
                                                              attention="sparse"))
+
+
+def _hand_profile(spec: ModelSpec, seq_len: int, dtype: Dtype) -> ModelProfile:
+    """A profile at micro-batch 1 with made-up times: only its model, seq_len and dtype matter to these tests."""
+    layers = [LayerProfile(kind=kind, micro_batch_size=1, fwd_time_s=1e-3, bwd_time_s=2e-3, param_count=0,
+                           param_bytes=0, activation_bytes=0, output_bytes=1, fwd_flops=0.0, bwd_flops=0.0)
+              for kind in ("embed", "block", "head")]
+    return ModelProfile(model=spec, device_name="hand", device_kind="cpu", dtype=dtype, seq_len=seq_len,
+                        warmup=0, repeats=1, layers=layers)
+
+
+def _estimate(spec, cluster, train, profile):
+    return estimate_strategy(spec, cluster, train, StrategySpec(dp=2, tp=1, pp=1, micro_batch_size=1), profile)
+
+
+def _search(spec, cluster, train, profile):
+    return search_plans(spec, cluster, train, profile, StrategyOverride(dp=2, micro_batch_size=1), top_k=1)
+
+
+@pytest.mark.parametrize("entry", [_estimate, _search])
+@pytest.mark.parametrize("profiled,seq_len,dtype,message", [
+    ("llama-small", 64, "fp32", "is of model llama-small, not llama-tiny"),
+    ("llama-tiny", 128, "fp32", "taken at seq-len 128"),
+    ("llama-tiny", 64, "bf16", "taken in bf16"),
+])
+def test_library_refuses_a_profile_of_another_problem(entry, profiled, seq_len, dtype, message):
+    spec, cluster = PRESETS["llama-tiny"], load_cluster_spec("cpu:2")
+    train = TrainSpec(global_batch=8, seq_len=64, dtype="fp32")
+    with pytest.raises(ProfileError, match=message):
+        entry(spec, cluster, train, _hand_profile(PRESETS[profiled], seq_len, dtype))
+    assert entry(spec, cluster, train, _hand_profile(spec, 64, "fp32"))  # the matching profile is used
+
+
+@pytest.mark.parametrize("entry", [_estimate, _search])
+def test_library_refuses_a_factory_model_without_profile(entry):
+    spec = ModelSpec(name="pkg.mod:build", family="custom", factory="pkg.mod:build", n_layers=4)
+    train = TrainSpec(global_batch=8, seq_len=64, dtype="fp32")
+    with pytest.raises(StrategyError, match="factory model: run `paraplan profile` and pass --profile"):
+        entry(spec, load_cluster_spec("cpu:2"), train, None)
 
 
 @pytest.mark.parametrize("options", [CostOptions(vpp=2), CostOptions(overlap_dp=False),

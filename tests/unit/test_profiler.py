@@ -125,6 +125,7 @@ def test_times_are_positive(tiny):
 
 def test_profile_metadata(tiny):
     assert (tiny.device_kind, tiny.dtype, tiny.seq_len, tiny.warmup, tiny.repeats) == ("cpu", "fp32", S, 0, 1)
+    assert tiny.cpu_threads == torch.get_num_threads()  # nothing in these tests changes the thread count
     assert tiny.micro_batch_sizes() == MBS
     assert tiny.links == []
 

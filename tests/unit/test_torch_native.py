@@ -127,7 +127,7 @@ def test_emit_writes_config_file(tmp_path):
 
 def test_edited_or_missing_config_is_refused(tmp_path):
     plan = make_plan(dp=2)
-    with pytest.raises(LaunchError, match="missing"):
+    with pytest.raises(LaunchError, match=f"{CONFIG_FILE} does not exist; write the run directory"):
         load_torch_config(tmp_path, plan)
     emit_torch(plan, tmp_path)
     path = tmp_path / CONFIG_FILE
@@ -135,6 +135,10 @@ def test_edited_or_missing_config_is_refused(tmp_path):
     data["checkpointed_blocks"] = [0]
     path.write_text(json.dumps(data))
     with pytest.raises(LaunchError, match="does not match plan.json"):
+        load_torch_config(tmp_path, plan)
+    del data["mesh"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(LaunchError, match="mesh"):  # a file that is not a recipe at all names the missing field
         load_torch_config(tmp_path, plan)
 
 
