@@ -27,9 +27,8 @@ def test_plan_json_summary(tmp_path):
     s, p = summary["strategy"], summary["predicted"]
     assert s["dp"] * s["tp"] * s["pp"] == 8
     assert 64 % (s["dp"] * s["micro_batch_size"]) == 0
-    assert 0 < p["peak_memory_bytes"] <= 80 * 2**30
+    assert 0 < p["peak_memory_bytes"] <= 0.95 * 80 * 2**30  # the default --memory-fraction
     assert p["step_time_s"] > 0 and 0 < p["mfu"] < 1
-    assert s["zero_stage"] in (0, 1, 2, 3)
     plan = json.loads(out.read_text())
     assert plan["schema_version"] == 1 and plan["solver"]["status"] in ("optimal", "feasible")
 

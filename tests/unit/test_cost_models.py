@@ -127,19 +127,17 @@ def test_analytic_block_time_follows_the_documented_curve():
     # - flash attention: half of 4 b s^2 h / t (causal) at the FlashAttention-2 fraction of the peak.
     # - every analytic kernel time divided by the stated framework efficiency and by the pace of the slowest of the
     #   job's 8 GPUs, which is the measured slowest-of-a-node / median ratio 727 / 752.
-    from paraplan.cost_models import efficiency as eff
-    from paraplan.cost_models.costs import FRAMEWORK_EFFICIENCY as eta
-
     spec = PRESETS["llama3-8b"]
     costs = CandidateCosts(spec, load_cluster_spec("8xH100-80GB"), TrainSpec(global_batch=8, seq_len=4096),
                            1, 2, 4, 2)
     peak, bw = 989e12, 3.35e12
-    ceiling = eff.DEVICE_EFFICIENCY["H100-80GB"].matmul_ceiling
+    ceiling = 698.6 / 989  # the cited power-saturated H100/H200 MSMF
+    eta = 0.91  # FRAMEWORK_EFFICIENCY as calibrated in benchmarks/results/fidelity_calibration.txt (0.906, rounded)
     h, f, kd, tokens = 4096, 14336, 8 * 128, 2 * 4096
     matmul_flops = 2 * tokens * (2 * h * h + 2 * h * kd + 3 * h * f) / 2
     gemm = matmul_flops / (peak * ceiling * 32 / 33)
     elem = 2 * tokens * (10 * h + (3 * f + 2 * h + 2 * kd) / 2) / (bw * 0.8)
-    attn = (4 * 2 * 4096**2 * h / 2) / 2 / (peak * eff.DEVICE_EFFICIENCY["H100-80GB"].attention_fraction["flash2"])
+    attn = (4 * 2 * 4096**2 * h / 2) / 2 / (peak * 0.35)  # FlashAttention-2 on H100: 35%
     pace = 727 / 752
     assert costs.block.fwd_s == pytest.approx((gemm + elem + attn) / (eta * pace), rel=1e-9)
     # Backward: dgrad + wgrad GEMMs (2x), the attention backward (2.5x its forward), twice the element-wise bytes.

@@ -12,7 +12,6 @@ from paraplan.cost_models.costs import CandidateCosts, CostOptions, Mode, StageC
 from paraplan.cost_models.estimate import StrategySpec, estimate_strategy
 from paraplan.errors import ProfileError, StrategyError, TrainSpecError
 from paraplan.models.presets import PRESETS
-from paraplan.planner.milp import solve_stage_milp
 from paraplan.planner.search import search_plans
 from paraplan.types import Dtype, LayerProfile, ModelProfile, ModelSpec, StrategyOverride, TrainSpec
 
@@ -134,9 +133,11 @@ def test_estimate_reports_mfu_from_model_flops_and_hfu_with_recompute():
     model = tf.model_flops_per_step(spec, 64, 4096)
     assert est.mfu == pytest.approx(model / (est.step_time_s * 8 * 989e12))
     assert est.model_tflops_per_device == pytest.approx(model / est.step_time_s / 8 / 1e12)
-    assert est.hfu / est.mfu == pytest.approx(tf.hardware_flops_per_step(spec, 64, 4096, "full") / model)
+    # HFU adds one recomputed forward of every block: 2 x tokens x matmul weights (2 h^2 + 2 h k d + 3 h f =
+    # 218,103,808 for h 4096, k d 1024, f 14336) plus the attention core's 4 b s^2 h, for 32 blocks.
+    recomputed = 32 * (2 * 64 * 4096 * 218_103_808 + 4 * 64 * 4096**2 * 4096)
+    assert est.hfu == pytest.approx((model + recomputed) / (est.step_time_s * 8 * 989e12))
     bd = est.memory_breakdown_bytes
-    assert bd.params + bd.grads + bd.optimizer + bd.activations + bd.other == pytest.approx(est.peak_memory_bytes)
     # ZeRO-3 over 8 ranks: every state class is divided by dp (Rajbhandari et al. 2020): 16 bytes x params / 8.
     n_params = 32 * tf.block_params(spec) + tf.embed_params(spec) + tf.head_params(spec)  # 128,256 needs no padding
     assert bd.params + bd.grads + bd.optimizer == pytest.approx(16 * n_params / 8, rel=1e-6)
@@ -208,34 +209,25 @@ def test_library_refuses_a_factory_model_without_profile(entry):
         entry(spec, load_cluster_spec("cpu:2"), train, None)
 
 
-@pytest.mark.parametrize("options", [CostOptions(vpp=2), CostOptions(overlap_dp=False),
-                                     CostOptions(selective_recompute=True, sequence_parallel=True, vpp=3)])
-def test_milp_matches_brute_force_with_interleaving_and_overlap(options):
-    # The MILP linearizes max() for overlapped communication and the interleaved objective; brute force evaluates
-    # every assignment with the evaluator (stage_cost + step_time_s).
-    from tests.unit.test_milp import MODES, SPEC, _cluster, brute_force
-
-    train = TrainSpec(global_batch=16, seq_len=4096)
-    costs = CandidateCosts(SPEC, _cluster(14), train, 4, 1, 2, 1, options=options)
-    ref = brute_force(costs, MODES)
-    res = solve_stage_milp(costs, MODES)
-    assert res is not None and ref < float("inf")
-    stages = [costs.stage_cost(s, n, r, res.mode) for s, (n, r) in enumerate(zip(res.n_blocks, res.recompute_blocks))]
-    assert step_time_s(costs, stages)[0] == pytest.approx(res.objective_s, rel=1e-6)
-    assert res.objective_s == pytest.approx(ref, rel=1e-6)
-
-
 def test_dp_overlap_hides_gradient_reduction_behind_the_backward():
     # With overlap the exposed DP time is max(0, reduction - backward of one micro-batch); without, all of it.
+    # At 1024 tokens the backward is shorter than the reduction, so part of it stays exposed.
     spec, cluster = PRESETS["llama3-8b"], load_cluster_spec("4x8xH100-80GB")
-    train = TrainSpec(global_batch=64, seq_len=4096)
+    train = TrainSpec(global_batch=64, seq_len=1024)
     on = CandidateCosts(spec, cluster, train, 32, 1, 1, 1)
     off = CandidateCosts(spec, cluster, train, 32, 1, 1, 1, options=CostOptions(overlap_dp=False))
     mode, L = Mode(0, False), 32
-    reduce = on.mode_terms(0, mode).grad_reduce(L)
+    # ZeRO-0 all-reduces the bf16 gradients (2 bytes x parameters) over 32 ranks, 8 per node on 4 nodes: in-node
+    # reduce-scatter, an all-reduce of 1/8 across nodes, in-node all-gather (nccl-tests ring factors).
+    S = 2 * (L * tf.block_params(spec) + tf.embed_params(spec) + tf.head_params(spec))
+    bi = cluster.intra_node_bandwidth_bytes_per_s * LINK_EFFICIENCY
+    be = cluster.inter_node_bandwidth_bytes_per_s * LINK_EFFICIENCY
+    li, le = cluster.intra_node_latency_s, cluster.inter_node_latency_s
+    reduce = 2 * (li + 7 / 8 * S / bi) + (le + 2 * 3 / 4 * (S / 8) / be)
     window = on.backward_terms(0)(L)
+    assert reduce > window
     assert off.stage_cost(0, L, 0, mode).dp_comm_s == pytest.approx(reduce)
-    assert on.stage_cost(0, L, 0, mode).dp_comm_s == pytest.approx(max(0.0, reduce - window))
+    assert on.stage_cost(0, L, 0, mode).dp_comm_s == pytest.approx(reduce - window)
 
 
 def test_gpipe_holds_every_micro_batch_with_the_1f1b_bubble():
