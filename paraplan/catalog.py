@@ -141,6 +141,13 @@ def gpu_cluster(nodes: int, per_node: int, device_name: str) -> ClusterSpec:
     )
 
 
+def _catalog_node_defaults(data: dict) -> dict:
+    """Link, host-memory and NVMe fields of the catalog's node for a cluster file naming a catalog device, so such
+    a file needs only ``nodes``, ``devices_per_node`` and ``device`` (its own fields override these)."""
+    return gpu_cluster(1, 1, data["device"]).model_dump(exclude={"name", "nodes", "devices_per_node", "device",
+                                                                  "schema_version"})
+
+
 _PRESET = re.compile(r"^(?:(\d+)x)?(\d+)x([A-Za-z0-9-]+)$")
 
 
@@ -166,7 +173,7 @@ def load_cluster_spec(cluster: str) -> ClusterSpec:
     if path.suffix.lower() in MAPPING_SUFFIXES:
         data = read_mapping(path, "cluster file", ClusterSpecError)
         if isinstance(data.get("device"), str):
-            data = {**data, "device": _device(data["device"]).model_dump()}
+            data = {**_catalog_node_defaults(data), **data, "device": _device(data["device"]).model_dump()}
         try:
             return ClusterSpec(**{"name": path.stem, **data})
         except ValidationError as exc:

@@ -33,8 +33,20 @@ class ProfileError(ParaplanError):
     """A profile that cannot be used (missing micro-batch sizes, other model, unreadable file)."""
 
 
+class OutputError(ParaplanError):
+    """An output path paraplan may not or cannot write (a directory, a device, a symlink to one, no space)."""
+
+
 class LaunchError(ParaplanError):
     """A plan that cannot be launched here (world-size mismatch, missing backend, failed job)."""
+
+
+class LaunchInterrupted(LaunchError):
+    """The launcher got SIGINT or SIGTERM and stopped the job; the CLI exits with ``exit_code`` (128 + signal)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def format_validation_error(what: str, exc: ValidationError) -> str:
@@ -42,5 +54,7 @@ def format_validation_error(what: str, exc: ValidationError) -> str:
     lines = [f"{what} is invalid:"]
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "(root)"
-        lines.append(f"  - {loc}: {err['msg']}")
+        line = f"  - {loc}: {err['msg']}"
+        if line not in lines:  # a union or a repeated validator reports the same problem more than once
+            lines.append(line)
     return "\n".join(lines)

@@ -7,17 +7,20 @@ Units are in the field names: ``*_bytes``, ``*_s``, ``*_flops``, ``*_flops_per_s
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from paraplan.errors import ProfileError
+from paraplan.errors import ProfileError, TrainSpecError
 
 SCHEMA_VERSION = 1
 
 Dtype = Literal["bf16", "fp16", "fp32"]
 LayerKind = Literal["embed", "block", "head"]
 Family = Literal["llama", "gpt", "custom"]
+LlamaModelType = Literal["llama", "mistral", "qwen2", "qwen3"]
+GELU_ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+Activation = Literal["silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast"]
 Backend = Literal["deepspeed", "torch"]
 
 DTYPE_BYTES: dict[str, int] = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -30,24 +33,60 @@ class _Frozen(BaseModel):
 class ModelSpec(_Frozen):
     """Architecture of a decoder-only transformer, or a user factory that builds one.
 
-    For ``family`` llama or gpt every dimension is required; paraplan builds the module from transformers' config
-    classes and predicts its costs from these dimensions. For ``custom`` the module comes from ``factory``
-    (``package.module:function``) and costs come from a measured profile.
+    For ``family`` llama or gpt every dimension is required; paraplan builds the module from transformers' classes
+    (for llama, those of ``model_type``: llama, mistral, qwen2 or qwen3) and predicts its costs from these fields.
+    For ``custom`` the module comes from ``factory`` (``package.module:function``) and costs come from a measured
+    profile. Integer and boolean fields are strict: ``n_layers: true``, ``2.5`` or ``"32"`` are refused, not coerced.
     """
 
     name: str = Field(description="Preset name, file path or factory this spec came from.")
-    family: Family = Field(description="llama: RMSNorm, SwiGLU, GQA, RoPE. gpt: LayerNorm, GELU MLP, learned positions.")
-    n_layers: int | None = Field(default=None, gt=0, description="Number of repeated transformer blocks.")
-    hidden: int | None = Field(default=None, gt=0, description="Hidden size h.")
-    ffn_hidden: int | None = Field(default=None, gt=0, description="MLP inner size.")
-    n_heads: int | None = Field(default=None, gt=0, description="Attention heads a.")
-    n_kv_heads: int | None = Field(default=None, gt=0, description="Key/value heads (GQA); equals n_heads for MHA.")
-    vocab: int | None = Field(default=None, gt=0, description="Vocabulary size v.")
-    tied_embeddings: bool = Field(default=False, description="LM head shares the embedding matrix.")
-    max_seq_len: int = Field(default=8192, gt=0, description="Maximum sequence length (positions).")
+    family: Family = Field(
+        description="llama: RMSNorm, SwiGLU, GQA, RoPE (model_type llama, mistral, qwen2, qwen3). gpt: LayerNorm, "
+        "GELU MLP, learned positions."
+    )
+    n_layers: int | None = Field(default=None, gt=0, strict=True, description="Number of repeated transformer blocks.")
+    hidden: int | None = Field(default=None, gt=0, strict=True, description="Hidden size h.")
+    ffn_hidden: int | None = Field(default=None, gt=0, strict=True, description="MLP inner size.")
+    n_heads: int | None = Field(default=None, gt=0, strict=True, description="Attention heads a.")
+    n_kv_heads: int | None = Field(
+        default=None, gt=0, strict=True, description="Key/value heads (GQA); equals n_heads for MHA."
+    )
+    vocab: int | None = Field(default=None, gt=0, strict=True, description="Vocabulary size v.")
+    tied_embeddings: bool = Field(default=False, strict=True, description="LM head shares the embedding matrix.")
+    max_seq_len: int = Field(default=8192, gt=0, strict=True, description="Maximum sequence length (positions).")
     norm_eps: float = Field(default=1e-5, gt=0)
     rope_theta: float = Field(default=500000.0, gt=0)
     factory: str | None = Field(default=None, description="'package.module:function' returning a LayerChain.")
+    model_type: LlamaModelType | None = Field(
+        default=None,
+        description="family llama: the Hugging Face model_type whose decoder layer builds each block (llama, "
+        "mistral, qwen2, qwen3); None is llama.",
+    )
+    head_dim: int | None = Field(
+        default=None, gt=0, strict=True,
+        description="Per-head dimension d; None is hidden // n_heads. q and o are h x (n_heads d), k and v are "
+        "h x (n_kv_heads d) (Qwen3 sets d = 128 whatever h is).",
+    )
+    qkv_bias: bool = Field(default=False, strict=True, description="q, k, v projections have biases (Qwen2; "
+                           "Llama/Qwen3 attention_bias).")
+    o_bias: bool = Field(default=False, strict=True, description="o projection has a bias (Llama/Qwen3 "
+                         "attention_bias).")
+    mlp_bias: bool = Field(default=False, strict=True, description="gate, up, down have biases (Llama mlp_bias).")
+    qk_norm: bool = Field(default=False, strict=True, description="RMSNorm over head_dim on q and k (Qwen3).")
+    sliding_window: int | None = Field(
+        default=None, gt=0, strict=True,
+        description="Span in tokens of the model's sliding-window attention layers (Mistral, Qwen with "
+        "use_sliding_window); None is full causal attention everywhere. Only seq_len <= sliding_window is planned, "
+        "where the window changes nothing.",
+    )
+    hidden_act: Activation | None = Field(
+        default=None, description="MLP activation; None is the family's (silu for llama, gelu_new for gpt)."
+    )
+    rope_scaling: dict[str, Any] | None = Field(
+        default=None,
+        description="Hugging Face rope_parameters other than rope_theta (rope_type llama3, yarn, ...), passed to "
+        "the built model; None is plain RoPE. Changes numerics, not costs.",
+    )
 
     @model_validator(mode="after")
     def _check_dims(self) -> ModelSpec:
@@ -60,11 +99,76 @@ class ModelSpec(_Frozen):
         if missing:
             raise ValueError(f"family '{self.family}' needs {', '.join(missing)}")
         assert self.hidden is not None and self.n_heads is not None and self.n_kv_heads is not None
-        if self.hidden % self.n_heads:
-            raise ValueError(f"hidden ({self.hidden}) must be divisible by n_heads ({self.n_heads})")
+        if self.head_dim is None and self.hidden % self.n_heads:
+            raise ValueError(f"hidden ({self.hidden}) must be divisible by n_heads ({self.n_heads}), or set head_dim")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
+        self._check_block_features()
         return self
+
+    def _check_block_features(self) -> None:
+        """Refuse fields the block that paraplan builds for this family/model_type would not have."""
+        if self.family == "gpt":
+            llama_only = {"model_type": None, "head_dim": None, "qkv_bias": False, "o_bias": False,
+                          "mlp_bias": False, "qk_norm": False, "sliding_window": None, "rope_scaling": None}
+            bad = [k for k, default in llama_only.items() if getattr(self, k) != default]
+            if bad:
+                raise ValueError(f"{', '.join(bad)} apply to family llama only; GPT-2 blocks have fixed biases, "
+                                 "head_dim = hidden / n_heads and learned positions")
+            if self.hidden_act not in (None, *GELU_ACTIVATIONS):
+                raise ValueError(f"family gpt uses a GELU MLP (one of {', '.join(GELU_ACTIVATIONS)}), "
+                                 f"not hidden_act '{self.hidden_act}'")
+            return
+        mt = self.model_type or "llama"
+        if self.hidden_act not in (None, "silu"):
+            raise ValueError(f"family llama uses a SwiGLU MLP (hidden_act silu), not '{self.hidden_act}'")
+        rules = [  # (broken, message): what the transformers decoder layer of this model_type builds
+            (mt in ("llama", "qwen3") and self.qkv_bias != self.o_bias,
+             f"model_type {mt} has one attention_bias for q, k, v and o: set qkv_bias and o_bias alike"),
+            (mt == "qwen2" and not (self.qkv_bias and not self.o_bias),
+             "model_type qwen2 always has q, k, v biases and no o bias: set qkv_bias true, o_bias false"),
+            (mt == "mistral" and (self.qkv_bias or self.o_bias),
+             "model_type mistral has no attention biases: set qkv_bias and o_bias false"),
+            (self.mlp_bias and mt != "llama",
+             f"model_type {mt} has no MLP biases (only llama's mlp_bias): set mlp_bias false"),
+            (self.qk_norm != (mt == "qwen3"),
+             "qk_norm must be true for model_type qwen3 (its q_norm/k_norm) and false otherwise"),
+            (self.sliding_window is not None and mt == "llama",
+             "model_type llama has no sliding-window attention: remove sliding_window, or use model_type "
+             "mistral/qwen2/qwen3"),
+        ]
+        bad = [message for broken, message in rules if broken]
+        if bad:
+            raise ValueError("; ".join(bad))
+
+    @property
+    def attention_head_dim(self) -> int | None:
+        """Per-head dimension d: ``head_dim``, else ``hidden // n_heads`` (None when unknown)."""
+        if self.head_dim is not None:
+            return self.head_dim
+        return self.hidden // self.n_heads if self.hidden and self.n_heads else None
+
+    def check_seq_len(self, seq_len: int) -> None:
+        """Refuse a sequence length this model cannot be planned at exactly.
+
+        Args:
+            seq_len: tokens per sequence of the training setup.
+
+        Raises:
+            TrainSpecError: ``seq_len`` exceeds ``max_seq_len`` (no positions beyond it), or exceeds
+                ``sliding_window`` (windowed attention then differs from the full causal attention paraplan costs).
+        """
+        if seq_len > self.max_seq_len:
+            raise TrainSpecError(
+                f"seq_len {seq_len} exceeds {self.name}'s max_seq_len {self.max_seq_len}; plan with "
+                f"--seq-len <= {self.max_seq_len}"
+            )
+        if self.sliding_window is not None and seq_len > self.sliding_window:
+            raise TrainSpecError(
+                f"seq_len {seq_len} exceeds {self.name}'s sliding window of {self.sliding_window} tokens: "
+                f"sliding-window attention of {self.sliding_window} tokens is not modelled (its FLOPs and memory "
+                f"differ from full attention); use --seq-len <= {self.sliding_window}"
+            )
 
 
 class DeviceSpec(_Frozen):
@@ -163,18 +267,29 @@ class ModelProfile(_Frozen):
                 return lp
         raise KeyError((kind, micro_batch_size))
 
-    def check_matches(self, spec: ModelSpec, train: TrainSpec, source: str | None = None) -> None:
-        """Refuse a profile taken for another model, sequence length or dtype than the one being costed.
+    def check_matches(self, spec: ModelSpec, train: TrainSpec, source: str | None = None,
+                      cluster: ClusterSpec | None = None) -> None:
+        """Refuse a profile taken for another model, sequence length, dtype or kind of device than the one costed.
 
         Args:
             spec: the model being planned or estimated.
             train: its training setup (``seq_len`` in tokens, ``dtype``).
             source: where the profile came from (a path), named in the message; None says "the profile".
+            cluster: the cluster being planned; its device kind (cuda or cpu) must be the profile's. A CPU's
+                measured times say nothing about a GPU's (and the reverse), so such a profile is refused whatever
+                dtype the user picks.
 
         Raises:
-            ProfileError: the profile's model, ``seq_len`` or ``dtype`` differs; the message says what to re-run.
+            ProfileError: the profile's model, ``seq_len``, ``dtype`` or device kind differs; the message says what
+                to re-run.
         """
         name = f"profile {source}" if source else "the profile"
+        if cluster is not None and self.device_kind != cluster.device.kind:
+            where = "a GPU" if cluster.device.kind == "cuda" else "this CPU machine"
+            raise ProfileError(
+                f"{name} was measured on {self.device_name} ({self.device_kind}) but {cluster.name} has "
+                f"{cluster.device.kind} devices; its times do not transfer. Plan without --profile (costs from FLOPs "
+                f"and the device catalog) or profile on {where}")
         if self.model != spec:
             raise ProfileError(f"{name} is of model {self.model.name}, not {spec.name}; profile this model")
         if self.seq_len != train.seq_len:
@@ -284,6 +399,25 @@ class Plan(_Frozen):
     predicted: Prediction
     solver: SolverInfo
     profile_path: str | None = None
+
+    @model_validator(mode="after")
+    def _check_consistent(self) -> Plan:
+        """A plan (perhaps edited by hand) must describe one batch and one world: the backends run what it says,
+        so a disagreement would train something other than what was priced."""
+        s, gb = self.strategy, self.train.global_batch
+        per_step = s.dp * s.micro_batch_size * s.grad_accum
+        if per_step != gb:
+            raise ValueError(
+                f"strategy trains dp x micro_batch_size x grad_accum = {s.dp} x {s.micro_batch_size} x "
+                f"{s.grad_accum} = {per_step} sequences per step but train.global_batch is {gb}; re-plan instead of "
+                "editing the plan")
+        for st in s.stages:
+            if st.recompute_blocks > st.n_blocks:
+                raise ValueError(f"stage {st.index} recomputes {st.recompute_blocks} of its {st.n_blocks} blocks")
+        if self.model.n_layers is not None and sum(st.n_blocks for st in s.stages) != self.model.n_layers:
+            raise ValueError(f"the stages hold {sum(st.n_blocks for st in s.stages)} blocks but {self.model.name} "
+                             f"has {self.model.n_layers}")
+        return self
 
 
 class LaunchSpec(_Frozen):

@@ -63,8 +63,10 @@ def check_stage_tiling(plan: Plan) -> None:
     """Refuse stages that do not cover the chain ``[embed, blocks..., head]`` exactly once, in order.
 
     Raises:
-        LaunchError: a gap, an overlap or an empty stage, or (when the spec gives ``n_layers``) a last stage that
-            does not end at the head, chain index ``n_layers + 1``.
+        LaunchError: a gap, an overlap or an empty stage, (when the spec gives ``n_layers``) a last stage that
+            does not end at the head, chain index ``n_layers + 1``, or a stage whose ``n_blocks`` (what the planner
+            priced; ``Plan`` checks their sum and ``recompute_blocks`` against it) differs from the blocks between
+            its boundaries.
     """
     expected = 0
     for stage in plan.strategy.stages:
@@ -80,11 +82,17 @@ def check_stage_tiling(plan: Plan) -> None:
             f"plan stages end at chain layer {expected - 1} but {plan.model.name} has {n_layers} blocks "
             f"(head at {n_layers + 1}). Re-plan"
         )
+    for stage, blocks in zip(plan.strategy.stages, stage_block_layers(plan)):
+        if len(blocks) != stage.n_blocks:  # the planner priced n_blocks; the backends run the boundaries
+            raise LaunchError(
+                f"plan stage {stage.index} says {stage.n_blocks} blocks but its chain layers "
+                f"{stage.first_layer}..{stage.last_layer} hold {len(blocks)}; re-plan instead of editing the stages"
+            )
 
 
 def stage_block_layers(plan: Plan) -> list[range]:
     """Chain indices of the blocks of each stage (blocks are chain layers ``1 .. L``), derived from the stage
-    boundaries alone; ``StagePlan.n_blocks`` is the planner's count and is not checked against them.
+    boundaries alone (:func:`check_stage_tiling` checks ``StagePlan.n_blocks``, the planner's count, against them).
 
     Assumes :func:`check_stage_tiling` passed, so the last stage ends at the head, chain index ``L + 1``.
     """

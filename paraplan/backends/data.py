@@ -46,6 +46,46 @@ def resolve_data_paths(data: list[str] | None) -> list[Path]:
     return files
 
 
+def min_corpus_bytes(seq_len: int) -> int:
+    """Fewest bytes ``ByteDataset`` accepts: a window is ``seq_len + 1`` bytes (the tokens and, shifted by one,
+    their next-token targets) and it draws window starts from ``len - seq_len - 1`` offsets, which must be >= 1."""
+    return seq_len + 2
+
+
+def corpus_bytes(paths: list[Path], max_bytes: int = MAX_BYTES) -> int:
+    """Bytes ``ByteDataset`` will read from ``paths``: their sizes summed, capped at ``max_bytes`` as it caps them."""
+    total = 0
+    for path in paths:
+        total += Path(path).stat().st_size
+        if total >= max_bytes:
+            return max_bytes
+    return total
+
+
+def check_corpus(paths: list[Path], seq_len: int, max_bytes: int = MAX_BYTES) -> None:
+    """Refuse, before any training process starts, a corpus ``ByteDataset`` would refuse in every rank.
+
+    Args:
+        paths: the files of ``--data`` (see :func:`resolve_data_paths`).
+        seq_len: tokens (bytes) per sequence.
+        max_bytes: the cap ``ByteDataset`` reads up to.
+
+    Raises:
+        LaunchError: fewer than :func:`min_corpus_bytes` bytes in all files together.
+    """
+    have, need = corpus_bytes(paths, max_bytes), min_corpus_bytes(seq_len)
+    if have < need:
+        raise LaunchError(_too_small(have, need, seq_len, paths))
+
+
+def _too_small(have: int, need: int, seq_len: int, paths: list[Path]) -> str:
+    names = ", ".join(str(p) for p in paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+    return (
+        f"--data ({names}) holds {have} bytes; training at seq_len {seq_len} needs at least {need} "
+        f"(seq_len + 2: one sequence and its next-token targets). Give more text or re-plan with a shorter --seq-len"
+    )
+
+
 class ByteDataset:
     """Fixed-length windows of bytes; ``batch(start, n)`` -> ``(tokens, targets)`` each ``(n, seq_len)`` int64."""
 
@@ -59,8 +99,8 @@ class ByteDataset:
             if total >= max_bytes:
                 break
         raw = b"".join(chunks)
-        if len(raw) < seq_len + 2:
-            raise LaunchError(f"data has {len(raw)} bytes; need at least seq_len + 2 = {seq_len + 2}")
+        if len(raw) < min_corpus_bytes(seq_len):
+            raise LaunchError(_too_small(len(raw), min_corpus_bytes(seq_len), seq_len, list(paths)))
         self.data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)  # uint8 keeps the resident set small
         self.seq_len = seq_len
         n_windows = len(raw) - seq_len - 1

@@ -1,36 +1,58 @@
 """Turn a plan into a run directory and start it with torchrun.
 
-``launch_plan`` writes ``plan.json``, ``launch.json`` and the backend's files (``emit_deepspeed`` ->
-``ds_config.json``; ``emit_torch`` -> ``torch_parallel.json``) into the run directory, then runs
-``torchrun --standalone --nproc-per-node N -m paraplan.backends.train_<backend> --run-dir DIR`` and reads back
-``metrics.jsonl``.
+``launch_plan`` first checks everything that would otherwise fail only inside the training processes (the plan's
+own consistency, the backend's support, the data, a factory model's importability), so a refused launch writes
+nothing and starts nothing. It then writes ``plan.json``, ``launch.json`` and the backend's files
+(``emit_deepspeed`` -> ``ds_config.json``; ``emit_torch`` -> ``torch_parallel.json``) into the run directory, runs
+``torchrun --standalone --nproc-per-node N -m paraplan.backends.train_<backend> --run-dir DIR`` with its output in
+``train.log``, and reads back ``metrics.jsonl``.
+
+While the job runs, SIGINT and SIGTERM to the launcher stop the whole job (torchrun runs in its own session, so a
+signal to the launcher alone would otherwise leave it and the ranks running) and ``launch_plan`` raises
+:class:`LaunchInterrupted` carrying exit code ``128 + signal`` (130, 143).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import torch
 
-from paraplan.backends.data import resolve_data_paths
-from paraplan.backends.deepspeed import DS_CONFIG_FILE, emit_deepspeed
-from paraplan.backends.torch_native import CONFIG_FILE, emit_torch
+from paraplan.backends.checks import check_stage_tiling
+from paraplan.backends.data import check_corpus, resolve_data_paths
+from paraplan.backends.deepspeed import DS_CONFIG_FILE, build_ds_config, emit_deepspeed
+from paraplan.backends.torch_native import CONFIG_FILE, build_torch_config, emit_torch
 from paraplan.backends.train_common import METRICS_FILE
-from paraplan.errors import LaunchError
+from paraplan.errors import LaunchError, LaunchInterrupted
 from paraplan.files import write_atomic
-from paraplan.types import Backend, LaunchSpec, Plan
+from paraplan.types import Backend, LaunchSpec, ModelSpec, Plan
+
+LOG_FILE = "train.log"
+# After forwarding SIGINT/SIGTERM, how long torchrun gets to stop its ranks before every process of the job is
+# killed. torchrun itself waits up to 30 s for its ranks; ranks stopped by SIGTERM exit at once, a rank blocked in a
+# collective after SIGINT may not, and a scheduler's own grace period (SLURM KillWait) is typically 30 s.
+SHUTDOWN_GRACE_S = 15.0
+FACTORY_IMPORT_TIMEOUT_S = 120.0
 
 
-def check_world_size(plan: Plan) -> None:
+def check_world_size(plan: Plan, local_devices: bool = True) -> None:
     """Refuse plans this machine cannot run.
 
+    Args:
+        plan: the plan to launch.
+        local_devices: also require the CUDA devices on this machine (False for a dry run, whose command may be
+            run elsewhere).
+
     Raises:
-        LaunchError: a CUDA plan with fewer local GPUs than devices per node, or a CPU plan whose process count
-            differs from the strategy's world size.
+        LaunchError: a strategy world size other than the cluster's, a multi-node cluster, or (``local_devices``)
+            a CUDA plan with fewer local GPUs than devices per node.
     """
     world = plan.strategy.world_size
     cluster = plan.cluster
@@ -44,7 +66,7 @@ def check_world_size(plan: Plan) -> None:
             f"plan is for {cluster.nodes} nodes ({cluster.name}); `paraplan launch` starts single-node jobs. "
             "Run the printed command (--dry-run) on every node with --nnodes/--node-rank set"
         )
-    if cluster.device.kind == "cuda":
+    if local_devices and cluster.device.kind == "cuda":
         have = torch.cuda.device_count()
         if have < cluster.devices_per_node:
             raise LaunchError(
@@ -54,12 +76,66 @@ def check_world_size(plan: Plan) -> None:
             )
 
 
+def check_plan(plan: Plan, backend: Backend, local_devices: bool = True) -> None:
+    """Everything about the plan itself that the training processes would otherwise fail on.
+
+    Raises:
+        LaunchError: see :func:`check_world_size`, ``checks.check_stage_tiling`` and the
+            backend's own checks (``check_deepspeed_plan``, ``torch_native.check_supported``).
+        TrainSpecError: a sequence length above the model's ``max_seq_len`` (``ModelSpec.check_seq_len``).
+    """
+    # The batch (dp x micro-batch x accumulation = global batch) is checked when the Plan is read.
+    check_world_size(plan, local_devices=local_devices)
+    check_stage_tiling(plan)
+    plan.model.check_seq_len(plan.train.seq_len)
+    # Built and dropped: what the backend refuses is refused before any file is written.
+    if backend == "deepspeed":
+        build_ds_config(plan)
+    else:
+        build_torch_config(plan)
+
+
+def check_factory_importable(spec: ModelSpec, env: dict[str, str]) -> None:
+    """Import a factory model's module in a fresh interpreter, as the training processes will.
+
+    The ranks run ``sys.executable -m ...`` with ``env`` in the current directory, so that is what is checked: the
+    launcher's own ``sys.path`` (an installed console script, an in-process test) can differ from theirs.
+
+    Raises:
+        LaunchError: the module does not import or lacks the function; the message has the import error.
+    """
+    if spec.factory is None:
+        return
+    module, _, func = spec.factory.partition(":")
+    code = "import importlib, sys; getattr(importlib.import_module(sys.argv[1]), sys.argv[2])"
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", code, module, func], env=env, capture_output=True, text=True,
+            timeout=FACTORY_IMPORT_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired:
+        raise LaunchError(
+            f"importing factory module '{module}' took over {FACTORY_IMPORT_TIMEOUT_S:.0f} s; the training "
+            "processes would hang the same way"
+        ) from None
+    if result.returncode != 0:
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        errors = [line for line in lines if _ERROR_LINE.match(line)]
+        why = (errors or lines or [f"exit code {result.returncode}"])[-1]
+        raise LaunchError(
+            f"the training processes cannot import factory '{spec.factory}' ({sys.executable} in {Path.cwd()}): "
+            f"{why}. Put the directory holding '{module.split('.')[0]}' on PYTHONPATH (export "
+            "PYTHONPATH=/that/dir) or install it, then launch again"
+        )
+
+
 def build_launch_spec(plan: Plan, backend: Backend, run_dir: Path, steps: int, data: list[str] | None) -> LaunchSpec:
     paths = resolve_data_paths(data)
     module = f"paraplan.backends.train_{backend}"
     # `python -m torch.distributed.run` is torchrun, found without relying on PATH (e.g. a venv not activated).
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={plan.cluster.devices_per_node}",
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc-per-node={plan.cluster.devices_per_node}",
         "-m", module, "--run-dir", str(run_dir),
     ]
     files = ["plan.json", "launch.json", DS_CONFIG_FILE if backend == "deepspeed" else CONFIG_FILE]
@@ -72,48 +148,261 @@ def build_launch_spec(plan: Plan, backend: Backend, run_dir: Path, steps: int, d
 def emit_run_dir(plan: Plan, backend: Backend, run_dir: Path, steps: int, data: list[str] | None) -> LaunchSpec:
     """Write every file of the run into ``run_dir`` (created if missing) and return the LaunchSpec."""
     spec = build_launch_spec(plan, backend, run_dir, steps, data)
-    emit = emit_deepspeed if backend == "deepspeed" else emit_torch
+    _write_run_dir(plan, spec)
+    return spec
+
+
+def _write_run_dir(plan: Plan, spec: LaunchSpec) -> None:
+    run_dir = Path(spec.run_dir)
+    emit = emit_deepspeed if spec.backend == "deepspeed" else emit_torch
     emit(plan, run_dir)  # writes through write_atomic, which creates run_dir
     write_atomic(run_dir / "plan.json", plan.model_dump_json(indent=2))
     write_atomic(run_dir / "launch.json", spec.model_dump_json(indent=2))
-    return spec
+
+
+def job_env(nproc_per_node: int) -> dict[str, str]:
+    """The environment torchrun and the ranks run with (the launcher's, plus unbuffered output and threads)."""
+    threads = os.environ.get("OMP_NUM_THREADS", str(cpu_threads_per_process(nproc_per_node)))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": threads}
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    env.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    return env
 
 
 def launch_plan(
     plan: Plan, backend: Backend, run_dir: Path, steps: int = 20, data: list[str] | None = None,
     dry_run: bool = False, quiet: bool = False,
 ) -> tuple[LaunchSpec, list[dict]]:
-    """Write the run directory and (unless ``dry_run``) run the job to completion.
+    """Check the plan, write the run directory and (unless ``dry_run``) run the job to completion.
+
+    Every check runs before the first file is written, for a dry run too (except the local CUDA device count: a
+    dry run prints the command for another machine).
 
     Returns:
         The LaunchSpec and the metrics rows (one dict per step; empty for a dry run).
 
     Raises:
-        LaunchError: world-size mismatch, or the job exited non-zero (its output tail is in the message).
+        LaunchError: a plan, data or factory model the job would fail on (see :func:`check_plan`,
+            ``data.check_corpus``, :func:`check_factory_importable`), or the job exited non-zero (the failing
+            rank's error line and the log's path are in the message).
+        LaunchInterrupted: SIGINT or SIGTERM stopped the job; ``exit_code`` is 130 or 143.
+        TrainSpecError: a sequence length above the model's positions.
     """
-    if not dry_run:
-        check_world_size(plan)
-    spec = emit_run_dir(plan, backend, run_dir, steps, data)
+    check_plan(plan, backend, local_devices=not dry_run)
+    spec = build_launch_spec(plan, backend, run_dir, steps, data)
+    check_corpus([Path(p) for p in spec.data_paths], plan.train.seq_len)
+    env = job_env(spec.nproc_per_node)
+    check_factory_importable(plan.model, env)
+    _write_run_dir(plan, spec)
     if dry_run:
         return spec, []
-    threads = os.environ.get("OMP_NUM_THREADS", str(cpu_threads_per_process(spec.nproc_per_node)))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": threads}
-    env.setdefault("MASTER_ADDR", "127.0.0.1")
-    env.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
-    log_path = run_dir / "train.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(spec.command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log_path = run_dir / LOG_FILE
+    stopper = JobStopper()
+    code = run_job(spec.command, env, log_path, stopper, quiet)
+    if stopper.signum is not None:
+        name = signal.Signals(stopper.signum).name
+        raise LaunchInterrupted(
+            f"{name} received: stopped the training job; steps done are in {run_dir / METRICS_FILE}, its output "
+            f"in {log_path}", exit_code=128 + stopper.signum,
+        )
+    if code != 0:
+        raise LaunchError(job_failure_message(code, log_path))
+    return spec, read_metrics(run_dir)
+
+
+def run_job(command: list[str], env: dict[str, str], log_path: Path, stopper: JobStopper, quiet: bool) -> int:
+    """Run ``command`` in its own session, its output into ``log_path`` (and ``step`` lines to stdout).
+
+    Returns:
+        torchrun's exit code (negative: killed by that signal).
+    """
+    with stopper, log_path.open("w", buffering=1) as log:  # line-buffered: the log keeps up with the job
+        # A session of its own: a terminal's Ctrl-C or a scheduler's signal reaches the job only through the
+        # stopper, which stops every process of it (torchrun starts each rank in a session of its own too).
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        stopper.attach(proc)
         assert proc.stdout is not None
         for line in proc.stdout:
             log.write(line)
             if not quiet and line.startswith("step "):
                 sys.stdout.write(line)
                 sys.stdout.flush()
-        code = proc.wait()
-    if code != 0:
-        tail = "".join(log_path.read_text().splitlines(keepends=True)[-30:])
-        raise LaunchError(f"training job exited with code {code}; last lines of {log_path}:\n{tail}")
-    return spec, read_metrics(run_dir)
+        return proc.wait()
+
+
+class JobStopper:
+    """While a job runs, SIGINT and SIGTERM stop the job instead of (only) the launcher.
+
+    The first signal is forwarded to torchrun's process group (torchrun then sends it to each rank's group and
+    waits for them); after :data:`SHUTDOWN_GRACE_S` every process group of the job is killed. A second signal kills
+    them at once. Handlers are installed only in the main thread (Python allows no other) and restored on exit.
+    """
+
+    def __init__(self, grace_s: float = SHUTDOWN_GRACE_S) -> None:
+        self.grace_s = grace_s
+        self.signum: int | None = None
+        self.proc: subprocess.Popen | None = None
+        self._groups: set[int] = set()
+        self._timer: threading.Timer | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> JobStopper:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self.signum is not None:
+            self.kill()  # nothing of the job outlives the launcher, even a rank torchrun lost track of
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+
+    def attach(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
+        if self.signum is not None:  # a signal arrived while the job was starting
+            self._stop(self.signum)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signum is not None:
+            self.kill()
+            return
+        self.signum = signum
+        if self.proc is not None:
+            self._stop(signum)
+
+    def _stop(self, signum: int) -> None:
+        assert self.proc is not None
+        self._groups.update(self._job_groups())
+        _signal_group(self.proc.pid, signum)
+        self._timer = threading.Timer(self.grace_s, self.kill)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _job_groups(self) -> set[int]:
+        """Process groups of torchrun and of every process below it (each rank leads a session of its own)."""
+        assert self.proc is not None
+        return {self.proc.pid, *_descendants(self.proc.pid)}
+
+    def kill(self) -> None:
+        """SIGKILL every process group of the job seen so far."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:  # once torchrun is reaped its pid may be reused: use what was seen before
+            self._groups.update(self._job_groups())
+        for group in list(self._groups):  # the grace timer's thread may call this too
+            _signal_group(group, signal.SIGKILL)
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass  # already gone (or a pid that no longer leads a group of ours)
+
+
+def _descendants(pid: int) -> set[int]:
+    """Pids of all processes below ``pid``, read from ``/proc`` (empty where there is none)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            stat = entry.read_text()
+        except OSError:
+            continue
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses, so split after the last ")".
+        ppid = int(stat.rpartition(")")[2].split()[1])
+        children.setdefault(ppid, []).append(int(entry.parent.name))
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+# Once a rank's process group is up, torch prefixes its uncaught traceback lines with "[rank3]:"; an error before
+# that (an import, a check before init) comes unprefixed, like torchrun's own output.
+_RANK_PREFIX = re.compile(r"^\[(?:rank|default)(\d+)\]:\s?")
+# A Python exception line as a traceback ends: "ValueError: ...", "paraplan.errors.LaunchError: ...".
+_ERROR_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*\w*(?:Error|Exception)\b.*:")
+_CHAINED = ("During handling of the above exception", "The above exception was the direct cause")
+_TORCHRUN_ERRORS = "torch.distributed.elastic."  # ChildFailedError, SignalException: torchrun's, not a rank's
+_ROOT_CAUSE = re.compile(r"Root Cause \(first observed failure\):\n\[\d+\]:\n(?:.*\n){0,3}?\s*rank\s*:\s*(\d+)")
+_NOT_CONTINUATION = re.compile(r"^(Traceback|[WEIF]\d{4} |\s*$)")
+
+
+def _final_error(lines: list[str]) -> str | None:
+    """The first exception line that ends a traceback (not one a later exception was chained to), with the lines
+    continuing its message."""
+    for i, line in enumerate(lines):
+        if not _ERROR_LINE.match(line) or line.startswith(_TORCHRUN_ERRORS):
+            continue
+        following = next((x for x in lines[i + 1:] if x.strip()), "")
+        if following.startswith(_CHAINED):
+            continue
+        more = []
+        for x in lines[i + 1: i + 6]:
+            if _NOT_CONTINUATION.match(x):
+                break
+            more.append(x)
+        return "\n".join([line, *more])
+    return None
+
+
+def worker_error(log_text: str) -> tuple[int | None, str] | None:
+    """The error of the first rank that failed, from a torchrun log.
+
+    The first rank to print an exception is taken as the first to fail (the others typically fail after it, on a
+    closed connection); its error is the exception that ends its traceback (earlier ones are chained causes).
+    Unprefixed tracebacks (a rank failing before its process group is up) are attributed to the rank torchrun names
+    as the root cause, when it names one.
+
+    Args:
+        log_text: the job's combined output (``train.log``).
+
+    Returns:
+        ``(rank or None, error)`` with the rank prefix stripped (the error may continue on following lines), or
+        None when no rank printed an exception.
+    """
+    by_rank: dict[int, list[str]] = {}
+    plain: list[str] = []
+    first_rank: int | None = None
+    for raw in log_text.splitlines():
+        m = _RANK_PREFIX.match(raw)
+        if m is None:
+            plain.append(raw)
+            continue
+        rank, text = int(m.group(1)), raw[m.end():]
+        by_rank.setdefault(rank, []).append(text)
+        if first_rank is None and _ERROR_LINE.match(text):
+            first_rank = rank
+    if first_rank is not None:
+        error = _final_error(by_rank[first_rank])
+        if error is not None:
+            return first_rank, error
+    error = _final_error(plain)
+    if error is None:
+        return None
+    root = _ROOT_CAUSE.search(log_text)
+    return (int(root.group(1)) if root else None), error
+
+
+def job_failure_message(code: int, log_path: Path) -> str:
+    """What to tell the user about a job that exited with ``code``: the failing rank's own error when the log
+    has one (not torchrun's ChildFailedError summary), else the log's last lines; always the log's path."""
+    text = log_path.read_text(errors="replace") if log_path.exists() else ""
+    found = worker_error(text)
+    if found is not None:
+        rank, error = found
+        where = f" on rank {rank}" if rank is not None else ""
+        return f"training job failed{where}: {error}\n(full output: {log_path})"
+    tail = "".join(text.splitlines(keepends=True)[-30:])
+    return f"training job exited with code {code}; last lines of {log_path}:\n{tail}"
 
 
 def cpu_threads_per_process(nproc: int) -> int:

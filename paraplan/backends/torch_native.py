@@ -15,8 +15,8 @@ ZeRO stage -> wrapper (over the ``dp`` mesh dimension; nothing when dp == 1 and 
   gathered between forward and backward).
 - 3: FSDP2 ``fully_shard(reshard_after_forward=True)`` (parameters sharded too).
 
-Optimizer offload uses FSDP2's ``CPUOffloadPolicy`` (CUDA only), which keeps sharded parameters, gradients and
-optimizer states on the host and runs the optimizer step there.
+Plans with optimizer offload are refused: the planner prices DeepSpeed's optimizer-only offload, while FSDP2's
+``CPUOffloadPolicy`` (CUDA only) keeps parameters and gradients on the host too.
 """
 
 from __future__ import annotations
@@ -152,17 +152,19 @@ def check_supported(plan: Plan) -> None:
     """Refuse plans the native torch backend cannot run, saying what to change.
 
     Raises:
-        LaunchError: optimizer offload on a CPU cluster, fp16, tensor parallelism for a non-Llama model or a degree
-            that does not divide the heads / key-value heads / MLP width, fewer micro-batches than pipeline
-            stages, pp > 1 without hidden/vocab in the spec, tied embeddings split across pipeline stages, or
-            stages that do not tile the layer chain.
+        LaunchError: optimizer offload (plans price optimizer-only offload), fp16, tensor parallelism for a
+            non-Llama model or a degree that does not divide the heads / key-value heads / MLP width, fewer
+            micro-batches than pipeline stages, pp > 1 without hidden/vocab in the spec, tied embeddings split across
+            pipeline stages, or stages that do not tile the layer chain.
     """
     st, spec = plan.strategy, plan.model
-    if st.offload_optimizer and plan.cluster.device.kind != "cuda":
+    if st.offload_optimizer:
+        # FSDP2's CPUOffloadPolicy would keep parameters and gradients on the host too (copied in for every forward
+        # and backward), which the plan's cost model did not price: it prices DeepSpeed's optimizer-only offload.
         raise LaunchError(
-            f"plan offloads optimizer states but cluster {plan.cluster.name} has no CUDA devices; the torch backend "
-            "offloads with FSDP2's CPUOffloadPolicy, which needs CUDA. Re-plan without optimizer offload, or launch "
-            "with --backend deepspeed"
+            "the plan offloads optimizer states; the torch backend has no optimizer-only offload (FSDP2's "
+            "CPUOffloadPolicy also moves parameters and gradients to the host, which the plan did not price). "
+            "Launch with --backend deepspeed or re-plan with --backend torch"
         )
     if plan.train.dtype == "fp16":
         raise LaunchError(

@@ -92,6 +92,8 @@ class MetricsWriter:
                 "tokens_per_s": self.tokens_per_step / step_time_s if step_time_s > 0 else 0.0,
                 "peak_memory_bytes": mems, **extra,
             }
+            # Opened per row and closed (flushed) at once, in one write: a run killed mid-way keeps every step
+            # it finished, each a whole line.
             with self.path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             print(f"step {step:4d}  loss {loss:.4f}  step {step_time_s * 1e3:8.1f} ms", flush=True)

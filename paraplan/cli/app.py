@@ -1,54 +1,127 @@
-"""The ``paraplan`` command line: models, profile, plan, launch. Thin commands over the library.
+"""The ``paraplan`` command line: models, profile, plan, estimate, launch. Thin commands over the library.
 
-Errors a user can fix (ParaplanError, pydantic ValidationError) print a short message and exit 1; other
-exceptions keep their traceback.
+Every user error (ParaplanError, pydantic ValidationError, a bad option value or usage) prints a short message on
+stderr and exits 1; other exceptions keep their traceback. ``--json`` output is the only thing on stdout: solver
+logs, progress and warnings go to stderr.
 """
 
 from __future__ import annotations
 
+import errno
+import functools
 import json
+import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from typer.core import TyperGroup
 
-from paraplan.errors import ParaplanError, ProfileError, StrategyError, format_validation_error
-from paraplan.files import read_model, write_atomic
+from paraplan import __version__
+from paraplan.errors import LaunchError, ParaplanError, ProfileError, StrategyError, format_validation_error
+from paraplan.files import check_output_path, read_model, write_atomic
 from paraplan.types import Plan, StrategyOverride, TrainSpec
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
+
+# typer >= 0.25 ships its own copy of click; its UsageError is the base of the public typer.BadParameter.
+_UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
+class _Group(TyperGroup):
+    """Click's usage errors (unknown option, bad value, missing argument) exit 1 like every other user error.
+
+    Click and typer exit 2 on usage errors; paraplan's contract is one code for "change your input" (1), so a
+    script or scheduler tells user errors (1) from crashes and signals.
+    """
+
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except _UsageError as exc:
+            exc.exit_code = 1
+            raise
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except _UsageError as exc:
+            exc.exit_code = 1
+            raise
+
+
+app = typer.Typer(cls=_Group, no_args_is_help=True, help=__doc__.splitlines()[0])
 # Piped output (CI logs, tests) gets a wide table instead of rich's 80-column default.
 _WIDTH = shutil.get_terminal_size((160, 24)).columns
 console = Console(width=_WIDTH)
 err_console = Console(stderr=True, width=_WIDTH)
 
 
+def _version(value: bool) -> None:
+    if value:
+        print(f"paraplan {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """paraplan: plan and launch parallel PyTorch training (profile, plan, estimate, launch)."""
+
+
+def _error(message: str) -> None:
+    """Print ``error: message`` on stderr; the message is plain text (brackets in it are not rich markup)."""
+    from rich.text import Text
+
+    err_console.print(Text("error: ", style="bold red") + Text(message), highlight=False, soft_wrap=True)
+
+
 def _fail(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    _error(message)
     raise typer.Exit(1)
+
+
+_OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG}
 
 
 def _guard(func):
     """Render user errors as a message + exit 1."""
-    import functools
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
         except ParaplanError as exc:
-            _fail(str(exc))
+            _error(str(exc))
+            raise typer.Exit(getattr(exc, "exit_code", 1)) from None
         except ValidationError as exc:
             _fail(format_validation_error("input", exc))
+        except OSError as exc:
+            if exc.errno not in _OUTPUT_ERRNOS:
+                raise
+            _fail(f"cannot write output: {exc.strerror} ({exc.filename or 'stdout'})")
 
     return wrapper
 
 
+def print_json(obj: object) -> None:
+    """Write ``obj`` as JSON on stdout (the only thing a ``--json`` command writes there)."""
+    sys.stdout.write(json.dumps(obj, indent=2) + "\n")
+    sys.stdout.flush()
+
+
 _STRATEGY_KEYS = {"dp": "dp", "tp": "tp", "pp": "pp", "mb": "micro_batch_size", "micro_batch": "micro_batch_size",
                   "zero": "zero_stage", "offload": "offload_optimizer", "recompute": "recompute"}
+STRATEGY_HELP = (
+    "Force parts of the strategy, comma-separated key=value: dp, tp, pp (positive integers), mb or micro_batch "
+    "(sequences per micro-batch), zero (ZeRO stage 0-3), offload (optimizer states in host memory: true/false), "
+    "recompute (none or full). Example: dp=2,tp=1,pp=1,mb=2,zero=3,offload=false,recompute=full"
+)
 
 
 def parse_strategy(text: str | None) -> StrategyOverride:
@@ -58,7 +131,7 @@ def parse_strategy(text: str | None) -> StrategyOverride:
     a boolean (true/false, yes/no, on/off, 1/0) for offload, none or full for recompute.
 
     Raises:
-        StrategyError: an unknown key, a part without ``=``, or a value its field does not accept.
+        StrategyError: an unknown or repeated key, a part without ``=``, or a value its field does not accept.
     """
     if not text:
         return StrategyOverride()
@@ -66,10 +139,15 @@ def parse_strategy(text: str | None) -> StrategyOverride:
     written: dict[str, str] = {}  # field -> the key=value the user wrote, for the error message
     for part in text.split(","):
         key, sep, value = part.strip().partition("=")
+        key = key.strip()
         if not sep or key not in _STRATEGY_KEYS:
             raise StrategyError(f"--strategy '{part}': write key=value with keys {', '.join(_STRATEGY_KEYS)}")
-        fields[_STRATEGY_KEYS[key]] = value
-        written[_STRATEGY_KEYS[key]] = part.strip()
+        field = _STRATEGY_KEYS[key]
+        if field in fields:
+            raise StrategyError(f"--strategy gives {field} twice ('{written[field]}' and '{part.strip()}'); "
+                                "give each key once")
+        fields[field] = value.strip()
+        written[field] = part.strip()
     try:
         return StrategyOverride(**fields)
     except ValidationError as exc:
@@ -82,13 +160,19 @@ def parse_strategy(text: str | None) -> StrategyOverride:
 
 @app.command("models")
 @_guard
-def models_cmd() -> None:
+def models_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the presets as JSON (ModelSpec fields and params).")
+                       ] = False,
+) -> None:
     """List model presets with their parameter counts."""
-    from rich.table import Table
-
     from paraplan.cost_models.transformer import model_params
     from paraplan.models.presets import PRESETS
     from paraplan.units import format_count
+
+    if as_json:
+        print_json([{**s.model_dump(exclude_none=True), "params": model_params(s)} for s in PRESETS.values()])
+        return
+    from rich.table import Table
 
     table = Table(title="model presets")
     for col in ("name", "family", "params", "layers", "hidden", "ffn", "heads", "kv heads", "vocab"):
@@ -102,33 +186,36 @@ def models_cmd() -> None:
 @app.command("profile")
 @_guard
 def profile_cmd(
-    model: Annotated[str, typer.Argument(help="Preset, model/config file, or package.module:factory.")],
+    model: Annotated[str, typer.Argument(help="Preset, model/config file (or a folder with config.json), or "
+                                              "package.module:factory.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the profile JSON.")] = Path(
         "profile.json"),
     micro_batches: Annotated[str, typer.Option(help="Comma-separated micro-batch sizes.")] = "1,2,4",
-    seq_len: Annotated[int, typer.Option(help="Sequence length (tokens).")] = 128,
+    seq_len: Annotated[int, typer.Option(help="Sequence length (tokens).", min=1)] = 128,
     dtype: Annotated[str, typer.Option(help="fp32, bf16 or fp16.")] = "fp32",
-    warmup: Annotated[int, typer.Option(help="Untimed runs per measurement.")] = 2,
-    repeats: Annotated[int, typer.Option(help="Timed runs per measurement (median reported).")] = 5,
+    warmup: Annotated[int, typer.Option(help="Untimed runs per measurement.", min=0)] = 2,
+    repeats: Annotated[int, typer.Option(help="Timed runs per measurement (median reported).", min=1)] = 5,
     links: Annotated[bool, typer.Option(help="Also measure copy and collective bandwidth.")] = True,
     threads: Annotated[Optional[int], typer.Option(
         help="CPU only: torch threads while profiling. Use what each training process gets: cores / processes "
-             "(`launch` runs cpu:N with that many).")] = None,
+             "(`launch` runs cpu:N with that many).", min=1)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary (per-layer times, bytes, FLOPs) "
+                                                         "instead of the table.")] = False,
 ) -> None:
     """Measure per-layer forward/backward time, parameter and activation memory and FLOPs on this device."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from paraplan.models.presets import load_model_spec
-    from paraplan.profiler import profile_model
 
     spec = load_model_spec(model)
+    check_output_path(output, "-o")
     try:
         sizes = [int(x) for x in micro_batches.split(",") if x.strip()]
     except ValueError:
         raise ProfileError(f"--micro-batches {micro_batches}: write comma-separated integers, e.g. 1,2,4") from None
+    from paraplan.profiler import profile_model
+
     if threads is not None:
-        if threads < 1:
-            raise ProfileError("--threads must be >= 1")
         import torch
 
         torch.set_num_threads(threads)
@@ -142,7 +229,12 @@ def profile_cmd(
 
         prof = profile_model(spec, sizes, seq_len, dtype=dtype, warmup=warmup, repeats=repeats,
                              progress=progress, links=links)
-    write_atomic(output, prof.model_dump_json(indent=2))
+    write_atomic(output, prof.model_dump_json(indent=2), "-o")
+    if as_json:
+        print_json({"model": prof.model.name, "device_name": prof.device_name, "device_kind": prof.device_kind,
+                    "dtype": prof.dtype, "seq_len": prof.seq_len, "output": str(output),
+                    "layers": [lp.model_dump() for lp in prof.layers], "links": [lk.model_dump() for lk in prof.links]})
+        return
     _print_profile(prof)
     console.print(f"wrote {output}")
 
@@ -163,8 +255,8 @@ def _print_profile(prof) -> None:
 
 
 def load_profile(path: Path | None):
-    """The ModelProfile in ``path`` (None for None). Whether it suits the model, sequence length and dtype is
-    checked by the library (``ModelProfile.check_matches``) when it is used."""
+    """The ModelProfile in ``path`` (None for None). Whether it suits the model, sequence length, dtype and
+    device kind is checked by the library (``ModelProfile.check_matches``) when it is used."""
     from paraplan.types import ModelProfile
 
     if path is None:
@@ -195,19 +287,19 @@ def _warn_thread_mismatch(prof, clus) -> None:
 @app.command("plan")
 @_guard
 def plan_cmd(
-    model: Annotated[str, typer.Argument(help="Preset, model/config file, or package.module:factory.")],
+    model: Annotated[str, typer.Argument(help="Preset, model/config file (or a folder with config.json), or "
+                                              "package.module:factory.")],
     cluster: Annotated[str, typer.Option(help="cpu:N, 8xH100-80GB, 4x8xA100-80GB or a cluster file.")],
-    global_batch: Annotated[int, typer.Option(help="Sequences per optimizer step.")],
-    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")],
+    global_batch: Annotated[int, typer.Option(help="Sequences per optimizer step.", min=1)],
+    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.", min=1)],
     profile: Annotated[Optional[Path], typer.Option(help="Profile from `paraplan profile`.")] = None,
     dtype: Annotated[str, typer.Option(help="auto (fp32 on CPU, bf16 on GPU), bf16, fp16 or fp32.")] = "auto",
-    strategy: Annotated[Optional[str], typer.Option(help="Force parts: dp=2,tp=1,pp=1,mb=2,zero=3,recompute=full")
-                        ] = None,
+    strategy: Annotated[Optional[str], typer.Option(help=STRATEGY_HELP)] = None,
     backend: Annotated[str, typer.Option(help="Backend(s) the plan must run on: any (both), deepspeed, torch, or "
                                               "unconstrained (cost only, e.g. GPT with tp).")] = "any",
-    top: Annotated[int, typer.Option("--top", help="Plans to show.")] = 5,
+    top: Annotated[int, typer.Option("--top", help="Plans to show.", min=1)] = 5,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-3,
-    time_limit: Annotated[float, typer.Option(help="MILP time limit per candidate (s).")] = 10.0,
+    time_limit: Annotated[float, typer.Option(help="MILP time limit per candidate (s, > 0).")] = 10.0,
     memory_fraction: Annotated[float, typer.Option(
         help="Share of device memory a plan may fill (headroom for fragmentation).", min=0.1, max=1.0)] = 0.95,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary instead of the table.")] = False,
@@ -220,23 +312,52 @@ def plan_cmd(
 
     if backend not in ("any", "deepspeed", "torch", "unconstrained"):
         raise StrategyError(f"--backend {backend}: use any, deepspeed, torch or unconstrained")
+    if not time_limit > 0:
+        raise StrategyError(f"--time-limit must be > 0 seconds, got {time_limit:g}")
+    override = parse_strategy(strategy)
+    check_output_path(output, "-o")
     spec = load_model_spec(model)
     clus = load_cluster_spec(cluster)
     dtype = resolve_dtype(dtype, clus)
     train = TrainSpec(global_batch=global_batch, seq_len=seq_len, dtype=dtype, lr=lr)  # type: ignore[arg-type]
     prof = load_profile(profile)
-    plans = search_plans(spec, clus, train, prof, parse_strategy(strategy), top_k=top, backend=backend,
-                         time_limit_s=time_limit, profile_path=str(profile) if profile else None,
-                         memory_fraction=memory_fraction)
+    with _search_status() as on_progress:
+        plans = search_plans(spec, clus, train, prof, override, top_k=top, backend=backend,
+                             time_limit_s=time_limit, profile_path=str(profile) if profile else None,
+                             memory_fraction=memory_fraction, progress=on_progress)
     _warn_thread_mismatch(prof, clus)
-    write_atomic(output, plans[0].model_dump_json(indent=2))
+    write_atomic(output, plans[0].model_dump_json(indent=2), "-o")
     if as_json:
-        print(json.dumps(plan_summary(plans[0]), indent=2))
+        print_json(plan_summary(plans[0]))
         return
     from paraplan.cli.render import render_plans
 
     render_plans(console, plans)
     console.print(f"wrote {output}")
+
+
+class _search_status:
+    """A one-line status on stderr while ``plan`` searches: candidates solved, pruned and the incumbent."""
+
+    def __enter__(self):
+        from rich.status import Status
+
+        self._status = Status("planning: enumerating candidates", console=err_console)
+        if err_console.is_terminal:
+            self._status.start()
+        return self._update
+
+    def _update(self, p) -> None:
+        best = "none yet"
+        if p.best is not None:
+            b = p.best
+            best = (f"{p.best_step_time_s * 1e3:,.1f} ms/step at dp={b.dp} tp={b.tp} pp={b.pp} "
+                    f"mb={b.micro_batch_size}")
+        self._status.update(f"planning: {p.solved + p.pruned}/{p.total} candidates ({p.solved} MILPs solved, "
+                            f"{p.pruned} pruned by bound, {p.rejected} excluded by rules); best {best}")
+
+    def __exit__(self, *exc) -> None:
+        self._status.stop()
 
 
 def plan_summary(plan: Plan) -> dict:
@@ -255,27 +376,55 @@ def plan_summary(plan: Plan) -> dict:
     }
 
 
+def _run_dir(plan_path: Path, backend: str, run_dir: Path | None) -> Path:
+    """The run directory: ``--run-dir`` when given (refused if it is a file or already holds a run), else
+    ``runs/<plan>-<backend>``, or the first ``runs/<plan>-<backend>-N`` that holds no earlier run.
+
+    Raises:
+        LaunchError: ``--run-dir`` is a file, or a directory with an earlier run's metrics.jsonl or train.log.
+    """
+    from paraplan.backends.train_common import METRICS_FILE
+
+    def used(d: Path) -> bool:
+        return (d / METRICS_FILE).exists() or (d / "train.log").exists()
+
+    if run_dir is not None:
+        if run_dir.exists() and not run_dir.is_dir():
+            raise LaunchError(f"--run-dir {run_dir} is a file; give a directory (it is created if missing)")
+        if run_dir.is_dir() and used(run_dir):
+            raise LaunchError(f"--run-dir {run_dir} holds an earlier run (metrics.jsonl / train.log); give a new "
+                              "directory or delete that one")
+        return run_dir
+    base = Path("runs") / f"{plan_path.stem}-{backend}"
+    candidate, n = base, 1
+    while candidate.exists() and (not candidate.is_dir() or used(candidate)):
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    if candidate != base:
+        err_console.print(f"{base} holds an earlier run; this run goes to {candidate}", highlight=False)
+    return candidate
+
+
 @app.command("launch")
 @_guard
 def launch_cmd(
     plan_path: Annotated[Path, typer.Argument(help="plan.json from `paraplan plan`.")],
     backend: Annotated[str, typer.Option(help="deepspeed or torch.")] = "torch",
-    steps: Annotated[int, typer.Option(help="Optimizer steps to train.")] = 20,
+    steps: Annotated[int, typer.Option(help="Optimizer steps to train.", min=1)] = 20,
     data: Annotated[Optional[list[str]], typer.Option(help="Text files or directories (repeatable); default: "
                                                            "the Python standard library's sources.")] = None,
-    run_dir: Annotated[Optional[Path], typer.Option(help="Run directory (default runs/<plan>-<backend>).")] = None,
+    run_dir: Annotated[Optional[Path], typer.Option(
+        help="Run directory (default runs/<plan>-<backend>, or runs/<plan>-<backend>-N when that holds a run).")
+    ] = None,
     dry_run: Annotated[bool, typer.Option(help="Write the files and print the command only.")] = False,
 ) -> None:
     """Write DeepSpeed or native torch launch files for a plan and train with torchrun."""
     from paraplan.backends.launch import launch_plan
-    from paraplan.errors import LaunchError
 
     if backend not in ("deepspeed", "torch"):
         raise LaunchError(f"--backend {backend}: use deepspeed or torch")
-    if steps < 1:
-        raise LaunchError("--steps must be >= 1")
     plan = read_model(plan_path, Plan, "plan", LaunchError, f"run `paraplan plan ... -o {plan_path}` first")
-    run = run_dir or Path("runs") / f"{plan_path.stem}-{backend}"
+    run = _run_dir(plan_path, backend, run_dir)
     spec, rows = launch_plan(plan, backend, run, steps=steps, data=data, dry_run=dry_run)  # type: ignore[arg-type]
     console.print(f"run directory: {run} ({', '.join(spec.files)})")
     console.print("command: " + " ".join(spec.command), highlight=False, soft_wrap=True)
@@ -292,4 +441,25 @@ _estimate.register(app, _guard)
 
 
 def main() -> None:
-    app(prog_name="paraplan")
+    """Console-script entry point: run the app, then make sure stdout was really written.
+
+    Output that could not be written (a closed pipe, a full disk behind a redirect) is reported in one line on
+    stderr with exit code 1 instead of Python's "Exception ignored" message at shutdown.
+    """
+    try:
+        app(prog_name="paraplan")
+    except SystemExit as exc:
+        _flush_stdout()
+        raise
+    _flush_stdout()
+
+
+def _flush_stdout() -> None:
+    try:
+        sys.stdout.flush()
+    except OSError as exc:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's own flush at exit cannot fail again
+        if exc.errno != errno.EPIPE:  # a reader that went away (| head) is not an error worth a message
+            sys.stderr.write(f"error: cannot write output: {exc.strerror}\n")
+        sys.exit(1)

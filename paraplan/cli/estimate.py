@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -80,16 +79,17 @@ def register(app: typer.Typer, guard) -> None:
     @app.command("estimate")
     @guard
     def estimate_cmd(
-        model: Annotated[str, typer.Argument(help="Preset or model file (.yaml/.json: family, n_layers, hidden, "
-                                                  "ffn_hidden, n_heads, n_kv_heads, vocab, tied_embeddings).")],
+        model: Annotated[str, typer.Argument(help="Preset, model file (.yaml/.json: family, n_layers, hidden, "
+                                                  "ffn_hidden, n_heads, n_kv_heads, vocab, tied_embeddings), or a "
+                                                  "Hugging Face config.json (or its folder).")],
         cluster: Annotated[str, typer.Option(help="cpu:N, 8xH100-80GB, 4x8xA100-80GB or a cluster file.")],
-        global_batch: Annotated[int, typer.Option(help="Sequences per optimizer step.")],
-        seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")],
-        tp: Annotated[int, typer.Option(help="Tensor-parallel degree.")],
-        pp: Annotated[int, typer.Option(help="Pipeline-parallel degree.")],
-        dp: Annotated[int, typer.Option(help="Data-parallel degree (dp x tp x pp = devices).")],
-        micro_batch: Annotated[int, typer.Option(help="Sequences per micro-batch.")],
-        vpp: Annotated[int, typer.Option(help="Virtual pipeline stages per device (interleaved 1F1B).")] = 1,
+        global_batch: Annotated[int, typer.Option(help="Sequences per optimizer step.", min=1)],
+        seq_len: Annotated[int, typer.Option(help="Tokens per sequence.", min=1)],
+        tp: Annotated[int, typer.Option(help="Tensor-parallel degree.", min=1)],
+        pp: Annotated[int, typer.Option(help="Pipeline-parallel degree.", min=1)],
+        dp: Annotated[int, typer.Option(help="Data-parallel degree (dp x tp x pp = devices).", min=1)],
+        micro_batch: Annotated[int, typer.Option(help="Sequences per micro-batch.", min=1)],
+        vpp: Annotated[int, typer.Option(help="Virtual pipeline stages per device (interleaved 1F1B).", min=1)] = 1,
         schedule: Annotated[str, typer.Option(help="Pipeline schedule: 1f1b or gpipe.")] = "1f1b",
         sequence_parallel: Annotated[bool, typer.Option("--sequence-parallel",
                                                         help="Megatron sequence parallelism.")] = False,
@@ -126,6 +126,6 @@ def register(app: typer.Typer, guard) -> None:
         est = estimate_strategy(spec, clus, train, st, prof)
         source = "profile" if prof is not None else "analytic"
         if as_json:
-            print(json.dumps(estimate_summary(est, clus, source), indent=2))
+            cli.print_json(estimate_summary(est, clus, source))
             return
         _render(cli.console, spec, clus, train, st, est, source)

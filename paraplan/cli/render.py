@@ -80,7 +80,12 @@ def render_measured(console: Console, plan: Plan, rows: list[dict]) -> None:
         table.add_column(col, justify="right")
     t_err = (pred.step_time_s - meas["step_time_s"]) / meas["step_time_s"]
     m_err = (pred.peak_memory_bytes - meas["peak_memory_bytes"]) / meas["peak_memory_bytes"]
-    table.add_row(f"step time (mean of steps {WARMUP_STEPS + 1}+)", format_seconds(meas["step_time_s"]),
+    n = len(rows)
+    if n > WARMUP_STEPS:
+        which = f"mean of steps {WARMUP_STEPS + 1}-{n}" if n > WARMUP_STEPS + 1 else f"step {n}"
+    else:  # too few steps to leave out the warm-up ones: say so rather than name steps that did not run
+        which = f"mean of all {n} steps, warm-up included" if n > 1 else "the only step, warm-up included"
+    table.add_row(f"step time ({which})", format_seconds(meas["step_time_s"]),
                   format_seconds(pred.step_time_s), f"{t_err:+.0%}")
     table.add_row("peak memory per rank (max)", format_bytes(meas["peak_memory_bytes"]),
                   format_bytes(pred.peak_memory_bytes), f"{m_err:+.0%}")

@@ -92,12 +92,15 @@ def validate_strategy(
         StrategyError: degrees that do not fit the cluster or the model, a bad ZeRO stage or recomputation, or a
             factory model (family ``custom``) without a profile.
         TrainSpecError: a global batch not divisible by dp x micro-batch.
-        ProfileError: a profile of another model, sequence length or dtype (:meth:`ModelProfile.check_matches`).
+        ProfileError: a profile of another model, sequence length, dtype or device kind
+            (:meth:`ModelProfile.check_matches`).
+        TrainSpecError: a sequence length the model cannot run (:meth:`ModelSpec.check_seq_len`).
     """
     if profile is None and spec.family == "custom":
         raise StrategyError(f"{spec.name} is a factory model: run `paraplan profile` and pass --profile")
     if profile is not None:
-        profile.check_matches(spec, train)
+        profile.check_matches(spec, train, cluster=cluster)
+    spec.check_seq_len(train.seq_len)
     world = cluster.world_size
     L = spec.n_layers or 0
     if st.dp * st.tp * st.pp != world:

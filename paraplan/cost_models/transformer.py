@@ -1,7 +1,10 @@
 """Analytic per-layer costs of Llama- and GPT-style decoder blocks: parameters, FLOPs, saved activations.
 
-Notation: b micro-batch, s sequence length, h hidden, f FFN hidden, a heads, k key/value heads, d = h/a head
-dimension, v vocabulary, t tensor-parallel degree. FLOPs count a multiply-add as 2 FLOPs.
+Notation: b micro-batch, s sequence length, h hidden, f FFN hidden, a heads, k key/value heads, d head dimension
+(``spec.head_dim``, else h/a; Qwen3 and Gemma set ``a d != h``), v vocabulary, t tensor-parallel degree. FLOPs
+count a multiply-add as 2 FLOPs. Llama-family blocks (model_type llama, mistral, qwen2, qwen3) share one formula;
+their optional biases and q/k norms (``qkv_bias``, ``o_bias``, ``mlp_bias``, ``qk_norm``) add parameters and
+element-wise work but no matmul FLOPs.
 """
 
 from __future__ import annotations
@@ -14,32 +17,45 @@ def _dims(spec: ModelSpec) -> tuple[int, int, int, int, int]:
     return spec.hidden, spec.ffn_hidden, spec.n_heads, spec.n_kv_heads, spec.vocab
 
 
+def _head_dim(spec: ModelSpec) -> int:
+    d = spec.attention_head_dim
+    assert d
+    return d
+
+
 def block_matmul_params(spec: ModelSpec) -> int:
     """Weights of the block's matrix multiplies.
 
     Formula:
-        llama: q and o ``h^2`` each, k and v ``h k d`` each, SwiGLU ``3 h f`` (gate, up, down).
+        llama: q and o ``h a d`` each, k and v ``h k d`` each, SwiGLU ``3 h f`` (gate, up, down); with
+            ``a d = h`` the attention part is the familiar ``2 h^2 + 2 h k d``.
         gpt: fused qkv ``3 h^2``, proj ``h^2``, MLP ``2 h f``.
-    Source: the module definitions (transformers LlamaDecoderLayer, GPT2Block); for GPT with f = 4h this is the
-        ``12 h^2`` of Narayanan et al. SC'21 eq. 2.
+    Source: the module definitions (transformers LlamaAttention/Qwen3Attention: q_proj ``h -> a d``, k/v_proj
+        ``h -> k d``, o_proj ``a d -> h``; GPT2Block); for GPT with f = 4h this is the ``12 h^2`` of Narayanan et al.
+        SC'21 eq. 2.
     """
     h, f, a, k, _ = _dims(spec)
-    d = h // a
     if spec.family == "llama":
-        return 2 * h * h + 2 * h * k * d + 3 * h * f
+        d = _head_dim(spec)
+        return 2 * h * a * d + 2 * h * k * d + 3 * h * f
     return 4 * h * h + 2 * h * f
 
 
 def block_params(spec: ModelSpec) -> int:
     """All parameters of one block: matmul weights plus norms and biases.
 
-    Formula: llama adds two RMSNorm weights (``2h``); gpt adds two LayerNorms (``4h``) and biases
-    (qkv ``3h``, proj ``h``, fc ``f``, fc-proj ``h``). Source: module definitions; GPT total is Narayanan eq. 2's
-    ``12 h^2 + 13 h`` for f = 4h.
+    Formula: llama adds two RMSNorm weights (``2h``), plus q, k, v biases ``a d + 2 k d`` (qkv_bias), the o bias
+    ``h`` (o_bias), MLP biases ``2 f + h`` (mlp_bias) and the per-head q and k RMSNorm weights ``2 d`` (qk_norm);
+    gpt adds two LayerNorms (``4h``) and biases (qkv ``3h``, proj ``h``, fc ``f``, fc-proj ``h``).
+    Source: module definitions (transformers LlamaDecoderLayer, Qwen2Attention's ``bias=True`` q/k/v,
+    Qwen3Attention's q_norm/k_norm over head_dim); GPT total is Narayanan eq. 2's ``12 h^2 + 13 h`` for f = 4h.
     """
-    h, f, _, _, _ = _dims(spec)
+    h, f, a, k, _ = _dims(spec)
     if spec.family == "llama":
-        return block_matmul_params(spec) + 2 * h
+        d = _head_dim(spec)
+        extra = (a * d + 2 * k * d if spec.qkv_bias else 0) + (h if spec.o_bias else 0)
+        extra += (2 * f + h if spec.mlp_bias else 0) + (2 * d if spec.qk_norm else 0)
+        return block_matmul_params(spec) + 2 * h + extra
     return block_matmul_params(spec) + 4 * h + 3 * h + h + f + h
 
 
@@ -66,20 +82,23 @@ def model_params(spec: ModelSpec) -> int:
 
 
 def attention_fwd_flops(spec: ModelSpec, b: int, s: int) -> float:
-    """Forward FLOPs of the attention core (Q K^T and A V) as MFU conventions count them: ``4 b s^2 h``.
+    """Forward FLOPs of the attention core (Q K^T and A V) as MFU conventions count them: ``4 b s^2 a d``.
 
-    The full ``s x s`` square is counted although a causal kernel skips the masked half (Megatron-LM, Korthikanti
-    et al. and llm-foundry all count it this way). Source: Narayanan et al. SC'21 sec. 5.1.
+    Each of the ``a`` query heads multiplies ``(s, d) x (d, s)`` and ``(s, s) x (s, d)``: ``2 x 2 s^2 d`` FLOPs; with
+    ``a d = h`` this is Narayanan's ``4 b s^2 h``. The full ``s x s`` square is counted although a causal kernel
+    skips the masked half (Megatron-LM, Korthikanti et al. and llm-foundry all count it this way).
+    Source: Narayanan et al. SC'21 sec. 5.1. Assumptions: no sliding window (``ModelSpec.check_seq_len`` refuses
+    ``s`` beyond it, where the window would change this count).
     """
-    h = _dims(spec)[0]
-    return 4.0 * b * s * s * h
+    a = _dims(spec)[2]
+    return 4.0 * b * s * s * a * _head_dim(spec)
 
 
 def block_fwd_flops(spec: ModelSpec, b: int, s: int) -> float:
     """Forward FLOPs of one block for a micro-batch.
 
-    Formula: ``2 b s P_matmul + 4 b s^2 h`` (the two attention matmuls QK^T and AV, full s x s as in
-        Megatron's accounting, causal masking not discounted).
+    Formula: ``2 b s P_matmul + 4 b s^2 a d`` (the two attention matmuls QK^T and AV, full s x s as in
+        Megatron's accounting, causal masking not discounted; ``a d = h`` unless head_dim says otherwise).
     Source: Narayanan et al. SC'21 sec. 5.1 / eq. 3 (``24 b s h^2 + 4 b s^2 h`` per GPT layer forward).
     """
     return 2.0 * b * s * block_matmul_params(spec) + attention_fwd_flops(spec, b, s)
@@ -109,7 +128,9 @@ def block_activation_bytes(spec: ModelSpec, b: int, s: int, t: int, dtype_bytes:
     Formula (elements per token, times ``b s dtype_bytes``), attention with a fused (flash/SDPA) kernel so no
         ``a s^2`` term, no dropout:
         llama: replicated ``4h`` (block input, normed input, mid residual, normed mid) + sharded
-            ``(2h + 2kd + 4f) / t`` (Q, attention output, K, V; gate, up, silu(gate), product).
+            ``(2ad + 2kd + 4f) / t`` (Q, attention output, K, V; gate, up, silu(gate), product), plus
+            ``(ad + kd) / t`` with qk_norm (the q_proj and k_proj outputs the q/k RMSNorms save). Biases save
+            nothing (the linear keeps its input either way).
         gpt: replicated ``4h`` (two LayerNorm inputs and outputs feeding the linears) + sharded
             ``(2h + 2h + 2h ... )``: QKV ``3h``, attention output ``h``, fc output ``f``, GELU output ``f``
             -> ``(4h + 2f) / t``; with f = 4h this is Korthikanti's ``10 + 24/t`` with the 2 bytes of dropout
@@ -119,9 +140,9 @@ def block_activation_bytes(spec: ModelSpec, b: int, s: int, t: int, dtype_bytes:
     Assumptions: fused attention (saves Q, K, V, output and a logsumexp of ``a s`` floats, neglected).
     """
     h, f, a, k, _ = _dims(spec)
-    d = h // a
     if spec.family == "llama":
-        replicated, sharded = 4 * h, 2 * h + 2 * k * d + 4 * f
+        d = _head_dim(spec)
+        replicated, sharded = 4 * h, 2 * a * d + 2 * k * d + 4 * f + (a * d + k * d if spec.qk_norm else 0)
     else:
         replicated, sharded = 4 * h, 4 * h + 2 * f
     per_token = (replicated + sharded) / t if sp else replicated + sharded / t
@@ -173,21 +194,21 @@ def padded_vocab(spec: ModelSpec, t: int, multiple: int = VOCAB_MULTIPLE) -> int
 def block_gemms(spec: ModelSpec, tokens: int, t: int) -> list[tuple[int, int, int]]:
     """``(M, K, N)`` of each forward GEMM of one block on one tensor-parallel rank (Megatron column/row split).
 
-    llama: q ``(M, h, h/t)``, k and v ``(M, h, k d/t)``, o ``(M, h/t, h)``, gate and up ``(M, h, f/t)``,
+    llama: q ``(M, h, a d/t)``, k and v ``(M, h, k d/t)``, o ``(M, a d/t, h)``, gate and up ``(M, h, f/t)``,
         down ``(M, f/t, h)``; gpt: qkv ``(M, h, 3h/t)``, proj ``(M, h/t, h)``, fc ``(M, h, f/t)``, fc-proj
         ``(M, f/t, h)``. ``M = b s`` tokens of the micro-batch (sequence-parallel layouts all-gather to it).
     Source: Shoeybi et al. 2019 (Megatron-LM) sec. 3; the module definitions. Their FLOPs sum to
         ``2 M P_matmul / t`` (:func:`block_matmul_params`).
     """
     h, f, a, k, _ = _dims(spec)
-    d = h // a
 
     def shard(x: int) -> int:
         return -(-x // t)
 
     if spec.family == "llama":
-        return [(tokens, h, shard(h)), (tokens, h, shard(k * d)), (tokens, h, shard(k * d)),
-                (tokens, shard(h), h), (tokens, h, shard(f)), (tokens, h, shard(f)), (tokens, shard(f), h)]
+        d = _head_dim(spec)
+        return [(tokens, h, shard(a * d)), (tokens, h, shard(k * d)), (tokens, h, shard(k * d)),
+                (tokens, shard(a * d), h), (tokens, h, shard(f)), (tokens, h, shard(f)), (tokens, shard(f), h)]
     return [(tokens, h, shard(3 * h)), (tokens, shard(h), h), (tokens, h, shard(f)), (tokens, shard(f), h)]
 
 
@@ -198,15 +219,16 @@ def block_elementwise_elements(spec: ModelSpec) -> tuple[int, int]:
         replicated (each tp rank repeats them on the full hidden state unless sequence parallelism shards it):
             two norms (read h, write h) = 4h; two residual adds (read 2h, write h) = 6h; total ``10 h``.
         sharded (act on the ``/t`` slices): llama: SwiGLU ``silu(g) * u`` (read 2f, write f) = 3f and rotary on
-            q and k (read and write ``h + k d``) = ``2h + 2kd``; gpt: bias + GeLU (read f, write f) = 2f.
+            q and k (read and write ``a d + k d``) = ``2ad + 2kd``, plus the q/k RMSNorms with qk_norm (read and
+            write ``a d + k d`` again); gpt: bias + GeLU (read f, write f) = 2f.
     Source: counted from the module definitions; the backward moves about twice the forward's bytes (gradients
         in, saved inputs in, gradients out), which the cost model applies.
     Assumptions: biases of the linear layers are fused into the GEMM epilogue; no dropout in llama blocks.
     """
     h, f, a, k, _ = _dims(spec)
-    d = h // a
     if spec.family == "llama":
-        return 10 * h, 3 * f + 2 * h + 2 * k * d
+        d = _head_dim(spec)
+        return 10 * h, 3 * f + (4 if spec.qk_norm else 2) * (a * d + k * d)
     return 10 * h, 2 * f
 
 
@@ -242,7 +264,7 @@ def hardware_flops_per_step(spec: ModelSpec, global_batch: int, s: int, recomput
     """FLOPs the devices execute per step including recomputation (for HFU).
 
     Formula: model FLOPs (:func:`model_flops_per_step`) plus the recomputed forward: ``none`` adds nothing;
-        ``selective`` adds the attention core's forward ``B L 4 s^2 h`` (Q K^T and A V are recomputed);
+        ``selective`` adds the attention core's forward ``B L 4 s^2 a d`` (Q K^T and A V are recomputed);
         ``full`` adds every block's forward ``B L F_block`` (the LM head is not recomputed). For a GPT block with
         ``full`` this equals Narayanan et al. SC'21 eq. 3, ``96 B s L h^2 (1 + s/(6h) + v/(16 L h))``.
     Source: Narayanan et al. SC'21 eq. 3; Korthikanti et al. 2022 sec. 5 (HFU counts recomputed FLOPs). The

@@ -72,20 +72,33 @@ class LlamaEmbed(nn.Module):
         return self.embed_tokens(tokens)
 
 
+# Class-name prefix of each Llama-like model_type in transformers (``transformers.models.<mt>.modeling_<mt>``).
+# All four decoder layers take ``(hidden_states, attention_mask=..., position_embeddings=(cos, sin))`` and name their
+# linears q_proj/k_proj/v_proj/o_proj/gate_proj/up_proj/down_proj, which the tensor-parallel plans rely on.
+_LLAMA_LIKE_CLASSES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+
+
+def _llama_like_class(model_type: str, suffix: str):
+    """``transformers.models.<mt>.modeling_<mt>.<Prefix><suffix>``, e.g. ``Qwen3DecoderLayer``."""
+    module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    return getattr(module, _LLAMA_LIKE_CLASSES[model_type] + suffix)
+
+
 class LlamaBlock(nn.Module):
-    """A transformers ``LlamaDecoderLayer`` that computes its own rotary embeddings (positions ``0..s-1``)."""
+    """The transformers decoder layer of ``config.model_type`` (``LlamaDecoderLayer``, ``MistralDecoderLayer``,
+    ``Qwen2DecoderLayer`` or ``Qwen3DecoderLayer``) that computes its own rotary embeddings (positions ``0..s-1``).
+    """
 
     def __init__(self, config, layer_idx: int) -> None:
         super().__init__()
-        from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
-
-        self.layer = LlamaDecoderLayer(config, layer_idx)
-        self.rotary = LlamaRotaryEmbedding(config)
+        self.layer = _llama_like_class(config.model_type, "DecoderLayer")(config, layer_idx)
+        self.rotary = _llama_like_class(config.model_type, "RotaryEmbedding")(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
         cos_sin = self.rotary(x, positions)
-        # attention_mask=None: transformers' SDPA path then applies a causal mask (is_causal=True).
+        # attention_mask=None: transformers' SDPA path then applies a causal mask (is_causal=True) and ignores any
+        # sliding window, which is exact for s <= window (ModelSpec.check_seq_len refuses longer sequences).
         out = self.layer(x, attention_mask=None, position_embeddings=cos_sin)
         return out[0] if isinstance(out, tuple) else out
 
@@ -136,23 +149,36 @@ class GPTHead(nn.Module):
 
 
 def hf_config(spec: ModelSpec):
-    """The transformers config object for a llama or gpt spec (SDPA attention, no dropout)."""
-    if spec.family == "llama":
-        from transformers import LlamaConfig
+    """The transformers config object for a llama or gpt spec (SDPA attention, no dropout).
 
-        cfg = LlamaConfig(
+    family llama builds the config class of ``spec.model_type`` (LlamaConfig, MistralConfig, Qwen2Config,
+    Qwen3Config) with the spec's head_dim, biases and RoPE parameters. Qwen's sliding window is left off: under SDPA
+    with no mask it is not applied, and paraplan only plans sequences no longer than the window.
+    """
+    if spec.family == "llama":
+        mt = spec.model_type or "llama"
+        module = importlib.import_module(f"transformers.models.{mt}.configuration_{mt}")
+        kwargs: dict = dict(
             vocab_size=spec.vocab, hidden_size=spec.hidden, intermediate_size=spec.ffn_hidden,
             num_hidden_layers=spec.n_layers, num_attention_heads=spec.n_heads, num_key_value_heads=spec.n_kv_heads,
-            max_position_embeddings=spec.max_seq_len, rms_norm_eps=spec.norm_eps, rope_theta=spec.rope_theta,
-            tie_word_embeddings=spec.tied_embeddings, attention_dropout=0.0,
+            head_dim=spec.attention_head_dim, max_position_embeddings=spec.max_seq_len, rms_norm_eps=spec.norm_eps,
+            rope_parameters={**(spec.rope_scaling or {"rope_type": "default"}), "rope_theta": spec.rope_theta},
+            tie_word_embeddings=spec.tied_embeddings, attention_dropout=0.0, hidden_act="silu",
         )
+        if mt in ("llama", "qwen3"):
+            kwargs["attention_bias"] = spec.qkv_bias  # one flag for q, k, v and o (ModelSpec checks they agree)
+        if mt == "llama":
+            kwargs["mlp_bias"] = spec.mlp_bias
+        if mt == "mistral":
+            kwargs["sliding_window"] = spec.sliding_window  # MistralConfig's default is 4096, not None
+        cfg = getattr(module, _LLAMA_LIKE_CLASSES[mt] + "Config")(**kwargs)
     elif spec.family == "gpt":
         from transformers import GPT2Config
 
         cfg = GPT2Config(
             vocab_size=spec.vocab, n_embd=spec.hidden, n_layer=spec.n_layers, n_head=spec.n_heads,
             n_inner=spec.ffn_hidden, n_positions=spec.max_seq_len, layer_norm_epsilon=spec.norm_eps,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+            activation_function=spec.hidden_act or "gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
         )
     else:
         raise ModelSpecError(f"{spec.name}: family '{spec.family}' has no transformers config")

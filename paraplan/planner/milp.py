@@ -22,7 +22,11 @@ Units are scaled to milliseconds and GiB so coefficients stay within about 1e-3.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pulp
@@ -42,6 +46,35 @@ class MilpResult:
     status: str  # "optimal" | "feasible"
     gap: float
     solve_time_s: float
+
+
+@contextlib.contextmanager
+def solver_output_to_stderr() -> Iterator[None]:
+    """Send whatever a solver prints to file descriptor 1 to stderr while it runs.
+
+    HiGHS prints its banner ("Running HiGHS ...") from C on stdout even with ``msg=False`` (highspy 1.16), and
+    other solvers or versions print other things; redirecting the descriptor, not ``sys.stdout``, keeps stdout
+    clean for ``--json`` whatever is installed. Python's own buffered stdout is flushed first so nothing already
+    written moves.
+    """
+    try:
+        out_fd = sys.stdout.fileno()
+        err_fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # stdout replaced by an object without a descriptor (tests)
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(out_fd)
+    try:
+        os.dup2(err_fd, out_fd)
+        yield
+    finally:
+        try:
+            sys.stdout.flush()
+        except (OSError, ValueError):
+            pass
+        os.dup2(saved, out_fd)
+        os.close(saved)
 
 
 def _solver(time_limit_s: float) -> pulp.LpSolver:
@@ -90,7 +123,8 @@ def solve_stage_milp(
     prob += (costs.m - 1.0 / vpp) * v.T + pulp.lpSum(v.tau) * (1.0 / vpp) + v.U
 
     start = time.perf_counter()
-    prob.solve(_solver(time_limit_s))
+    with solver_output_to_stderr():
+        prob.solve(_solver(time_limit_s))
     elapsed = time.perf_counter() - start
     if prob.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
         return None

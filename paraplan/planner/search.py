@@ -8,6 +8,7 @@ found so far (FORMULAS.md, "Outer loop").
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from paraplan.cost_models.costs import CandidateCosts, Mode, StageCost, predict
@@ -29,6 +30,18 @@ from paraplan.units import format_bytes
 
 DEFAULT_MICRO_BATCHES = (1, 2, 4, 8, 16)
 BackendChoice = str  # "any" | "deepspeed" | "torch" | "unconstrained"
+
+
+@dataclass(frozen=True)
+class SearchProgress:
+    """Where a running search stands: candidates taken up so far and the incumbent (best plan found)."""
+
+    total: int  # candidates the backends allow, in lower-bound order
+    solved: int  # MILPs solved so far
+    pruned: int  # skipped because their lower bound cannot beat the K-th best plan
+    rejected: int  # excluded before the search by a backend or mode rule
+    best_step_time_s: float | None
+    best: Candidate | None
 
 
 @dataclass(frozen=True)
@@ -105,25 +118,44 @@ def allowed_modes(cluster: ClusterSpec, cand: Candidate, override: StrategyOverr
     DeepSpeed's pipeline engine supports ZeRO 0-1 only; optimizer offload needs ZeRO >= 1 (DeepSpeed) and a GPU
     (on a CPU cluster device memory is host memory). The torch backend has no optimizer-only offload.
     """
-    modes = []
+    return [m for m, why in mode_rules(cluster, cand, override, backend) if why is None]
+
+
+def mode_rules(cluster: ClusterSpec, cand: Candidate, override: StrategyOverride, backend: str
+               ) -> list[tuple[Mode, str | None]]:
+    """Every ZeRO stage x offload mode the override leaves, each with the rule that excludes it (None: allowed)."""
+    out: list[tuple[Mode, str | None]] = []
     for zero in range(4):
         for offload in (False, True):
             if override.zero_stage is not None and zero != override.zero_stage:
                 continue
             if override.offload_optimizer is not None and offload != override.offload_optimizer:
                 continue
-            if offload and (zero == 0 or cluster.device.kind == "cpu" or backend in ("torch", "any")):
-                continue
-            if cand.dp == 1 and zero > 0 and override.zero_stage is None:
-                continue  # ZeRO shards over dp: with dp = 1 it only adds communication-free overhead
-            if backend in ("deepspeed", "any") and cand.pp > 1 and zero > 1:
-                continue
-            modes.append(Mode(zero, offload))
-    return modes
+            why = None
+            if offload and zero == 0:
+                why = "optimizer offload needs ZeRO >= 1 (DeepSpeed offloads the partitioned optimizer states)"
+            elif offload and cluster.device.kind == "cpu":
+                why = "optimizer offload on a CPU cluster (device memory is already host memory)"
+            elif offload and backend in ("torch", "any"):
+                why = (f"optimizer offload with --backend {backend} (the torch backend has no optimizer-only "
+                       "offload; use --backend deepspeed)")
+            elif cand.dp == 1 and zero > 0 and override.zero_stage is None:
+                why = "ZeRO with dp=1 (nothing to shard over)"
+            elif backend in ("deepspeed", "any") and cand.pp > 1 and zero > 1:
+                why = (f"ZeRO-{zero} with pp={cand.pp} under --backend {backend} (DeepSpeed's pipeline engine runs "
+                       "ZeRO 0-1 only; --backend torch allows it)")
+            out.append((Mode(zero, offload), why))
+    return out
 
 
 def backend_allows(spec: ModelSpec, cand: Candidate, global_batch: int, backend: str) -> bool:
-    """Whether the chosen backend(s) can launch this candidate (``unconstrained``: planning only).
+    """Whether the chosen backend(s) can launch this candidate (``unconstrained``: planning only); see
+    :func:`backend_rejection` for the rules."""
+    return backend_rejection(spec, cand, global_batch, backend) is None
+
+
+def backend_rejection(spec: ModelSpec, cand: Candidate, global_batch: int, backend: str) -> str | None:
+    """The rule that keeps the chosen backend(s) from launching this candidate, or None when they can.
 
     Both backends (``backends/checks.py``, which the planner may not import; keep the two in step): tensor
     parallelism only for Llama-family blocks (GPT-2's fused qkv is not split) with tp dividing the heads, key/value
@@ -131,18 +163,24 @@ def backend_allows(spec: ModelSpec, cand: Candidate, global_batch: int, backend:
     pipeline engine. torch: ``Schedule1F1B`` needs at least as many micro-batches as stages.
     """
     if backend == "unconstrained":
-        return True
+        return None
     m = global_batch // (cand.dp * cand.micro_batch_size)
-    tp_dims = (spec.n_heads, spec.n_kv_heads, spec.ffn_hidden)
-    if cand.tp > 1 and (spec.family != "llama" or any(d is None or d % cand.tp for d in tp_dims)):
-        return False
+    tp_dims = {"n_heads": spec.n_heads, "n_kv_heads": spec.n_kv_heads, "ffn_hidden": spec.ffn_hidden}
+    if cand.tp > 1 and spec.family != "llama":
+        return (f"tp={cand.tp} for a {spec.family} model (the backends split only Llama-style blocks; "
+                "--backend unconstrained prices it anyway)")
+    if cand.tp > 1 and any(d is None or d % cand.tp for d in tp_dims.values()):
+        bad = ", ".join(f"{k}={v}" for k, v in tp_dims.items() if v is None or v % cand.tp)
+        return f"tp={cand.tp} does not divide {bad}"
     if cand.pp > 1 and spec.tied_embeddings:
-        return False
+        return f"pp={cand.pp} with tied embeddings (neither backend synchronizes the tied weights across stages)"
     if backend in ("deepspeed", "any") and cand.tp > 1 and cand.pp > 1:
-        return False
+        return (f"tp={cand.tp} with pp={cand.pp} under --backend {backend} (DeepSpeed's AutoTP does not combine "
+                "with its pipeline engine; --backend torch allows it)")
     if backend in ("torch", "any") and cand.pp > 1 and m < cand.pp:
-        return False
-    return True
+        return (f"pp={cand.pp} with {m} micro-batches per step under --backend {backend} (1F1B needs at least as "
+                "many micro-batches as stages: raise --global-batch or lower the micro-batch)")
+    return None
 
 
 def _lower_bound(costs: CandidateCosts) -> float:
@@ -181,10 +219,15 @@ def search_plans(
     spec: ModelSpec, cluster: ClusterSpec, train: TrainSpec, profile: ModelProfile | None = None,
     override: StrategyOverride | None = None, top_k: int = 3, backend: BackendChoice = "any",
     time_limit_s: float = 10.0, profile_path: str | None = None, memory_fraction: float = 0.95,
+    progress: Callable[[SearchProgress], None] | None = None,
 ) -> list[Plan]:
     """Find the ``top_k`` fastest predicted plans.
 
     Args:
+        top_k: plans to return, >= 1.
+        time_limit_s: HiGHS time limit per candidate MILP, seconds (> 0).
+        progress: called after each candidate the search takes up (solved or pruned) with the counts so far and
+            the incumbent.
         memory_fraction: share of device memory a plan may fill; the rest is headroom for allocator fragmentation
             and what the model does not see (default 0.95).
 
@@ -192,13 +235,22 @@ def search_plans(
         NoFeasiblePlanError: nothing fits; the message gives the least memory per device any candidate needs.
         StrategyError, TrainSpecError: impossible overrides or batch sizes; StrategyError also for a factory
             model without a profile.
-        ProfileError: a profile of another model, sequence length or dtype (:meth:`ModelProfile.check_matches`).
+        ProfileError: a profile of another model, sequence length, dtype or device kind
+            (:meth:`ModelProfile.check_matches`).
+        TrainSpecError: a sequence length the model cannot run (:meth:`ModelSpec.check_seq_len`).
     """
     override = override or StrategyOverride()
+    if top_k < 1:
+        raise StrategyError(f"top_k must be >= 1 (plans to return), got {top_k}")
+    if not time_limit_s > 0:
+        raise StrategyError(f"the MILP time limit must be > 0 seconds, got {time_limit_s}")
+    if not 0 < memory_fraction <= 1:
+        raise StrategyError(f"memory_fraction must be in (0, 1], got {memory_fraction}")
     if profile is None and spec.family == "custom":
         raise StrategyError(f"{spec.name} is a factory model: run `paraplan profile` and pass --profile")
     if profile is not None:
-        profile.check_matches(spec, train, profile_path)
+        profile.check_matches(spec, train, profile_path, cluster)
+    spec.check_seq_len(train.seq_len)
     cluster = calibrate_cluster(cluster, profile)
     micro = profile.micro_batch_sizes() if profile is not None else list(DEFAULT_MICRO_BATCHES)
     if override.micro_batch_size and override.micro_batch_size not in micro and profile is None:
@@ -206,31 +258,43 @@ def search_plans(
     start = time.perf_counter()
     cands = enumerate_candidates(spec, cluster, train, override, micro)
     scored = []
+    rejected: dict[str, int] = {}  # rule -> candidates it excluded, for the message when nothing is left
     for cand in cands:
         costs = CandidateCosts(spec, cluster, train, cand.dp, cand.tp, cand.pp, cand.micro_batch_size, profile)
         costs.usable_capacity_bytes = memory_fraction * costs.capacity_bytes
-        modes = allowed_modes(cluster, cand, override, backend)
-        if modes and backend_allows(spec, cand, train.global_batch, backend):
+        rules = mode_rules(cluster, cand, override, backend)
+        modes = [m for m, why in rules if why is None]
+        why_not = backend_rejection(spec, cand, train.global_batch, backend)
+        if modes and why_not is None:
             scored.append((_lower_bound(costs), cand, costs, modes))
+            continue
+        for why in {why_not} if why_not else {w for _, w in rules if w}:
+            rejected[why] = rejected.get(why, 0) + 1
     scored.sort(key=lambda x: x[0])
     found: list[tuple[float, Candidate, CandidateCosts, MilpResult]] = []
-    solved, status, gap = 0, "optimal", 0.0
+    solved, pruned, status, gap = 0, 0, "optimal", 0.0
     least_mem: tuple[float, Candidate] | None = None
     for lb, cand, costs, modes in scored:
         if len(found) >= top_k and lb >= found[-1][0]:
-            continue
-        res = solve_stage_milp(costs, modes, override.recompute, time_limit_s)
-        solved += 1
-        if res is None:
-            need = _min_memory(costs, modes)
-            if least_mem is None or need < least_mem[0]:
-                least_mem = (need, cand)
-            continue
-        found.append((res.objective_s, cand, costs, res))
-        found.sort(key=lambda x: x[0])
-        found = found[:top_k]
+            pruned += 1
+        else:
+            res = solve_stage_milp(costs, modes, override.recompute, time_limit_s)
+            solved += 1
+            if res is None:
+                need = _min_memory(costs, modes)
+                if least_mem is None or need < least_mem[0]:
+                    least_mem = (need, cand)
+            else:
+                found.append((res.objective_s, cand, costs, res))
+                found.sort(key=lambda x: x[0])
+                found = found[:top_k]
+        if progress is not None:
+            best = found[0] if found else None
+            progress(SearchProgress(
+                total=len(scored), solved=solved, pruned=pruned, rejected=len(cands) - len(scored),
+                best_step_time_s=best[0] if best else None, best=best[1] if best else None))
     if not found:
-        _raise_infeasible(cluster, least_mem, memory_fraction)
+        _raise_infeasible(cluster, least_mem, memory_fraction, override, rejected, len(cands))
     elapsed = time.perf_counter() - start
     plans = []
     for _, cand, costs, res in found:
@@ -247,14 +311,39 @@ def search_plans(
     return plans
 
 
-def _raise_infeasible(cluster: ClusterSpec, least: tuple[float, Candidate] | None, fraction: float) -> None:
+def _raise_infeasible(cluster: ClusterSpec, least: tuple[float, Candidate] | None, fraction: float,
+                      override: StrategyOverride, rejected: dict[str, int], n_candidates: int) -> None:
     cap = f"{format_bytes(fraction * cluster.device.memory_bytes)} ({fraction:.0%} of {format_bytes(cluster.device.memory_bytes)})"
     if least is None:
-        raise NoFeasiblePlanError(f"no strategy could be evaluated on {cluster.name}; relax --strategy")
+        rules = "".join(f"\n  - {why} [{n} of {n_candidates} candidates]"
+                        for why, n in sorted(rejected.items(), key=lambda kv: -kv[1]))
+        forced = override.model_dump(exclude_none=True)
+        what = f"--strategy {_format_override(override)}" if forced else "the search space"
+        raise NoFeasiblePlanError(
+            f"no strategy could be evaluated on {cluster.name}: every candidate of {what} is excluded by a rule. "
+            f"Change the forced parts these rules name, or --backend. Rules that excluded them:{rules or ' none'}")
     need, c = least
+    tips = ["more devices or a larger device type", "a smaller micro-batch or sequence length"]
+    if override.zero_stage != 3 and (override.dp or 2) > 1:
+        tips.append("ZeRO-3 (--strategy zero=3)")
+    if override.recompute == "none":
+        tips.append("recomputation (drop recompute=none from --strategy)")
+    if cluster.device.kind == "cuda" and override.offload_optimizer is not True:
+        tips.append("optimizer offload on GPUs (--backend deepspeed)")
     raise NoFeasiblePlanError(
         f"no plan fits {cap} per device on {cluster.name}; the leanest candidate (dp={c.dp} tp={c.tp} pp={c.pp} "
-        f"micro-batch={c.micro_batch_size}, full recomputation) needs {format_bytes(need)} per device. Try more "
-        "devices or a larger device type, a smaller micro-batch or sequence length, ZeRO-3 (--strategy zero=3), "
-        "or optimizer offload on GPUs (--backend deepspeed)"
+        f"micro-batch={c.micro_batch_size}, {'full recomputation' if override.recompute != 'none' else 'no recomputation'}"
+        f") needs {format_bytes(need)} per device. Try " + ", ".join(tips[:-1]) + f" or {tips[-1]}"
     )
+
+
+_OVERRIDE_KEYS = {"micro_batch_size": "mb", "zero_stage": "zero", "offload_optimizer": "offload"}
+
+
+def _format_override(override: StrategyOverride) -> str:
+    """``dp=2,zero=3,offload=true`` as the user writes it."""
+    parts = []
+    for field, value in override.model_dump(exclude_none=True).items():
+        value = str(value).lower() if isinstance(value, bool) else value
+        parts.append(f"{_OVERRIDE_KEYS.get(field, field)}={value}")
+    return ",".join(parts)

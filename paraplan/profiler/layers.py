@@ -92,10 +92,12 @@ def profile_model(
 
     Raises:
         ProfileError: an empty or invalid micro-batch list, a bad ``seq_len``, ``dtype``, ``warmup``, ``repeats`` or
-            device, a custom chain without blocks or vocabulary, or a layer that runs out of device memory.
+            device, a custom chain without blocks or vocabulary, a layer that needs more memory than the device
+            has free (:func:`check_profile_memory`, before anything is allocated), or one that runs out of it.
     """
     mbs = _check_args(spec, micro_batch_sizes, seq_len, dtype, warmup, repeats)
     dev = resolve_device(device)
+    check_profile_memory(spec, max(mbs), seq_len, dtype, dev)
     total = len(LAYER_KINDS) * len(mbs)
     results: list[LayerProfile] = []
     # Shape and dtype of each micro-batch's input to the next layer type; starts as the token batch.
@@ -129,6 +131,67 @@ def profile_model(
         warmup=warmup, repeats=repeats, cpu_threads=torch.get_num_threads() if dev.type == "cpu" else None,
         layers=results, links=link_profiles,
     )
+
+
+def available_memory_bytes(dev: torch.device) -> float:
+    """Memory a profile may use on ``dev``: free CUDA memory (``torch.cuda.mem_get_info``), or on CPU the
+    kernel's ``MemAvailable`` estimate (``/proc/meminfo``; physical memory where that file does not exist)."""
+    if dev.type == "cuda":
+        return float(torch.cuda.mem_get_info(dev)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def profile_memory_lower_bound(spec: ModelSpec, micro_batch_size: int, seq_len: int, dtype: str) -> dict[str, float]:
+    """A lower bound on the bytes profiling each layer kind needs, from modules built on the meta device.
+
+    Formula: per layer kind, ``2 P x dtype_bytes`` (weights and their gradients) plus the layer's output and its
+    gradient, ``2 b s w x dtype_bytes`` with ``w`` the output width (hidden for embed and block, vocab for the
+    head, whose fp32 loss adds ``4 b s v`` more). Saved activations come on top, so the true need is larger.
+    Returns ``{}`` for a factory model (its layers are only known by building them).
+    """
+    if spec.family == "custom" or spec.hidden is None or spec.vocab is None:
+        return {}
+    nbytes = DTYPE_BYTES[dtype]
+    tokens = micro_batch_size * seq_len
+    need: dict[str, float] = {}
+    with torch.device("meta"):
+        for kind in LAYER_KINDS:
+            params = sum(p.numel() for p in build_layer(spec, kind, 0).parameters())
+            width = spec.vocab if kind == "head" else spec.hidden
+            need[kind] = 2 * params * nbytes + 2 * tokens * width * nbytes + (4 * tokens * width if kind == "head"
+                                                                              else 0)
+    return need
+
+
+def check_profile_memory(spec: ModelSpec, micro_batch_size: int, seq_len: int, dtype: str, dev: torch.device) -> None:
+    """Refuse to start a profile whose largest layer cannot fit in the memory ``dev`` has free.
+
+    Raises:
+        ProfileError: :func:`profile_memory_lower_bound` of some layer kind exceeds
+            :func:`available_memory_bytes`; the message gives both and what to change.
+    """
+    need = profile_memory_lower_bound(spec, micro_batch_size, seq_len, dtype)
+    if not need:
+        return
+    kind, most = max(need.items(), key=lambda kv: kv[1])
+    free = available_memory_bytes(dev)
+    if most > free:
+        gib = 2**30
+        raise ProfileError(
+            f"profiling {spec.name} needs at least {most / gib:.1f} GiB for its {kind} layer alone (weights and "
+            f"gradients in {dtype}, micro-batch {micro_batch_size} x seq {seq_len}) but {dev} has "
+            f"{free / gib:.1f} GiB free. Profile on a device with more memory, in a 16-bit --dtype, with smaller "
+            "--micro-batches or --seq-len, or plan without --profile (costs from FLOPs and the device catalog)"
+        )
 
 
 def _check_args(

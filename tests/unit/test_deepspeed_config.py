@@ -120,8 +120,6 @@ def test_tensor_parallel_uses_autotp_llama_preset_without_train_batch_size():
         (dict(cluster="cpu:4", tp=2, pp=2), "--strategy pp=1"),
         # llama-tiny has 2 key/value heads: tp=4 cannot split them.
         (dict(cluster="cpu:4", tp=4, global_batch=8), "n_kv_heads=2"),
-        # 10 sequences do not split into dp 2 x micro-batch 2 x whole accumulation steps (make_plan floors to 2).
-        (dict(dp=2, global_batch=10), "global batch 10"),
     ],
 )
 def test_plans_deepspeed_cannot_run_are_refused_with_a_fix(kwargs, says):
