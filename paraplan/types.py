@@ -308,7 +308,10 @@ class StrategyOverride(_Frozen):
     micro_batch_size: int | None = Field(default=None, gt=0)
     zero_stage: int | None = Field(default=None, ge=0, le=3)
     offload_optimizer: bool | None = None
-    recompute: Literal["none", "full"] | None = None
+    recompute: Literal["none", "selective", "full"] | None = Field(
+        default=None, description="none: no block recomputed; selective: every block recomputes its attention core; "
+                                  "full: every block recomputed in full.")
+    sequence_parallel: bool | None = None
 
 
 class StagePlan(_Frozen):
@@ -333,6 +336,13 @@ class Strategy(_Frozen):
     grad_accum: int = Field(gt=0, description="Micro-batches per step per data-parallel rank (m).")
     zero_stage: int = Field(ge=0, le=3)
     offload_optimizer: bool = False
+    sequence_parallel: bool = Field(
+        default=False, description="Megatron sequence parallelism: norms and residual activations sharded over the "
+                                   "tp group along the sequence (Korthikanti et al. 2022 sec. 4.2.2); needs tp > 1.")
+    selective_recompute: bool = Field(
+        default=False, description="Every block not fully recomputed recomputes its attention core in backward "
+                                   "(Korthikanti et al. 2022 sec. 4.3); the stages' recompute_blocks are recomputed "
+                                   "in full.")
     schedule: Literal["1f1b"] = "1f1b"
     stages: list[StagePlan]
 
@@ -340,6 +350,8 @@ class Strategy(_Frozen):
     def _check(self) -> Strategy:
         if len(self.stages) != self.pp:
             raise ValueError(f"{len(self.stages)} stages given for pp={self.pp}")
+        if self.sequence_parallel and self.tp == 1:
+            raise ValueError("sequence_parallel needs tp > 1 (it shards activations over the tensor-parallel group)")
         return self
 
     @property
@@ -386,6 +398,8 @@ class SolverInfo(_Frozen):
     candidates: int = Field(description="Outer-loop candidates (dp, tp, pp, micro-batch) considered.")
     milps_solved: int
     search_time_s: float
+    excluded: dict[str, int] = Field(default_factory=dict, description="Backend or mode rule -> candidates it "
+                                                                       "excluded from the search.")
 
 
 class Plan(_Frozen):

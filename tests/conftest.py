@@ -13,6 +13,7 @@ def make_plan(
     model: str = "llama-tiny", cluster: str = "cpu:2", dp: int = 1, tp: int = 1, pp: int = 1,
     micro_batch_size: int = 2, global_batch: int = 8, seq_len: int = 64, zero_stage: int = 0,
     offload_optimizer: bool = False, recompute_blocks: int = 0, dtype: str = "fp32", lr: float = 1e-3,
+    sequence_parallel: bool = False, selective_recompute: bool = False,
 ) -> Plan:
     """A Plan with blocks split as evenly as possible over ``pp`` stages (earlier stages get the remainder).
 
@@ -32,7 +33,8 @@ def make_plan(
         first = last + 1
     grad_accum = global_batch // (dp * micro_batch_size)
     strategy = Strategy(dp=dp, tp=tp, pp=pp, micro_batch_size=micro_batch_size, grad_accum=grad_accum,
-                        zero_stage=zero_stage, offload_optimizer=offload_optimizer, stages=stages)
+                        zero_stage=zero_stage, offload_optimizer=offload_optimizer, stages=stages,
+                        sequence_parallel=sequence_parallel, selective_recompute=selective_recompute)
     zero = MemoryBreakdown(params=0, grads=0, optimizer=0, activations=0, other=0)
     pred = Prediction(step_time_s=1.0, compute_s=1.0, bubble_s=0.0, dp_comm_s=0.0, offload_s=0.0, optimizer_s=0.0,
                       peak_memory_bytes=0.0, memory_capacity_bytes=clus.device.memory_bytes,
@@ -64,3 +66,29 @@ def assert_user_error(result, *fragments: str) -> None:
     assert isinstance(result.exception, SystemExit)
     for frag in fragments:
         assert frag in result.output, result.output
+
+
+def best_assignment(costs, modes, capacity_bytes: float) -> float:
+    """Brute force over one candidate: the least step time (s) of every contiguous assignment of the blocks to
+    ``costs.pp`` stages, every count of fully recomputed blocks per stage and every mode, among those whose every
+    stage fits ``capacity_bytes``; ``inf`` when none fits. Evaluated with the cost model's evaluator
+    (``stage_cost`` + ``step_time_s``), independently of the MILP."""
+    import itertools
+
+    from paraplan.cost_models.costs import step_time_s
+
+    L, p = costs.spec.n_layers, costs.pp
+    best = float("inf")
+    for cut in itertools.combinations_with_replacement(range(L + 1), p - 1):
+        bounds = (0, *cut, L)
+        n = [bounds[i + 1] - bounds[i] for i in range(p)]
+        if any(n[s] < 1 for s in range(1, p - 1)):
+            continue
+        for r in itertools.product(*[range(k + 1) for k in n]):
+            for mode in modes:
+                stages = [costs.stage_cost(s, n[s], r[s], mode) for s in range(p)]
+                if any(st.memory_bytes > capacity_bytes for st in stages):
+                    continue
+                best = min(best, step_time_s(costs, stages)[0])
+    return best
+

@@ -13,6 +13,14 @@ What DeepSpeed cannot run is refused here, before any process starts:
   with the ``llama`` preset: q/k/v, gate/up column-parallel, o/down row-parallel; embedding and LM head
   replicated), which does not run inside the pipeline engine.
 - Optimizer offload without ZeRO (DeepSpeed offloads only the partitioned optimizer states of ZeRO >= 1).
+- Megatron sequence parallelism (``Strategy.sequence_parallel``): AutoTP shards only the linear layers and has no
+  sequence-sharded norms or residual stream (DeepSpeed-Ulysses, its "sequence parallelism", is a different method
+  that shards attention heads with all-to-alls, and the plan did not price it).
+
+Selective recomputation (``Strategy.selective_recompute``) is not DeepSpeed's: its activation checkpointing API
+checkpoints whole functions and cannot keep the projections while recomputing only the attention core. The trainer
+wraps the chain's blocks itself, before ``deepspeed.initialize``, with torch's selective checkpointing (the same
+policy as the torch backend, ``train_common.selective_checkpoint``); the ``paraplan`` key lists those blocks.
 - What neither backend runs (``checks``): tp > 1 on a non-Llama model or not dividing the heads, key/value heads
   and MLP width; tied input/output embeddings split over pipeline stages; stages that do not tile the chain.
 """
@@ -46,12 +54,19 @@ def check_deepspeed_plan(plan: Plan) -> None:
         plan: the plan to launch.
 
     Raises:
-        LaunchError: tp > 1 on a non-Llama model, with pp > 1, or not dividing the heads, key/value heads or MLP
-            width; ZeRO stage >= 2 with pp > 1; optimizer offload with ZeRO stage 0; tied embeddings with pp > 1;
+        LaunchError: sequence parallelism; tp > 1 on a non-Llama model, with pp > 1, or not dividing the heads,
+            key/value heads or MLP width; ZeRO stage >= 2 with pp > 1; optimizer offload with ZeRO stage 0; tied
+            embeddings with pp > 1;
             stages that do not tile the layer chain from the embedding to the head; a global batch other than
             dp x micro-batch x gradient accumulation.
     """
     s = plan.strategy
+    if s.sequence_parallel:
+        raise LaunchError(
+            "the plan uses Megatron sequence parallelism (norms and residual stream sharded over the tp group), "
+            "which DeepSpeed AutoTP does not implement (DeepSpeed-Ulysses is a different method). Launch with "
+            "--backend torch, or re-plan with --backend deepspeed (no sequence parallelism)"
+        )
     if s.tp > 1:
         check_tp(plan.model, s.tp)
     if s.tp > 1 and s.pp > 1:
@@ -90,6 +105,15 @@ def checkpointed_layers(plan: Plan) -> list[int]:
     each stage (blocks are chain layers ``1..L``; layer 0 is the embedding and ``L+1`` the head)."""
     stages = plan.strategy.stages
     return [c for stage, blocks in zip(stages, stage_block_layers(plan)) for c in blocks[: stage.recompute_blocks]]
+
+
+def selective_layers(plan: Plan) -> list[int]:
+    """Chain indices of the blocks run with selective checkpointing: with ``selective_recompute``, every block
+    that :func:`checkpointed_layers` does not recompute in full; otherwise none."""
+    if not plan.strategy.selective_recompute:
+        return []
+    stages = plan.strategy.stages
+    return [c for stage, blocks in zip(stages, stage_block_layers(plan)) for c in blocks[stage.recompute_blocks:]]
 
 
 def build_ds_config(plan: Plan) -> dict[str, Any]:
@@ -138,6 +162,11 @@ def build_ds_config(plan: Plan) -> dict[str, Any]:
         "activation_checkpointing": {
             "method": "full", "implementation": "torch.utils.checkpoint(use_reentrant=False)",
             "chain_layers": checkpointed_layers(plan),
+            "selective": {
+                "implementation": "torch.utils.checkpoint selective policy: matmul outputs saved, attention "
+                                  "core recomputed",
+                "chain_layers": selective_layers(plan),
+            },
         },
     }
     return config

@@ -7,6 +7,18 @@ stage (DDP, DDP + ``ZeroRedundancyOptimizer``, FSDP2 ``fully_shard``) and a ``to
 schedule. ``emit_torch`` writes that recipe; ``parallelize`` applies it, in the order torchtitan's llama
 ``parallelize.py`` uses (pipeline split, TP, activation checkpointing, data parallelism).
 
+Sequence parallelism (Korthikanti et al. 2022, sec. 4.2.2), with tp > 1: the residual stream between blocks is a
+DTensor sharded over the tp group along the sequence, ``Shard(1)``; the two RMSNorms of each block run on that
+shard (``SequenceParallel``), the attention and MLP inputs are all-gathered (``PrepareModuleInput`` to
+``Replicate``) and the o/down projections reduce-scatter their output back to ``Shard(1)``. The embedding output
+is split to ``Shard(1)`` (no communication: every tp rank holds it whole) and the head's input is all-gathered, so
+the final norm and LM head run replicated as without sequence parallelism. Pipeline stage boundaries carry whole
+(gathered) hidden states. A block's global shape stays ``(b, s, h)``, so its rotary embedding sees all ``s``
+positions.
+
+Selective recomputation (sec. 4.3): blocks not fully recomputed run under torch's selective activation
+checkpointing, saving matmul outputs and recomputing the attention core (``train_common.selective_checkpoint``).
+
 ZeRO stage -> wrapper (over the ``dp`` mesh dimension; nothing when dp == 1 and nothing is offloaded):
 
 - 0: ``DistributedDataParallel`` (replicated parameters, gradients and optimizer states).
@@ -31,6 +43,7 @@ from pydantic import Field
 from torch import nn
 
 from paraplan.backends.checks import check_stage_tiling, check_tied_embeddings, check_tp, stage_block_layers
+from paraplan.backends.train_common import selective_checkpoint
 from paraplan.models.build import torch_dtype
 from paraplan.errors import LaunchError
 from paraplan.files import read_model, write_atomic
@@ -76,6 +89,10 @@ class TensorParallelConfig(_Frozen):
     )
     # The HF attention code views/reshapes plain tensors with local head counts; DTensors would need global shapes.
     use_local_output: bool = Field(default=True, description="Styles return plain local tensors to the HF code.")
+    sequence_parallel: bool = Field(
+        default=False, description="Megatron sequence parallelism: residual stream and norms Shard(1) over the tp "
+                                   "group; o/down projections reduce-scatter, attention/MLP inputs all-gathered.",
+    )
 
 
 class PipelineStageConfig(_Frozen):
@@ -111,6 +128,10 @@ class TorchParallelConfig(_Frozen):
     tensor_parallel: TensorParallelConfig
     pipeline: PipelineConfig
     checkpointed_blocks: list[int] = Field(description="Block indices run with full activation checkpointing.")
+    selective_checkpointed_blocks: list[int] = Field(
+        default_factory=list,
+        description="Block indices run with selective checkpointing (matmul outputs saved, attention recomputed).",
+    )
     mixed_precision: MixedPrecisionConfig
 
 
@@ -134,16 +155,23 @@ def build_torch_config(plan: Plan) -> TorchParallelConfig:
         for s, chain_ids in zip(st.stages, stage_block_layers(plan))
     ]
     checkpointed = [b for s, sc in zip(st.stages, stages) for b in sc.blocks[: s.recompute_blocks]]
+    selective = (
+        [b for s, sc in zip(st.stages, stages) for b in sc.blocks[s.recompute_blocks:]] if st.selective_recompute
+        else []
+    )
     mp = _mixed_precision(plan)
     return TorchParallelConfig(
         mesh=MeshConfig(shape=[st.pp, st.dp, st.tp]),
         data_parallel=_data_parallel(plan),
-        tensor_parallel=TensorParallelConfig(degree=st.tp, plan=dict(LLAMA_TP_PLAN) if st.tp > 1 else {}),
+        tensor_parallel=TensorParallelConfig(
+            degree=st.tp, plan=dict(LLAMA_TP_PLAN) if st.tp > 1 else {}, sequence_parallel=st.sequence_parallel,
+        ),
         pipeline=PipelineConfig(
             schedule="1F1B" if st.pp > 1 else None, n_microbatches=st.grad_accum,
             micro_batch_size=st.micro_batch_size, activation_dtype=mp.param_dtype, stages=stages,
         ),
         checkpointed_blocks=checkpointed,
+        selective_checkpointed_blocks=selective,
         mixed_precision=mp,
     )
 
@@ -155,7 +183,8 @@ def check_supported(plan: Plan) -> None:
         LaunchError: optimizer offload (plans price optimizer-only offload), fp16, tensor parallelism for a
             non-Llama model or a degree that does not divide the heads / key-value heads / MLP width, fewer
             micro-batches than pipeline stages, pp > 1 without hidden/vocab in the spec, tied embeddings split across
-            pipeline stages, or stages that do not tile the layer chain.
+            pipeline stages, stages that do not tile the layer chain, or sequence parallelism for a non-Llama
+            model or a sequence length tp does not divide.
     """
     st, spec = plan.strategy, plan.model
     if st.offload_optimizer:
@@ -171,6 +200,8 @@ def check_supported(plan: Plan) -> None:
             "the torch backend does not implement fp16 loss scaling; plan with dtype bf16 (same memory) or fp32, "
             "or launch with --backend deepspeed"
         )
+    if st.sequence_parallel:
+        _check_sequence_parallel(plan)
     if st.tp > 1:
         check_tp(spec, st.tp)
     if st.pp > 1 and st.grad_accum < st.pp:
@@ -185,6 +216,20 @@ def check_supported(plan: Plan) -> None:
         )
     check_tied_embeddings(plan)
     check_stage_tiling(plan)
+
+
+def _check_sequence_parallel(plan: Plan) -> None:
+    st, spec = plan.strategy, plan.model
+    if spec.family != "llama":
+        raise LaunchError(
+            f"sequence_parallel for family '{spec.family}': the torch backend's sequence-parallel plan covers Llama "
+            "blocks only (RMSNorms and q/k/v/o, gate/up/down projections). Re-plan without sequence parallelism"
+        )
+    if plan.train.seq_len % st.tp:
+        raise LaunchError(
+            f"sequence_parallel shards the sequence over tp={st.tp} ranks, which must divide seq_len="
+            f"{plan.train.seq_len}; re-plan with a tp that divides it or without sequence parallelism"
+        )
 
 
 def _data_parallel(plan: Plan) -> DataParallelConfig:
@@ -300,23 +345,111 @@ def build_stage_module(chain: LayerChain, stage: PipelineStageConfig, config: To
 
 
 def apply_tp(stage: StageModule, tp_mesh, tp: TensorParallelConfig) -> None:
-    """Shard every block's attention and MLP projections over ``tp_mesh`` (DTensor ``parallelize_module``)."""
+    """Shard every block's attention and MLP projections over ``tp_mesh`` (DTensor ``parallelize_module``).
+
+    With ``tp.sequence_parallel`` also the block's norms and residual stream (see the module docstring) and the
+    stage boundaries: hidden states enter and leave a stage whole, as plain tensors.
+    """
+    from torch.distributed.tensor import Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     styles = {"ColwiseParallel": ColwiseParallel, "RowwiseParallel": RowwiseParallel}
     for block_id in stage.block_position:
         block_plan = {name: styles[style](use_local_output=tp.use_local_output) for name, style in tp.plan.items()}
+        if tp.sequence_parallel:
+            # Row-parallel outputs reduce-scatter into the Shard(1) residual stream, kept as DTensors so the
+            # residual adds and norms run on sequence shards while the block still sees the global shape.
+            block_plan.update({
+                name: RowwiseParallel(output_layouts=Shard(1), use_local_output=False)
+                for name, style in tp.plan.items() if style == "RowwiseParallel"
+            })
+            block_plan.update(_llama_sp_plan())
         parallelize_module(stage.block(block_id), tp_mesh, block_plan)
+    if tp.sequence_parallel:
+        _apply_sp_boundaries(stage, tp_mesh)
+        # A norm weight (Replicate) applied to sequence shards gets a Partial(sum) gradient: each rank holds the sum
+        # over its shard. Megatron all-reduces these over the tp group; do the same as soon as it is accumulated,
+        # so the optimizer and the gradient norm see the whole gradient. (DDP's TP transform and FSDP2 reduce
+        # Partial gradients to the parameter's placement themselves; the hook is then a no-op.)
+        for param in stage.parameters():
+            if getattr(param, "placements", None) and all(p.is_replicate() for p in param.placements):
+                param.register_post_accumulate_grad_hook(_reduce_partial_grad)
 
 
-def apply_ac(stage: StageModule, block_ids: list[int]) -> None:
-    """Full activation checkpointing: each chosen block keeps only its input and recomputes in backward."""
+def _reduce_partial_grad(param) -> None:
+    if any(p.is_partial() for p in param.grad.placements):
+        param.grad = param.grad.redistribute(placements=param.placements)
+
+
+def _llama_sp_plan() -> dict:
+    """Sequence-parallel styles of one LlamaBlock beyond its projections (torchtitan's llama plan, HF names)."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import PrepareModuleInput, SequenceParallel
+
+    return {
+        "layer.input_layernorm": SequenceParallel(),
+        # The decoder layer calls self_attn(hidden_states=..., position_embeddings=...) by keyword.
+        "layer.self_attn": PrepareModuleInput(
+            input_kwarg_layouts={"hidden_states": Shard(1)}, desired_input_kwarg_layouts={"hidden_states": Replicate()},
+            use_local_output=True,
+        ),
+        "layer.post_attention_layernorm": SequenceParallel(),
+        "layer.mlp": PrepareModuleInput(
+            input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True,
+        ),
+    }
+
+
+def _apply_sp_boundaries(stage: StageModule, tp_mesh) -> None:
+    """Make the stage's first block receive, and its last block hand on, the Shard(1) residual stream.
+
+    The embedding output (whole on every tp rank) is split without communication; the head input is all-gathered,
+    so the final norm and LM head run replicated. Between pipeline stages hidden states travel whole: a non-first
+    stage splits its input, a non-last stage gathers its output.
+    """
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import PrepareModuleInput, PrepareModuleOutput, parallelize_module
+
+    block_ids = list(stage.block_position)
+    if not block_ids:  # an embedding-only or head-only stage: everything stays whole
+        return
+    first_block, last_block = stage.block(block_ids[0]), stage.block(block_ids[-1])
+    if stage.layers[0] is first_block:
+        parallelize_module(first_block, tp_mesh, PrepareModuleInput(
+            input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),),
+        ))
+    else:  # the embedding
+        parallelize_module(stage.layers[0], tp_mesh, PrepareModuleOutput(
+            output_layouts=Replicate(), desired_output_layouts=Shard(1), use_local_output=False,
+        ))
+    if stage.layers[-1] is last_block:
+        parallelize_module(last_block, tp_mesh, PrepareModuleOutput(
+            output_layouts=Shard(1), desired_output_layouts=Replicate(), use_local_output=True,
+        ))
+    else:  # the head
+        parallelize_module(stage.layers[-1], tp_mesh, PrepareModuleInput(
+            input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True,
+        ))
+
+
+def apply_ac(stage: StageModule, block_ids: list[int], selective_block_ids: list[int] = ()) -> None:
+    """Activation checkpointing of this stage's blocks.
+
+    Args:
+        stage: the stage module.
+        block_ids: blocks with full checkpointing: each keeps only its input and recomputes in backward.
+        selective_block_ids: blocks with selective checkpointing: each keeps its input and matmul outputs and
+            recomputes the attention core (``train_common.selective_checkpoint``).
+    """
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 
     for block_id in block_ids:
         if block_id in stage.block_position:
             wrapped = checkpoint_wrapper(stage.block(block_id), checkpoint_impl=CheckpointImpl.NO_REENTRANT)
             stage.set_block(block_id, wrapped)
+    for block_id in selective_block_ids:
+        if block_id in stage.block_position:
+            stage.set_block(block_id, selective_checkpoint(stage.block(block_id)))
 
 
 def apply_fsdp(stage: StageModule, dp_mesh, config: TorchParallelConfig) -> None:
@@ -387,7 +520,7 @@ def parallelize(chain: LayerChain, plan: Plan, mesh, device: torch.device | None
     if st.tp > 1:
         apply_tp(stage, mesh["tp"], config.tensor_parallel)
     # 3. Activation checkpointing wraps the (TP-sharded) blocks, so recomputation replays the TP collectives.
-    apply_ac(stage, config.checkpointed_blocks)
+    apply_ac(stage, config.checkpointed_blocks, config.selective_checkpointed_blocks)
     # 4. Data parallelism last: FSDP2 units are the (checkpoint-wrapped) blocks plus the root.
     module: nn.Module = stage
     wrapper = config.data_parallel.wrapper

@@ -3,6 +3,9 @@
 A run directory holds ``plan.json`` (the Plan), ``launch.json`` (the LaunchSpec: steps, data paths) and the
 backend's own files. Rank 0 appends one JSON line per step to ``metrics.jsonl``:
 ``{"step", "loss", "step_time_s", "tokens_per_s", "peak_memory_bytes": [per rank]}``.
+
+Also the selective activation checkpointing both trainers apply to the blocks a plan does not recompute in full
+(:func:`selective_checkpoint`).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import json
 import os
 import resource
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -20,6 +24,48 @@ from paraplan.backends.data import ByteDataset
 from paraplan.types import LaunchSpec, Plan
 
 METRICS_FILE = "metrics.jsonl"
+
+# Selective recomputation (Korthikanti et al. 2022, sec. 4.3): keep what is expensive to recompute, the outputs of
+# the linear projections (every matmul), and recompute the attention core in backward. Every other op (norms,
+# rotary embedding, activation function, the attention core, views, collectives) is recomputed too: under
+# torch's selective checkpointing an op marked "save" caches its whole output, including outputs autograd itself
+# would not keep (the o/down projection sums, pre-rotary q/k), so "save all but attention" kept 50% more than no
+# checkpointing at all on llama-tiny (5.2 vs 3.5 MiB per block at b=2, s=64), while saving only the matmul outputs
+# keeps 1.7 MiB. The elementwise ops recomputed add no matmul FLOPs. On CPU the attention op is
+# aten._scaled_dot_product_flash_attention_for_cpu, which is not in the saved set, so it is recomputed.
+_SAVED_MATMULS = frozenset({
+    torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+    torch.ops.aten.baddbmm.default,
+})
+
+
+def _matmul_save_policy(ctx, func, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_SAVE if func in _SAVED_MATMULS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def selective_checkpoint(module: torch.nn.Module) -> torch.nn.Module:
+    """Wrap ``module`` (one block) in selective activation checkpointing.
+
+    In forward the block saves its input and the output of every matmul (the q/k/v/o and MLP projections); in
+    backward it recomputes everything else from them, the attention core included, so neither the attention output
+    nor its softmax statistics are kept between forward and backward.
+
+    Args:
+        module: a block mapping hidden ``(b, s, h)`` to hidden ``(b, s, h)``.
+
+    Returns:
+        The wrapped module (``checkpoint_wrapper``, non-reentrant); its parameters keep their names under
+        ``_checkpoint_wrapped_module``.
+    """
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    return checkpoint_wrapper(
+        module, checkpoint_impl=CheckpointImpl.NO_REENTRANT,
+        context_fn=partial(create_selective_checkpoint_contexts, _matmul_save_policy),
+    )
 
 
 def load_run(run_dir: str | Path) -> tuple[Plan, LaunchSpec]:

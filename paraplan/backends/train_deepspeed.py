@@ -31,7 +31,8 @@ from torch.utils.checkpoint import checkpoint
 from paraplan.backends.data import ByteDataset, sample_start
 from paraplan.backends.deepspeed import DS_CONFIG_FILE, PARAPLAN_KEY
 from paraplan.backends.train_common import (
-    MetricsWriter, StepTimer, build_dataset, device_for_rank, dist_backend, load_run, shutdown_distributed,
+    MetricsWriter, StepTimer, build_dataset, device_for_rank, dist_backend, load_run, selective_checkpoint,
+    shutdown_distributed,
 )
 from paraplan.errors import LaunchError
 from paraplan.files import read_mapping
@@ -55,10 +56,21 @@ class CheckpointedLayer(nn.Module):
         return checkpoint(self.inner, x, use_reentrant=False)
 
 
-def apply_ac(layers: list[nn.Module], chain_layers: list[int]) -> list[nn.Module]:
-    """Wrap the chain layers at indices ``chain_layers`` in :class:`CheckpointedLayer`; return the new list."""
-    wanted = set(chain_layers)
-    return [CheckpointedLayer(layer) if i in wanted else layer for i, layer in enumerate(layers)]
+def apply_ac(layers: list[nn.Module], chain_layers: list[int], selective_layers: list[int] = ()) -> list[nn.Module]:
+    """Wrap the chain layers at indices ``chain_layers`` in :class:`CheckpointedLayer` and those at
+    ``selective_layers`` in torch's selective checkpointing (``train_common.selective_checkpoint``); return the new
+    list."""
+    full, selective = set(chain_layers), set(selective_layers)
+    return [
+        CheckpointedLayer(layer) if i in full else selective_checkpoint(layer) if i in selective else layer
+        for i, layer in enumerate(layers)
+    ]
+
+
+def _ac_layers(ours: dict) -> tuple[list[int], list[int]]:
+    """Fully and selectively checkpointed chain layers of the ``paraplan`` section (older files have no selective)."""
+    ac = ours["activation_checkpointing"]
+    return ac["chain_layers"], ac.get("selective", {}).get("chain_layers", [])
 
 
 def build_pipeline_module(plan: Plan, ours: dict) -> nn.Module:
@@ -98,7 +110,7 @@ def build_pipeline_module(plan: Plan, ours: dict) -> nn.Module:
             self._set_bounds(start=self.parts[stage_id], stop=self.parts[stage_id + 1])
 
     chain = build_model(plan.model, seed=plan.train.seed)
-    layers = apply_ac(chain.layers(), ours["activation_checkpointing"]["chain_layers"])
+    layers = apply_ac(chain.layers(), *_ac_layers(ours))
     with contextlib.redirect_stdout(io.StringIO()):  # PipelineModule prints its seed settings on rank 0
         return PlannedPipelineModule(
             layers, ours["stage_boundaries"], num_stages=plan.strategy.pp, loss_fn=lm_loss,
@@ -121,7 +133,7 @@ def train_flat(plan: Plan, ds_config: dict, dataset: ByteDataset, steps: int, ru
 
     device = device_for_rank()
     chain = build_model(plan.model, seed=plan.train.seed)
-    layers = apply_ac(chain.layers(), ds_config[PARAPLAN_KEY]["activation_checkpointing"]["chain_layers"])
+    layers = apply_ac(chain.layers(), *_ac_layers(ds_config[PARAPLAN_KEY]))
     chain.blocks = nn.ModuleList(layers[1:-1])  # only blocks are ever checkpointed; embed and head stay as built
     if plan.strategy.tp > 1:
         chain.config = hf_config(plan.model)  # AutoTP reads head counts from model.config

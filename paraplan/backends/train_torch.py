@@ -95,7 +95,8 @@ def global_grad_norm(model: ParallelModel, plan: Plan, device: torch.device) -> 
     (copies over dp and tp; pipeline stages hold disjoint layers), so the sum over the world counts each element
     once. A DTensor gradient's copies are ``dp * tp`` divided by the sizes of its non-replicated mesh dimensions
     (FSDP2 over TP shards uses ``_StridedShard``, which ``is_shard()`` does not report); a TP-sharded parameter
-    that DDP sees as a plain local shard (``_st_info``) has ``dp`` copies.
+    that DDP sees as a plain local shard (``_st_info``) has ``dp`` copies, a replicated one (a sequence-parallel
+    norm weight) ``dp * tp``.
     """
     from torch.distributed.tensor import DTensor
 
@@ -110,8 +111,10 @@ def global_grad_norm(model: ParallelModel, plan: Plan, device: torch.device) -> 
                 if not placement.is_replicate():
                     copies //= grad.device_mesh.size(dim)
             grad = grad.to_local()
-        elif hasattr(p, "_st_info"):
-            copies //= plan.strategy.tp
+        elif hasattr(p, "_st_info"):  # DDP's local view of a DTensor: its placements over the tp mesh
+            for placement in p._st_info.placements:
+                if not placement.is_replicate():
+                    copies //= plan.strategy.tp
         total += grad.detach().double().square().sum().to(device) / copies
     dist.all_reduce(total)
     return total.sqrt().item()

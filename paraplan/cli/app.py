@@ -116,19 +116,21 @@ def print_json(obj: object) -> None:
 
 
 _STRATEGY_KEYS = {"dp": "dp", "tp": "tp", "pp": "pp", "mb": "micro_batch_size", "micro_batch": "micro_batch_size",
-                  "zero": "zero_stage", "offload": "offload_optimizer", "recompute": "recompute"}
+                  "zero": "zero_stage", "offload": "offload_optimizer", "recompute": "recompute",
+                  "sp": "sequence_parallel"}
 STRATEGY_HELP = (
     "Force parts of the strategy, comma-separated key=value: dp, tp, pp (positive integers), mb or micro_batch "
     "(sequences per micro-batch), zero (ZeRO stage 0-3), offload (optimizer states in host memory: true/false), "
-    "recompute (none or full). Example: dp=2,tp=1,pp=1,mb=2,zero=3,offload=false,recompute=full"
+    "recompute (none, selective = the attention core of every block, or full = every block), sp (Megatron "
+    "sequence parallelism with tp > 1: true/false). Example: dp=2,tp=2,pp=1,mb=2,zero=3,sp=true,recompute=full"
 )
 
 
 def parse_strategy(text: str | None) -> StrategyOverride:
-    """``dp=2,tp=1,pp=2,mb=4,zero=3,offload=true,recompute=full`` -> StrategyOverride.
+    """``dp=2,tp=2,pp=2,mb=4,zero=3,offload=true,recompute=full,sp=true`` -> StrategyOverride.
 
     The values are validated by :class:`StrategyOverride`: positive integers for dp, tp, pp and mb, 0-3 for zero,
-    a boolean (true/false, yes/no, on/off, 1/0) for offload, none or full for recompute.
+    a boolean (true/false, yes/no, on/off, 1/0) for offload and sp, none, selective or full for recompute.
 
     Raises:
         StrategyError: an unknown or repeated key, a part without ``=``, or a value its field does not accept.
@@ -273,10 +275,9 @@ def resolve_dtype(dtype: str, cluster) -> str:
 
 def _warn_thread_mismatch(prof, clus) -> None:
     """A CPU profile taken with more threads than each training process will get under-predicts step time."""
-    from paraplan.backends.launch import cpu_threads_per_process
-
     if prof is None or prof.device_kind != "cpu" or clus.device.kind != "cpu" or prof.cpu_threads is None:
         return
+    from paraplan.backends.launch import cpu_threads_per_process  # imports torch: only when a CPU profile is used
     want = cpu_threads_per_process(clus.devices_per_node)
     if prof.cpu_threads != want:
         err_console.print(f"[yellow]warning:[/] the profile used {prof.cpu_threads} threads; each of the "
@@ -368,6 +369,7 @@ def plan_summary(plan: Plan) -> dict:
         "strategy": {
             "dp": s.dp, "tp": s.tp, "pp": s.pp, "micro_batch_size": s.micro_batch_size, "grad_accum": s.grad_accum,
             "zero_stage": s.zero_stage, "offload_optimizer": s.offload_optimizer,
+            "sequence_parallel": s.sequence_parallel, "selective_recompute": s.selective_recompute,
             "recompute_blocks": [st.recompute_blocks for st in s.stages],
             "stage_blocks": [st.n_blocks for st in s.stages],
         },

@@ -104,6 +104,9 @@ def register(app: typer.Typer, guard) -> None:
             "--dp-overlap/--no-dp-overlap",
             help="DP/ZeRO communication overlaps compute (default: yes on GPUs, no on CPU/gloo).")] = None,
         dtype: Annotated[str, typer.Option(help="auto (fp32 on CPU, bf16 on GPU), bf16, fp16 or fp32.")] = "auto",
+        stage_blocks: Annotated[Optional[str], typer.Option(
+            help="Blocks per pipeline stage (rank), comma-separated, e.g. 7,8,...,8,7 for Llama 3 405B's 126 blocks "
+                 "on pp 16 (default: as even as possible, earlier stages take the remainder).")] = None,
         profile: Annotated[Optional[Path], typer.Option(help="Profile from `paraplan profile`.")] = None,
         as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of the table.")] = False,
     ) -> None:
@@ -111,6 +114,7 @@ def register(app: typer.Typer, guard) -> None:
         from paraplan.catalog import load_cluster_spec
         from paraplan.cli import app as cli
         from paraplan.cost_models.estimate import StrategySpec, estimate_strategy
+        from paraplan.errors import StrategyError
         from paraplan.models.presets import load_model_spec
         from paraplan.types import TrainSpec
 
@@ -119,7 +123,12 @@ def register(app: typer.Typer, guard) -> None:
         dtype = cli.resolve_dtype(dtype, clus)
         train = TrainSpec(global_batch=global_batch, seq_len=seq_len, dtype=dtype)  # type: ignore[arg-type]
         prof = cli.load_profile(profile)
-        st = StrategySpec(dp=dp, tp=tp, pp=pp, micro_batch_size=micro_batch, vpp=vpp,
+        try:
+            blocks = tuple(int(x) for x in stage_blocks.split(",")) if stage_blocks else None
+        except ValueError:
+            raise StrategyError(f"--stage-blocks {stage_blocks}: write comma-separated integers, one per stage") \
+                from None
+        st = StrategySpec(dp=dp, tp=tp, pp=pp, micro_batch_size=micro_batch, vpp=vpp, stage_blocks=blocks,
                           sequence_parallel=sequence_parallel, recompute=recompute,  # type: ignore[arg-type]
                           zero_stage=zero, offload_optimizer=offload_optimizer, attention=attention,
                           overlap_dp=dp_overlap, overlap_tp=tp_comm_overlap, schedule=schedule)

@@ -19,8 +19,8 @@ def render_plans(console: Console, plans: list[Plan]) -> None:
     title = (f"{best.model.name} on {best.cluster.name}: global batch {best.train.global_batch} x seq "
              f"{best.train.seq_len}, {best.train.dtype} (compute from {best.predicted.compute_source})")
     table = Table(title=title)
-    for col in ("#", "dp", "tp", "pp", "mb", "accum", "ZeRO", "recompute", "offload", "step", "tokens/s", "MFU",
-                "peak mem / capacity"):
+    for col in ("#", "dp", "tp", "pp", "mb", "accum", "ZeRO", "sp", "recompute", "offload", "step", "tokens/s",
+                "MFU", "peak mem / capacity"):
         table.add_column(col, justify="right")
     for i, plan in enumerate(plans, 1):
         s, p = plan.strategy, plan.predicted
@@ -28,7 +28,9 @@ def render_plans(console: Console, plans: list[Plan]) -> None:
         rec = sum(st.recompute_blocks for st in s.stages)
         table.add_row(
             str(i), str(s.dp), str(s.tp), str(s.pp), str(s.micro_batch_size), str(s.grad_accum), str(s.zero_stage),
-            f"{rec}/{L}", "optimizer" if s.offload_optimizer else "-", format_seconds(p.step_time_s),
+            "yes" if s.sequence_parallel else "-",
+            f"{rec}/{L} full" + (", others selective" if s.selective_recompute else ""),
+            "optimizer" if s.offload_optimizer else "-", format_seconds(p.step_time_s),
             # A CPU's peak FLOP/s in the catalog is nominal, so its MFU would mean nothing.
             f"{p.tokens_per_s:,.0f}", f"{p.mfu:.1%}" if plan.cluster.device.kind == "cuda" else "n/a",
             f"{format_bytes(p.peak_memory_bytes)} / {format_bytes(p.memory_capacity_bytes)}",
@@ -51,6 +53,10 @@ def render_plans(console: Console, plans: list[Plan]) -> None:
     gap = f", gap {sol.gap:.2%}" if sol.status == "feasible" else ""
     console.print(f"solver: {sol.solver}, {sol.status}{gap}; {sol.milps_solved} MILPs over {sol.candidates} "
                   f"candidates in {sol.search_time_s:.1f} s", highlight=False)
+    if sol.excluded:
+        console.print("excluded by a rule (candidates): " + "; ".join(
+            f"{why} ({n})" for why, n in sorted(sol.excluded.items(), key=lambda kv: -kv[1])), highlight=False,
+            soft_wrap=True)
 
 
 def format_memory_breakdown(m: MemoryBreakdown) -> str:

@@ -496,6 +496,19 @@ class CandidateCosts:
             optimizer_bytes=terms.optimizer(n), activation_bytes=act, other_bytes=terms.other(n),
         )
 
+    def stage_memory_bytes(self, stage: int, n_blocks: int, recompute_blocks: int, mode: Mode) -> float:
+        """Peak memory per device of a stage: ``stage_cost(...).memory_bytes`` without computing its times (the
+        planner's memory lower bound evaluates it thousands of times).
+
+        Formula: model states of the stage's parameters under the mode (:meth:`state_memory`) + activations
+            (:meth:`activation_terms`, plus one block's working space when any block is recomputed) + overhead
+            + ZeRO-3 gather buffers.
+        """
+        params, grads, optim, _ = self.state_memory(mode, self.stage_params(stage, n_blocks))
+        act = self.activation_terms(stage)(n_blocks, recompute_blocks)
+        act += self.block.act_bytes if recompute_blocks > 0 else 0.0
+        return params + grads + optim + act + self.overhead_bytes + self.zero3_working_bytes(mode)
+
     def model_flops_per_step(self) -> float:
         """Model FLOPs of one step (Korthikanti et al. 2022 eq. 7 form; see transformer.model_flops_per_step).
 

@@ -41,6 +41,7 @@ class StrategySpec(CostOptions):
     recompute: Recompute = "none"
     zero_stage: int = 0
     offload_optimizer: bool = False
+    stage_blocks: tuple[int, ...] | None = None  # blocks per pipeline rank (all its virtual stages); None: even
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "selective_recompute", self.recompute == "selective")
@@ -111,9 +112,17 @@ def validate_strategy(
                             f"({cluster.devices_per_node} devices)")
     if st.pp > L:
         raise StrategyError(f"pp={st.pp} exceeds the model's {L} blocks")
-    if st.vpp > 1 and (st.pp == 1 or L % (st.pp * st.vpp)):
-        raise StrategyError(f"--vpp {st.vpp} needs pp > 1 and the {L} blocks divisible by pp x vpp "
-                            f"({st.pp * st.vpp})")
+    # Interleaving no longer needs the blocks divisible by pp x vpp (Llama 3 405B: 126 blocks, pp 16): a rank's
+    # virtual stages may hold different block counts. Assumption of the cost model: each of a rank's v chunks
+    # takes 1/v of its time (pipeline_time_s), exact when its blocks split evenly over its chunks.
+    if st.vpp > 1 and st.pp == 1:
+        raise StrategyError(f"--vpp {st.vpp} needs pp > 1 (virtual stages interleave over pipeline ranks)")
+    if st.stage_blocks is not None:
+        sb = list(st.stage_blocks)
+        if len(sb) != st.pp or sum(sb) != L or any(n < 0 for n in sb) or any(n < 1 for n in sb[1:-1]):
+            raise StrategyError(
+                f"--stage-blocks {','.join(map(str, sb))}: give pp={st.pp} counts that add up to the model's {L} "
+                "blocks (the first and last stage may hold 0 besides the embedding / head; the others at least 1)")
     if not 0 <= st.zero_stage <= 3:
         raise StrategyError(f"--zero {st.zero_stage}: use 0, 1, 2 or 3")
     if st.recompute not in ("none", "selective", "full"):
@@ -143,7 +152,7 @@ def estimate_strategy(
     cluster = calibrate_cluster(cluster, profile)
     costs = CandidateCosts(spec, cluster, train, st.dp, st.tp, st.pp, st.micro_batch_size, profile,
                            st.cost_options())
-    blocks = stage_blocks(spec.n_layers or 0, st.pp)
+    blocks = list(st.stage_blocks) if st.stage_blocks is not None else stage_blocks(spec.n_layers or 0, st.pp)
     mode = Mode(st.zero_stage, st.offload_optimizer)
     stages: list[StageCost] = [
         costs.stage_cost(s, n, n if st.recompute == "full" else 0, mode) for s, n in enumerate(blocks)

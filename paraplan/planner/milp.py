@@ -43,9 +43,17 @@ class MilpResult:
     recompute_blocks: list[int]
     mode: Mode
     objective_s: float
-    status: str  # "optimal" | "feasible"
+    status: str  # "optimal" | "feasible" (stopped by the time limit with a solution) | "timeout" (with none)
     gap: float
     solve_time_s: float
+
+    @property
+    def bound_s(self) -> float:
+        """A lower bound on this candidate's optimum (s): the objective when optimal, else objective x (1 - gap);
+        nan when unknown (a "timeout" result carries no solution)."""
+        if self.status == "optimal":
+            return self.objective_s
+        return self.objective_s * (1 - self.gap) if self.gap == self.gap else float("nan")
 
 
 @contextlib.contextmanager
@@ -92,7 +100,8 @@ def solve_stage_milp(
         costs: coefficients of the candidate (dp, tp, pp, micro-batch).
         modes: allowed (ZeRO stage, offload) combinations.
         recompute: None to search, "none" to forbid, "full" to force recomputation of every block.
-        time_limit_s: solver time limit; a run stopped by it is reported as "feasible" with its gap.
+        time_limit_s: solver time limit; a run stopped by it is reported as "feasible" with its gap, or as
+            "timeout" (no solution, not proven infeasible) when it found none.
 
     Returns:
         The solution, or None when no assignment fits in memory.
@@ -127,7 +136,11 @@ def solve_stage_milp(
         prob.solve(_solver(time_limit_s))
     elapsed = time.perf_counter() - start
     if prob.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
-        return None
+        if prob.status == pulp.LpStatusInfeasible or elapsed < time_limit_s:
+            return None  # proven infeasible: no assignment fits
+        # Stopped by the time limit before any solution: not proven infeasible, so the search may not call its
+        # best plan optimal unless this candidate's lower bound is above it.
+        return MilpResult([], [], modes[0], float("nan"), "timeout", float("nan"), elapsed)
     status, gap = "optimal", 0.0
     if prob.sol_status == pulp.LpSolutionIntegerFeasible or elapsed >= time_limit_s:
         status = "feasible"

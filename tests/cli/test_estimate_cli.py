@@ -61,3 +61,20 @@ def test_user_errors_exit_1_with_what_to_change(args, fragments):
 def test_unknown_model_is_a_user_error():
     result = run("estimate", "llama-huge", *BASE, "--tp", "1", "--pp", "1", "--dp", "8", "--micro-batch", "1")
     assert_user_error(result, "unknown model 'llama-huge'")
+
+
+def test_stage_blocks_express_uneven_layouts():
+    base = ["estimate", "llama3-405b", "--cluster", "2048x8xH100-80GB", "--global-batch", "2048", "--seq-len",
+            "8192", "--tp", "8", "--pp", "16", "--dp", "128", "--micro-batch", "1", "--sequence-parallel", "--json"]
+    # Llama 3 405B's layout (Dubey et al. 2024 sec. 3.3.2): 126 blocks on pp 16 with one block fewer on the first
+    # and last stage, interleaved; it used to be refused ("blocks divisible by pp x vpp").
+    meta = [7] + [8] * 14 + [7]
+    result = run(*base, "--vpp", "8", "--stage-blocks", ",".join(map(str, meta)))
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["stage_blocks"] == meta
+    # Giving the default split explicitly changes nothing.
+    even = run(*base)
+    explicit = run(*base, "--stage-blocks", ",".join(map(str, json.loads(even.output)["stage_blocks"])))
+    assert json.loads(explicit.output) == json.loads(even.output)
+    assert_user_error(run(*base, "--stage-blocks", "7,8"), "add up to the model's 126 blocks")
+    assert_user_error(run(*base, "--stage-blocks", "a,b"), "comma-separated integers")

@@ -23,7 +23,11 @@ STEPS = 3
 # bugs that matter, measured by planting them in a dp=2 run: every dp rank reading rank 0's samples moves the loss
 # by 8e-3 at step 0 and 12% at step 1; backward on the un-divided micro-batch loss (gradients x2) moves the loss by
 # only 2e-6, because AdamW is nearly invariant to gradient scale, which is why grad_norm is compared too (it doubles).
+# tp=2 with sequence parallelism and selective recomputation measured below 1e-7 relative in loss and grad_norm.
+# Sequence-parallel norm weights left with their per-shard (Partial) gradients moved step 0's grad_norm by only 3e-5,
+# under REL, so step 0 (before any update: only reduction order differs, 4e-11 measured) is held to STEP0_REL.
 REL = 1e-4
+STEP0_REL = 1e-6
 
 
 def _run(tmp_path_factory, name: str, **kwargs) -> tuple[Path, list[dict]]:
@@ -47,6 +51,13 @@ def reference(tmp_path_factory) -> list[dict]:
         ("tp2", dict(tp=2), "none"),
         ("pp2_1f1b", dict(pp=2), "none"),
         ("dp2_zero1_recompute", dict(dp=2, zero_stage=1, recompute_blocks=2), "DDP+ZeroRedundancyOptimizer"),
+        # Sequence parallelism: norms and residual stream on sequence shards, norm-weight gradients summed over tp.
+        ("tp2_sequence_parallel", dict(tp=2, sequence_parallel=True), "none"),
+        # Selective recomputation of every block (attention recomputed, projections saved) under DDP.
+        ("dp2_selective_recompute", dict(dp=2, selective_recompute=True), "DDP"),
+        # Both knobs, with blocks 0-1 fully and 2-5 selectively recomputed around sequence-sharded activations.
+        ("tp2_sp_full_and_selective_recompute",
+         dict(tp=2, sequence_parallel=True, recompute_blocks=2, selective_recompute=True), "none"),
     ],
 )
 def test_two_process_strategy_matches_single_process(tmp_path_factory, reference, name, kwargs, wrapper):
@@ -55,5 +66,6 @@ def test_two_process_strategy_matches_single_process(tmp_path_factory, reference
     for got, want in zip(rows, reference):
         assert got["loss"] == pytest.approx(want["loss"], rel=REL), f"step {got['step']}"
         assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=REL), f"step {got['step']}"
+    assert rows[0]["grad_norm"] == pytest.approx(reference[0]["grad_norm"], rel=STEP0_REL)
     # Training works, not just agrees: byte-level loss starts near ln 256 = 5.5 and drops fast on real text.
     assert rows[-1]["loss"] < 0.9 * rows[0]["loss"]

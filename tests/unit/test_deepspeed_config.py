@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from paraplan.backends.deepspeed import (
-    DS_CONFIG_FILE, PARAPLAN_KEY, build_ds_config, checkpointed_layers, emit_deepspeed, stage_boundaries,
+    DS_CONFIG_FILE, PARAPLAN_KEY, build_ds_config, checkpointed_layers, emit_deepspeed, selective_layers,
+    stage_boundaries,
 )
 from paraplan.backends.train_deepspeed import apply_ac, micro_batches
 from paraplan.errors import LaunchError
@@ -120,6 +121,8 @@ def test_tensor_parallel_uses_autotp_llama_preset_without_train_batch_size():
         (dict(cluster="cpu:4", tp=2, pp=2), "--strategy pp=1"),
         # llama-tiny has 2 key/value heads: tp=4 cannot split them.
         (dict(cluster="cpu:4", tp=4, global_batch=8), "n_kv_heads=2"),
+        # AutoTP shards only linears: no sequence-sharded norms or residual stream; the torch backend has them.
+        (dict(tp=2, sequence_parallel=True), "--backend torch"),
     ],
 )
 def test_plans_deepspeed_cannot_run_are_refused_with_a_fix(kwargs, says):
@@ -208,3 +211,22 @@ def test_checkpointed_layer_recomputes_forward_and_keeps_gradients():
     for src, dst in zip(plain, wrapped):
         inner = dst.inner if hasattr(dst, "inner") else dst
         torch.testing.assert_close(inner.lin.weight.grad, src.lin.weight.grad)
+
+
+def test_selective_recompute_covers_the_blocks_not_recomputed_in_full():
+    # pp=2: chain 0..3 (embed, blocks 1-3) and 4..7 (blocks 4-6, head); the first block of each stage in full.
+    plan = make_plan(pp=2, recompute_blocks=1, selective_recompute=True)
+    ac = build_ds_config(plan)[PARAPLAN_KEY]["activation_checkpointing"]
+    assert ac["chain_layers"] == [1, 4]
+    assert ac["selective"]["chain_layers"] == [2, 3, 5, 6] == selective_layers(plan)
+    assert selective_layers(make_plan(pp=2, recompute_blocks=1)) == []
+
+
+def test_apply_ac_wraps_selective_layers_with_the_torch_policy():
+    layers = [nn.Linear(4, 4) for _ in range(4)]
+    wrapped = apply_ac(layers, [1], [2])
+    assert wrapped[0] is layers[0] and wrapped[3] is layers[3]
+    assert type(wrapped[1]).__name__ == "CheckpointedLayer"
+    assert "context_fn" in wrapped[2].checkpoint_fn.keywords  # torch's selective checkpoint, not the full one
+    x = torch.randn(3, 4, requires_grad=True)
+    torch.testing.assert_close(wrapped[2](x), layers[2](x), rtol=0, atol=0)

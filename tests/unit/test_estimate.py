@@ -161,8 +161,8 @@ def test_invalid_strategies_say_what_to_change():
     train = TrainSpec(global_batch=64, seq_len=4096)
     with pytest.raises(StrategyError, match="must equal the 8 devices"):
         estimate_strategy(spec, cluster, train, StrategySpec(dp=4, tp=1, pp=1, micro_batch_size=1))
-    with pytest.raises(StrategyError, match="divisible by pp x vpp"):
-        estimate_strategy(spec, cluster, train, StrategySpec(dp=2, tp=1, pp=4, micro_batch_size=1, vpp=3))
+    with pytest.raises(StrategyError, match="needs pp > 1"):
+        estimate_strategy(spec, cluster, train, StrategySpec(dp=8, tp=1, pp=1, micro_batch_size=1, vpp=2))
     with pytest.raises(TrainSpecError, match="not divisible by dp x micro-batch"):
         estimate_strategy(spec, cluster, train, StrategySpec(dp=8, tp=1, pp=1, micro_batch_size=3))
     with pytest.raises(StrategyError, match="attention kernel"):

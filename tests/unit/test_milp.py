@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 
+from conftest import best_assignment
 from paraplan.catalog import gpu_cluster
 from paraplan.cost_models.costs import CandidateCosts, CostOptions, Mode, step_time_s
 from paraplan.planner.milp import solve_stage_milp
@@ -23,20 +22,7 @@ def _cluster(memory_gib: float) -> ClusterSpec:
 
 
 def brute_force(costs: CandidateCosts, modes: list[Mode]) -> float:
-    L, p = SPEC.n_layers, costs.pp
-    best = float("inf")
-    for cut in itertools.combinations_with_replacement(range(L + 1), p - 1):
-        bounds = (0, *cut, L)
-        n = [bounds[i + 1] - bounds[i] for i in range(p)]
-        if any(n[s] < 1 for s in range(1, p - 1)):
-            continue
-        for r in itertools.product(*[range(k + 1) for k in n]):
-            for mode in modes:
-                stages = [costs.stage_cost(s, n[s], r[s], mode) for s in range(p)]
-                if any(st.memory_bytes > costs.capacity_bytes for st in stages):
-                    continue
-                best = min(best, step_time_s(costs, stages)[0])
-    return best
+    return best_assignment(costs, modes, costs.capacity_bytes)
 
 
 @pytest.mark.parametrize("pp,dp,memory_gib", [(2, 4, 80), (2, 4, 16), (3, 2, 14), (2, 4, 9)])

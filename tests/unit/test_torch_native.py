@@ -8,11 +8,17 @@ from __future__ import annotations
 
 import copy
 import json
+from functools import partial
 
 import pytest
 import torch
 from conftest import make_plan
 
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+from paraplan.backends import train_common
 from paraplan.backends.torch_native import (
     CONFIG_FILE, apply_ac, build_stage_module, build_torch_config, emit_torch, load_torch_config,
 )
@@ -78,6 +84,20 @@ def test_pp2_stages_schedule_and_checkpointed_blocks():
     assert cfg.checkpointed_blocks == [0, 1, 3, 4]
 
 
+def test_sequence_parallel_and_selective_recompute_reach_the_recipe():
+    plain = build_torch_config(make_plan(tp=2))
+    assert not plain.tensor_parallel.sequence_parallel and plain.selective_checkpointed_blocks == []
+    cfg = build_torch_config(make_plan(tp=2, sequence_parallel=True))
+    assert cfg.tensor_parallel.sequence_parallel
+    assert cfg.tensor_parallel.plan == plain.tensor_parallel.plan  # same projections, sharded the same way
+    # pp=2 stages hold blocks 0-2 and 3-5; the first of each is fully recomputed, every other one selectively.
+    cfg = build_torch_config(make_plan(pp=2, recompute_blocks=1, selective_recompute=True))
+    assert cfg.checkpointed_blocks == [0, 3]
+    assert cfg.selective_checkpointed_blocks == [1, 2, 4, 5]
+    # Every block recomputed in full leaves none for selective recomputation.
+    assert build_torch_config(make_plan(recompute_blocks=6, selective_recompute=True)).selective_checkpointed_blocks == []
+
+
 def test_bf16_uses_autocast_with_ddp_and_fsdp2_policy_with_fsdp():
     ddp = build_torch_config(make_plan(dp=2, dtype="bf16")).mixed_precision
     assert (ddp.mechanism, ddp.param_dtype, ddp.reduce_dtype) == ("autocast", "fp32", "fp32")
@@ -100,6 +120,8 @@ def test_bf16_uses_autocast_with_ddp_and_fsdp2_policy_with_fsdp():
         (dict(cluster="cpu:4", tp=4), "n_kv_heads=2"),  # 6 heads, 2 kv heads: 4 divides neither
         (dict(pp=2, micro_batch_size=8), "1 micro-batches for pp=2"),  # 8 / 8 = 1 micro-batch < 2 stages
         (dict(model="gpt3-175b", pp=2), "ties its embedding"),
+        (dict(model="gpt3-175b", tp=2, sequence_parallel=True), "sequence-parallel plan covers Llama blocks only"),
+        (dict(tp=2, sequence_parallel=True, seq_len=63), "must divide seq_len=63"),
     ],
 )
 def test_unsupported_plans_say_what_to_change(kwargs, says):
@@ -183,3 +205,75 @@ def test_checkpointed_block_recomputes_and_matches_plain_block(tiny_chain):
     assert calls == {"plain": 1, "ckpt": 2}
     # Only the plan's blocks are wrapped: block 2 is the plain LlamaBlock.
     assert type(ckpt.block(2)) is type(plain.block(2))
+
+
+class _RetainedBytes(TorchDispatchMode):
+    """Bytes of the storages created during forward that are still alive afterwards: what autograd (or the
+    selective-checkpoint cache) keeps for backward, whichever mechanism holds it."""
+
+    def __init__(self, exclude: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.exclude = {t.untyped_storage().data_ptr() for t in exclude}
+        self.refs: dict[int, tuple[StorageWeakRef, int]] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.exclude:
+                storage = t.untyped_storage()
+                self.refs[storage.data_ptr()] = (StorageWeakRef(storage), storage.nbytes())
+        return out
+
+    def alive_bytes(self, output: torch.Tensor) -> int:
+        out_ptr = output.untyped_storage().data_ptr()
+        return sum(n for ptr, (ref, n) in self.refs.items() if not ref.expired() and ptr != out_ptr)
+
+
+def _retained(block, x: torch.Tensor, policy=None) -> tuple[int, torch.Tensor]:
+    """Forward ``block`` on ``x`` (plain, or under selective checkpointing with ``policy``); bytes kept, output."""
+    fn = block if policy is None else (lambda t: checkpoint(
+        block, t, use_reentrant=False, context_fn=partial(create_selective_checkpoint_contexts, policy)))
+    mode = _RetainedBytes(exclude=[p for p in block.parameters()])
+    with mode:
+        y = fn(x)
+    return mode.alive_bytes(y), y
+
+
+def test_selective_checkpoint_keeps_only_projection_outputs_not_attention(tiny_chain):
+    """llama-tiny block, b=2, s=64, fp32: h=384, 6 heads of 64, 2 key/value heads (k, v are 128 wide), MLP 1024."""
+    block = copy.deepcopy(tiny_chain.blocks[0])
+    b, s, h, kv, f, heads = 2, 64, 384, 128, 1024, 6
+    x = torch.randn(b, s, h, requires_grad=True)
+    policy = train_common._matmul_save_policy
+    kept_sel, y_sel = _retained(block, x, policy)
+    # Selective keeps exactly the outputs of the 7 projections: q, k, v, o, gate, up, down (4 bytes each).
+    assert kept_sel == b * s * (h + kv + kv + h + f + f + h) * 4
+    # The same policy but saving the attention op too keeps its output (b, heads, s, 64) = (b, s, h) and its
+    # log-sum-exp (b, heads, s) on top: the attention core is what selective recomputation drops.
+    attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+
+    def save_attention_too(ctx, func, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if func is attention else policy(ctx, func, *args, **kwargs)
+
+    kept_with_attention, _ = _retained(block, x, save_attention_too)
+    assert kept_with_attention - kept_sel == (b * s * h + b * heads * s) * 4
+    # And it keeps less than no checkpointing (autograd also keeps norms, rotary and activation inputs).
+    kept_plain, y_plain = _retained(block, x)
+    assert kept_sel < kept_plain
+    # Recomputation replays the same ops: output and gradients are bit-identical to the plain block's.
+    torch.testing.assert_close(y_sel, y_plain, rtol=0, atol=0)
+    (g_sel,) = torch.autograd.grad(y_sel.square().mean(), x)
+    (g_plain,) = torch.autograd.grad(y_plain.square().mean(), x)
+    torch.testing.assert_close(g_sel, g_plain, rtol=0, atol=0)
+
+
+def test_apply_ac_wraps_full_and_selective_blocks(tiny_chain):
+    cfg = build_torch_config(make_plan(cluster="cpu:1", recompute_blocks=2, selective_recompute=True))
+    stage = build_stage_module(copy.deepcopy(tiny_chain), cfg.pipeline.stages[0], cfg)
+    apply_ac(stage, cfg.checkpointed_blocks, cfg.selective_checkpointed_blocks)
+    wrapped = [stage.block(i) for i in range(6)]
+    # Full checkpointing passes no context_fn; selective passes the policy's contexts.
+    kinds = ["context_fn" in getattr(w, "checkpoint_fn").keywords for w in wrapped]
+    assert kinds == [False, False, True, True, True, True]
+    tokens = _tokens()
+    torch.testing.assert_close(stage(tokens), tiny_chain(tokens), rtol=0, atol=0)
