@@ -7,7 +7,7 @@ Units are in the field names: ``*_bytes``, ``*_s``, ``*_flops``, ``*_flops_per_s
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -300,7 +300,15 @@ class ModelProfile(_Frozen):
 
 
 class StrategyOverride(_Frozen):
-    """Parts of a strategy the user forces with ``--strategy`` (``dp=2,tp=1,zero=3``); None means search."""
+    """Parts of a strategy the user forces with ``--strategy`` (``dp=2,tp=1,zero=3``); None means search.
+
+    ``CLI_KEYS`` maps each ``--strategy`` key to its field (``mb`` and ``micro_batch`` both name micro_batch_size).
+    """
+
+    CLI_KEYS: ClassVar[dict[str, str]] = {
+        "dp": "dp", "tp": "tp", "pp": "pp", "mb": "micro_batch_size", "micro_batch": "micro_batch_size",
+        "zero": "zero_stage", "offload": "offload_optimizer", "recompute": "recompute", "sp": "sequence_parallel",
+    }
 
     dp: int | None = Field(default=None, gt=0)
     tp: int | None = Field(default=None, gt=0)
@@ -312,6 +320,14 @@ class StrategyOverride(_Frozen):
         default=None, description="none: no block recomputed; selective: every block recomputes its attention core; "
                                   "full: every block recomputed in full.")
     sequence_parallel: bool | None = None
+
+    def to_cli(self) -> str:
+        """The forced parts as ``--strategy`` text, e.g. ``dp=2,zero=3,offload=true``."""
+        key = {field: k for k, field in reversed(list(self.CLI_KEYS.items()))}  # the short key of each field
+        parts = []
+        for field, value in self.model_dump(exclude_none=True).items():
+            parts.append(f"{key[field]}={str(value).lower() if isinstance(value, bool) else value}")
+        return ",".join(parts)
 
 
 class StagePlan(_Frozen):
@@ -416,8 +432,8 @@ class Plan(_Frozen):
 
     @model_validator(mode="after")
     def _check_consistent(self) -> Plan:
-        """A plan (perhaps edited by hand) must describe one batch and one world: the backends run what it says,
-        so a disagreement would train something other than what was priced."""
+        """A plan (perhaps edited by hand) must describe one batch and its stages the model's blocks: the backends
+        run what it says, so a disagreement would train something other than what was priced."""
         s, gb = self.strategy, self.train.global_batch
         per_step = s.dp * s.micro_batch_size * s.grad_accum
         if per_step != gb:

@@ -3,7 +3,7 @@
 A plan's stages cut the layer chain ``[embed, block_0 .. block_{L-1}, head]`` (chain indices ``0 .. L+1``) into
 contiguous ranges. Both backends refuse the same things here, with the same message, so a plan one refuses is not
 "fixed" by switching to the other; what only one backend cannot do stays in that backend's module.
-The planner keeps its own predicate for these rules (``planner.search.backend_allows``: the planner may not
+The planner keeps its own predicate for these rules (``planner.search.backend_rejection``: the planner may not
 import backends); change both together.
 """
 
@@ -99,3 +99,19 @@ def stage_block_layers(plan: Plan) -> list[range]:
     stages = plan.strategy.stages
     n_blocks = stages[-1].last_layer - 1
     return [range(max(s.first_layer, 1), min(s.last_layer, n_blocks) + 1) for s in stages]
+
+
+def checkpointed_layers(plan: Plan) -> list[int]:
+    """Chain indices of the blocks run with full activation checkpointing: the first ``recompute_blocks`` blocks of
+    each stage (blocks are chain layers ``1..L``; layer 0 is the embedding and ``L+1`` the head)."""
+    stages = plan.strategy.stages
+    return [c for stage, blocks in zip(stages, stage_block_layers(plan)) for c in blocks[: stage.recompute_blocks]]
+
+
+def selective_layers(plan: Plan) -> list[int]:
+    """Chain indices of the blocks run with selective checkpointing: with ``selective_recompute``, every block
+    that :func:`checkpointed_layers` does not recompute in full; otherwise none."""
+    if not plan.strategy.selective_recompute:
+        return []
+    stages = plan.strategy.stages
+    return [c for stage, blocks in zip(stages, stage_block_layers(plan)) for c in blocks[stage.recompute_blocks:]]

@@ -31,7 +31,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from paraplan.backends.checks import check_stage_tiling, check_tied_embeddings, check_tp, stage_block_layers
+from paraplan.backends.checks import (
+    check_stage_tiling, check_tied_embeddings, check_tp, checkpointed_layers, selective_layers,
+)
 from paraplan.errors import LaunchError
 from paraplan.files import write_atomic
 from paraplan.types import Plan
@@ -84,12 +86,7 @@ def check_deepspeed_plan(plan: Plan) -> None:
             "DeepSpeed offloads optimizer states only with ZeRO; the plan offloads the optimizer at ZeRO stage 0. "
             "Re-plan with --strategy zero=1 (or higher), or without offload"
         )
-    check_tied_embeddings(plan)
-    if plan.train.global_batch != s.dp * s.micro_batch_size * s.grad_accum:
-        raise LaunchError(
-            f"global batch {plan.train.global_batch} != dp {s.dp} x micro-batch {s.micro_batch_size} x gradient "
-            f"accumulation {s.grad_accum}; re-plan so that the product equals the global batch"
-        )
+    check_tied_embeddings(plan)  # the batch (dp x micro-batch x accumulation) is checked by Plan itself
     check_stage_tiling(plan)
 
 
@@ -98,22 +95,6 @@ def stage_boundaries(plan: Plan) -> list[int]:
     ``parts[s] .. parts[s+1]-1``; ``parts[-1]`` is the chain length ``L + 2``."""
     stages = plan.strategy.stages
     return [st.first_layer for st in stages] + [stages[-1].last_layer + 1]
-
-
-def checkpointed_layers(plan: Plan) -> list[int]:
-    """Chain indices of the blocks run with full activation checkpointing: the first ``recompute_blocks`` blocks of
-    each stage (blocks are chain layers ``1..L``; layer 0 is the embedding and ``L+1`` the head)."""
-    stages = plan.strategy.stages
-    return [c for stage, blocks in zip(stages, stage_block_layers(plan)) for c in blocks[: stage.recompute_blocks]]
-
-
-def selective_layers(plan: Plan) -> list[int]:
-    """Chain indices of the blocks run with selective checkpointing: with ``selective_recompute``, every block
-    that :func:`checkpointed_layers` does not recompute in full; otherwise none."""
-    if not plan.strategy.selective_recompute:
-        return []
-    stages = plan.strategy.stages
-    return [c for stage, blocks in zip(stages, stage_block_layers(plan)) for c in blocks[stage.recompute_blocks:]]
 
 
 def build_ds_config(plan: Plan) -> dict[str, Any]:

@@ -42,7 +42,9 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from paraplan.backends.checks import check_stage_tiling, check_tied_embeddings, check_tp, stage_block_layers
+from paraplan.backends.checks import (
+    check_stage_tiling, check_tied_embeddings, check_tp, checkpointed_layers, selective_layers, stage_block_layers,
+)
 from paraplan.backends.train_common import selective_checkpoint
 from paraplan.models.build import torch_dtype
 from paraplan.errors import LaunchError
@@ -154,11 +156,6 @@ def build_torch_config(plan: Plan) -> TorchParallelConfig:
                             blocks=[c - 1 for c in chain_ids])
         for s, chain_ids in zip(st.stages, stage_block_layers(plan))
     ]
-    checkpointed = [b for s, sc in zip(st.stages, stages) for b in sc.blocks[: s.recompute_blocks]]
-    selective = (
-        [b for s, sc in zip(st.stages, stages) for b in sc.blocks[s.recompute_blocks:]] if st.selective_recompute
-        else []
-    )
     mp = _mixed_precision(plan)
     return TorchParallelConfig(
         mesh=MeshConfig(shape=[st.pp, st.dp, st.tp]),
@@ -170,8 +167,9 @@ def build_torch_config(plan: Plan) -> TorchParallelConfig:
             schedule="1F1B" if st.pp > 1 else None, n_microbatches=st.grad_accum,
             micro_batch_size=st.micro_batch_size, activation_dtype=mp.param_dtype, stages=stages,
         ),
-        checkpointed_blocks=checkpointed,
-        selective_checkpointed_blocks=selective,
+        # Block b is chain layer b + 1 (layer 0 is the embedding).
+        checkpointed_blocks=[c - 1 for c in checkpointed_layers(plan)],
+        selective_checkpointed_blocks=[c - 1 for c in selective_layers(plan)],
         mixed_precision=mp,
     )
 

@@ -68,9 +68,9 @@ def apply_ac(layers: list[nn.Module], chain_layers: list[int], selective_layers:
 
 
 def _ac_layers(ours: dict) -> tuple[list[int], list[int]]:
-    """Fully and selectively checkpointed chain layers of the ``paraplan`` section (older files have no selective)."""
+    """Fully and selectively checkpointed chain layers of the ``paraplan`` section of ``ds_config.json``."""
     ac = ours["activation_checkpointing"]
-    return ac["chain_layers"], ac.get("selective", {}).get("chain_layers", [])
+    return ac["chain_layers"], ac["selective"]["chain_layers"]
 
 
 def build_pipeline_module(plan: Plan, ours: dict) -> nn.Module:

@@ -115,9 +115,7 @@ def print_json(obj: object) -> None:
     sys.stdout.flush()
 
 
-_STRATEGY_KEYS = {"dp": "dp", "tp": "tp", "pp": "pp", "mb": "micro_batch_size", "micro_batch": "micro_batch_size",
-                  "zero": "zero_stage", "offload": "offload_optimizer", "recompute": "recompute",
-                  "sp": "sequence_parallel"}
+_STRATEGY_KEYS = StrategyOverride.CLI_KEYS
 STRATEGY_HELP = (
     "Force parts of the strategy, comma-separated key=value: dp, tp, pp (positive integers), mb or micro_batch "
     "(sequences per micro-batch), zero (ZeRO stage 0-3), offload (optimizer states in host memory: true/false), "
@@ -313,8 +311,6 @@ def plan_cmd(
 
     if backend not in ("any", "deepspeed", "torch", "unconstrained"):
         raise StrategyError(f"--backend {backend}: use any, deepspeed, torch or unconstrained")
-    if not time_limit > 0:
-        raise StrategyError(f"--time-limit must be > 0 seconds, got {time_limit:g}")
     override = parse_strategy(strategy)
     check_output_path(output, "-o")
     spec = load_model_spec(model)
@@ -322,7 +318,7 @@ def plan_cmd(
     dtype = resolve_dtype(dtype, clus)
     train = TrainSpec(global_batch=global_batch, seq_len=seq_len, dtype=dtype, lr=lr)  # type: ignore[arg-type]
     prof = load_profile(profile)
-    with _search_status() as on_progress:
+    with _SearchStatus() as on_progress:
         plans = search_plans(spec, clus, train, prof, override, top_k=top, backend=backend,
                              time_limit_s=time_limit, profile_path=str(profile) if profile else None,
                              memory_fraction=memory_fraction, progress=on_progress)
@@ -337,7 +333,7 @@ def plan_cmd(
     console.print(f"wrote {output}")
 
 
-class _search_status:
+class _SearchStatus:
     """A one-line status on stderr while ``plan`` searches: candidates solved, pruned and the incumbent."""
 
     def __enter__(self):
@@ -355,7 +351,8 @@ class _search_status:
             best = (f"{p.best_step_time_s * 1e3:,.1f} ms/step at dp={b.dp} tp={b.tp} pp={b.pp} "
                     f"mb={b.micro_batch_size}")
         self._status.update(f"planning: {p.solved + p.pruned}/{p.total} candidates ({p.solved} MILPs solved, "
-                            f"{p.pruned} pruned by bound, {p.rejected} excluded by rules); best {best}")
+                            f"{p.pruned} pruned by bound; {p.rejected} excluded by rules, {p.cannot_fit} cannot "
+                            f"fit); best {best}")
 
     def __exit__(self, *exc) -> None:
         self._status.stop()
@@ -385,10 +382,11 @@ def _run_dir(plan_path: Path, backend: str, run_dir: Path | None) -> Path:
     Raises:
         LaunchError: ``--run-dir`` is a file, or a directory with an earlier run's metrics.jsonl or train.log.
     """
+    from paraplan.backends.launch import LOG_FILE
     from paraplan.backends.train_common import METRICS_FILE
 
     def used(d: Path) -> bool:
-        return (d / METRICS_FILE).exists() or (d / "train.log").exists()
+        return (d / METRICS_FILE).exists() or (d / LOG_FILE).exists()
 
     if run_dir is not None:
         if run_dir.exists() and not run_dir.is_dir():
@@ -450,10 +448,8 @@ def main() -> None:
     """
     try:
         app(prog_name="paraplan")
-    except SystemExit as exc:
+    finally:
         _flush_stdout()
-        raise
-    _flush_stdout()
 
 
 def _flush_stdout() -> None:

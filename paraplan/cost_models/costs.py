@@ -489,7 +489,7 @@ class CandidateCosts:
             t = compute + zero_comm
             dp_s = grad_reduce + gather
         opt_s, off_s = terms.optimizer_s(n), terms.offload_s(n)
-        act = self.activation_terms(stage)(n, r) + (self.block.act_bytes if r > 0 else 0.0)
+        act = self.stage_activation_bytes(stage, n, r)
         return StageCost(
             time_per_micro_batch_s=t, step_extra_s=dp_s + opt_s + off_s, dp_comm_s=dp_s, optimizer_s=opt_s,
             offload_s=off_s, params_bytes=terms.params(n), grads_bytes=terms.grads(n),
@@ -501,13 +501,17 @@ class CandidateCosts:
         planner's memory lower bound evaluates it thousands of times).
 
         Formula: model states of the stage's parameters under the mode (:meth:`state_memory`) + activations
-            (:meth:`activation_terms`, plus one block's working space when any block is recomputed) + overhead
-            + ZeRO-3 gather buffers.
+            (:meth:`stage_activation_bytes`) + overhead + ZeRO-3 gather buffers.
         """
         params, grads, optim, _ = self.state_memory(mode, self.stage_params(stage, n_blocks))
-        act = self.activation_terms(stage)(n_blocks, recompute_blocks)
-        act += self.block.act_bytes if recompute_blocks > 0 else 0.0
+        act = self.stage_activation_bytes(stage, n_blocks, recompute_blocks)
         return params + grads + optim + act + self.overhead_bytes + self.zero3_working_bytes(mode)
+
+    def stage_activation_bytes(self, stage: int, n_blocks: int, recompute_blocks: int) -> float:
+        """Activations held at the stage's peak: :meth:`activation_terms`, plus one block's full activations as
+        working space while any block is recomputed (the MILP's recompute flag)."""
+        return (self.activation_terms(stage)(n_blocks, recompute_blocks)
+                + (self.block.act_bytes if recompute_blocks > 0 else 0.0))
 
     def model_flops_per_step(self) -> float:
         """Model FLOPs of one step (Korthikanti et al. 2022 eq. 7 form; see transformer.model_flops_per_step).

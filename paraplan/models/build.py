@@ -156,8 +156,9 @@ def hf_config(spec: ModelSpec):
     with no mask it is not applied, and paraplan only plans sequences no longer than the window.
     """
     if spec.family == "llama":
+        from transformers import CONFIG_MAPPING
+
         mt = spec.model_type or "llama"
-        module = importlib.import_module(f"transformers.models.{mt}.configuration_{mt}")
         kwargs: dict = dict(
             vocab_size=spec.vocab, hidden_size=spec.hidden, intermediate_size=spec.ffn_hidden,
             num_hidden_layers=spec.n_layers, num_attention_heads=spec.n_heads, num_key_value_heads=spec.n_kv_heads,
@@ -171,7 +172,7 @@ def hf_config(spec: ModelSpec):
             kwargs["mlp_bias"] = spec.mlp_bias
         if mt == "mistral":
             kwargs["sliding_window"] = spec.sliding_window  # MistralConfig's default is 4096, not None
-        cfg = getattr(module, _LLAMA_LIKE_CLASSES[mt] + "Config")(**kwargs)
+        cfg = CONFIG_MAPPING[mt](**kwargs)
     elif spec.family == "gpt":
         from transformers import GPT2Config
 

@@ -118,13 +118,10 @@ def _refuse_unsupported(name: str, cfg: dict) -> str:
 
 def _hf_config_object(name: str, model_type: str, cfg: dict):
     """The transformers config of ``model_type`` read from ``cfg``, with transformers' own defaults and rules."""
-    import importlib
+    from transformers import CONFIG_MAPPING
 
-    module = importlib.import_module(f"transformers.models.{model_type}.configuration_{model_type}")
-    cls = getattr(module, {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
-                           "qwen3": "Qwen3Config", "gpt2": "GPT2Config"}[model_type])
     try:
-        return cls.from_dict(cfg)
+        return CONFIG_MAPPING[model_type].from_dict(cfg)
     except Exception as exc:  # transformers raises ValueError, TypeError, KeyError... for a malformed config
         raise ModelSpecError(f"{name}: transformers cannot read this {model_type} config.json: {exc}") from exc
 

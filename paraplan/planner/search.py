@@ -40,6 +40,7 @@ class SearchProgress:
     solved: int  # MILPs solved so far
     pruned: int  # skipped because their lower bound cannot beat the K-th best plan
     rejected: int  # excluded before the search by a backend or mode rule
+    cannot_fit: int  # dropped before the search: their memory lower bound exceeds the device
     best_step_time_s: float | None
     best: Candidate | None
 
@@ -129,18 +130,13 @@ def enumerate_candidates(
     return out
 
 
-def allowed_modes(cluster: ClusterSpec, cand: Candidate, override: StrategyOverride, backend: str) -> list[Mode]:
-    """ZeRO stage x offload combinations the backends can run for this candidate.
+def mode_rules(cluster: ClusterSpec, cand: Candidate, override: StrategyOverride, backend: str
+               ) -> list[tuple[Mode, str | None]]:
+    """Every ZeRO stage x offload mode the override leaves, each with the rule that excludes it (None: allowed).
 
     DeepSpeed's pipeline engine supports ZeRO 0-1 only; optimizer offload needs ZeRO >= 1 (DeepSpeed) and a GPU
     (on a CPU cluster device memory is host memory). The torch backend has no optimizer-only offload.
     """
-    return [m for m, why in mode_rules(cluster, cand, override, backend) if why is None]
-
-
-def mode_rules(cluster: ClusterSpec, cand: Candidate, override: StrategyOverride, backend: str
-               ) -> list[tuple[Mode, str | None]]:
-    """Every ZeRO stage x offload mode the override leaves, each with the rule that excludes it (None: allowed)."""
     out: list[tuple[Mode, str | None]] = []
     for zero in range(4):
         for offload in (False, True):
@@ -163,12 +159,6 @@ def mode_rules(cluster: ClusterSpec, cand: Candidate, override: StrategyOverride
                        "only; --backend torch allows it)")
             out.append((Mode(zero, offload), why))
     return out
-
-
-def backend_allows(spec: ModelSpec, cand: Candidate, global_batch: int, backend: str) -> bool:
-    """Whether the chosen backend(s) can launch this candidate (``unconstrained``: planning only); see
-    :func:`backend_rejection` for the rules."""
-    return backend_rejection(spec, cand, global_batch, backend) is None
 
 
 def backend_rejection(spec: ModelSpec, cand: Candidate, global_batch: int, backend: str,
@@ -314,7 +304,7 @@ def search_plans(
     if top_k < 1:
         raise StrategyError(f"top_k must be >= 1 (plans to return), got {top_k}")
     if not time_limit_s > 0:
-        raise StrategyError(f"the MILP time limit must be > 0 seconds, got {time_limit_s}")
+        raise StrategyError(f"the MILP time limit (--time-limit) must be > 0 seconds, got {time_limit_s:g}")
     if not 0 < memory_fraction <= 1:
         raise StrategyError(f"memory_fraction must be in (0, 1], got {memory_fraction}")
     if profile is None and spec.family == "custom":
@@ -330,7 +320,7 @@ def search_plans(
     scored = []
     rejected: dict[str, int] = {}  # rule -> candidates it excluded, for the message and the plan's record
     might_fit: dict[str, int] = {}  # rule -> excluded candidates whose memory lower bound fits
-    n_cands = 0
+    n_cands = cannot_fit = 0
     least_mem: tuple[float, Candidate] | None = None
     for cand, costs, why_knob in _with_knobs(base, spec, cluster, train, profile, override):
         n_cands += 1
@@ -346,15 +336,16 @@ def search_plans(
             continue
         need = memory_lower_bound(costs, modes, milp_recompute)
         if need > costs.usable_capacity_bytes:  # cannot fit whatever the MILP chooses: never solved
+            cannot_fit += 1
             if least_mem is None or need < least_mem[0]:
                 least_mem = (need, cand)
             continue
-        scored.append((_lower_bound(costs), cand, costs, modes))
+        scored.append((_lower_bound(costs), cand, costs, modes, need))
     scored.sort(key=lambda x: x[0])
     found: list[tuple[float, Candidate, CandidateCosts, MilpResult]] = []
     solved, pruned, status, gap = 0, 0, "optimal", 0.0
     unproven: list[float] = []  # lower bounds of candidates whose MILP stopped at the time limit
-    for lb, cand, costs, modes in scored:
+    for lb, cand, costs, modes, need in scored:
         if len(found) >= top_k and lb >= found[-1][0]:
             pruned += 1
         else:
@@ -365,7 +356,6 @@ def search_plans(
                 bound = res.bound_s
                 unproven.append(bound if bound == bound else lb)
             if res is None:
-                need = memory_lower_bound(costs, modes, milp_recompute)
                 if least_mem is None or need < least_mem[0]:
                     least_mem = (need, cand)
             elif res.status != "timeout":  # a timed-out MILP has no solution to keep
@@ -375,7 +365,8 @@ def search_plans(
         if progress is not None:
             best = found[0] if found else None
             progress(SearchProgress(
-                total=len(scored), solved=solved, pruned=pruned, rejected=n_cands - len(scored),
+                total=len(scored), solved=solved, pruned=pruned, rejected=n_cands - len(scored) - cannot_fit,
+                cannot_fit=cannot_fit,
                 best_step_time_s=best[0] if best else None, best=best[1] if best else None))
     if not found:
         _raise_infeasible(cluster, least_mem, memory_fraction, override, rejected, n_cands, might_fit)
@@ -408,8 +399,8 @@ def _raise_infeasible(cluster: ClusterSpec, least: tuple[float, Candidate] | Non
     if least is None:
         rules = "".join(f"\n  - {why} [{n} of {n_candidates} candidates]"
                         for why, n in sorted(rejected.items(), key=lambda kv: -kv[1]))
-        forced = override.model_dump(exclude_none=True)
-        what = f"--strategy {_format_override(override)}" if forced else "the search space"
+        forced = override.to_cli()
+        what = f"--strategy {forced}" if forced else "the search space"
         raise NoFeasiblePlanError(
             f"no strategy could be evaluated on {cluster.name}: every candidate of {what} is excluded by a rule. "
             f"Change the forced parts these rules name, or --backend. Rules that excluded them:{rules or ' none'}")
@@ -434,14 +425,3 @@ def _raise_infeasible(cluster: ClusterSpec, least: tuple[float, Candidate] | Non
         + f" or {tips[-1]}"
     )
 
-
-_OVERRIDE_KEYS = {"micro_batch_size": "mb", "zero_stage": "zero", "offload_optimizer": "offload"}
-
-
-def _format_override(override: StrategyOverride) -> str:
-    """``dp=2,zero=3,offload=true`` as the user writes it."""
-    parts = []
-    for field, value in override.model_dump(exclude_none=True).items():
-        value = str(value).lower() if isinstance(value, bool) else value
-        parts.append(f"{_OVERRIDE_KEYS.get(field, field)}={value}")
-    return ",".join(parts)

@@ -22,10 +22,12 @@ from torch import nn
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
+from paraplan.catalog import host_memory_bytes
 from paraplan.errors import ProfileError
 from paraplan.models.build import build_layer, build_model, first_embedding, lm_loss, torch_dtype
 from paraplan.profiler.links import device_name, profile_links, resolve_device
 from paraplan.types import DTYPE_BYTES, LayerKind, LayerProfile, ModelProfile, ModelSpec
+from paraplan.units import format_bytes
 
 LAYER_KINDS: tuple[LayerKind, ...] = ("embed", "block", "head")
 _SEED = 0
@@ -145,9 +147,7 @@ def available_memory_bytes(dev: torch.device) -> float:
                     return float(line.split()[1]) * 1024
     except OSError:
         pass
-    import os
-
-    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    return host_memory_bytes()
 
 
 def profile_memory_lower_bound(spec: ModelSpec, micro_batch_size: int, seq_len: int, dtype: str) -> dict[str, float]:
@@ -185,11 +185,10 @@ def check_profile_memory(spec: ModelSpec, micro_batch_size: int, seq_len: int, d
     kind, most = max(need.items(), key=lambda kv: kv[1])
     free = available_memory_bytes(dev)
     if most > free:
-        gib = 2**30
         raise ProfileError(
-            f"profiling {spec.name} needs at least {most / gib:.1f} GiB for its {kind} layer alone (weights and "
+            f"profiling {spec.name} needs at least {format_bytes(most)} for its {kind} layer alone (weights and "
             f"gradients in {dtype}, micro-batch {micro_batch_size} x seq {seq_len}) but {dev} has "
-            f"{free / gib:.1f} GiB free. Profile on a device with more memory, in a 16-bit --dtype, with smaller "
+            f"{format_bytes(free)} free. Profile on a device with more memory, in a 16-bit --dtype, with smaller "
             "--micro-batches or --seq-len, or plan without --profile (costs from FLOPs and the device catalog)"
         )
 

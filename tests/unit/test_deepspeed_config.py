@@ -13,10 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from paraplan.backends.deepspeed import (
-    DS_CONFIG_FILE, PARAPLAN_KEY, build_ds_config, checkpointed_layers, emit_deepspeed, selective_layers,
-    stage_boundaries,
-)
+from paraplan.backends.checks import checkpointed_layers, selective_layers
+from paraplan.backends.deepspeed import DS_CONFIG_FILE, PARAPLAN_KEY, build_ds_config, emit_deepspeed, stage_boundaries
 from paraplan.backends.train_deepspeed import apply_ac, micro_batches
 from paraplan.errors import LaunchError
 from paraplan.types import StagePlan
