@@ -7,7 +7,7 @@ Units are in the field names: ``*_bytes``, ``*_s``, ``*_flops``, ``*_flops_per_s
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -299,6 +299,9 @@ class ModelProfile(_Frozen):
             raise ProfileError(f"{name} was taken in {self.dtype}; plan with --dtype {self.dtype} or re-profile")
 
 
+Schedule = Literal["1f1b", "interleaved_1f1b", "zero_bubble", "zbv"]
+
+
 class StrategyOverride(_Frozen):
     """Parts of a strategy the user forces with ``--strategy`` (``dp=2,tp=1,zero=3``); None means search.
 
@@ -308,6 +311,7 @@ class StrategyOverride(_Frozen):
     CLI_KEYS: ClassVar[dict[str, str]] = {
         "dp": "dp", "tp": "tp", "pp": "pp", "mb": "micro_batch_size", "micro_batch": "micro_batch_size",
         "zero": "zero_stage", "offload": "offload_optimizer", "recompute": "recompute", "sp": "sequence_parallel",
+        "cp": "cp", "vpp": "vpp", "schedule": "schedule",
     }
 
     dp: int | None = Field(default=None, gt=0)
@@ -316,10 +320,14 @@ class StrategyOverride(_Frozen):
     micro_batch_size: int | None = Field(default=None, gt=0)
     zero_stage: int | None = Field(default=None, ge=0, le=3)
     offload_optimizer: bool | None = None
-    recompute: Literal["none", "selective", "full"] | None = Field(
+    recompute: Literal["none", "selective", "op", "full"] | None = Field(
         default=None, description="none: no block recomputed; selective: every block recomputes its attention core; "
+                                  "op: every block runs torchtitan's op-level selective policy; "
                                   "full: every block recomputed in full.")
     sequence_parallel: bool | None = None
+    cp: int | None = Field(default=None, gt=0)
+    vpp: int | None = Field(default=None, gt=0)
+    schedule: Schedule | None = None
 
     def to_cli(self) -> str:
         """The forced parts as ``--strategy`` text, e.g. ``dp=2,zero=3,offload=true``."""
@@ -331,15 +339,68 @@ class StrategyOverride(_Frozen):
 
 
 class StagePlan(_Frozen):
-    """One pipeline stage: a contiguous range of the layer chain ``[embed, block_0..block_{L-1}, head]``."""
+    """One pipeline rank's share of the layer chain ``[embed, block_0..block_{L-1}, head]``.
+
+    With ``vpp`` = 1 the rank holds one contiguous range ``first_layer..last_layer``. With interleaving (``vpp`` > 1,
+    or the zero-bubble V schedule) it holds ``vpp`` chunks: ``chunk_blocks[c]`` blocks in chunk ``c``; the chunks'
+    chain ranges follow from :meth:`Strategy.virtual_stages` and ``first_layer``/``last_layer`` are then the first
+    chain index of its first chunk and the last of its last chunk (not a contiguous range).
+    """
 
     index: int = Field(ge=0)
     first_layer: int = Field(ge=0, description="Index into the chain, inclusive (0 is the embedding).")
     last_layer: int = Field(ge=0, description="Index into the chain, inclusive (L+1 is the head).")
     n_blocks: int = Field(ge=0)
     recompute_blocks: int = Field(ge=0, description="Blocks of this stage run with full activation checkpointing.")
+    selective_blocks: int = Field(
+        default=0, ge=0, description="Blocks of this stage run with selective recomputation (Strategy.selective_policy); "
+                                     "the first recompute_blocks blocks are full, the next selective_blocks selective.")
+    chunk_blocks: list[int] | None = Field(
+        default=None, description="Blocks per virtual chunk (length vpp, chunk order) when vpp > 1; None for vpp 1.")
     time_per_micro_batch_s: float = Field(ge=0, description="Forward + backward (+ recompute, TP comm) per micro-batch.")
     memory_bytes: float = Field(ge=0, description="Predicted peak memory per device of this stage.")
+
+    @model_validator(mode="after")
+    def _check_counts(self) -> StagePlan:
+        if self.recompute_blocks + self.selective_blocks > self.n_blocks:
+            raise ValueError(f"stage {self.index} recomputes {self.recompute_blocks} blocks in full and "
+                             f"{self.selective_blocks} selectively but holds {self.n_blocks}")
+        if self.chunk_blocks is not None and (sum(self.chunk_blocks) != self.n_blocks
+                                              or min(self.chunk_blocks, default=0) < 0):
+            raise ValueError(f"stage {self.index}: chunk_blocks {self.chunk_blocks} must be >= 0 and sum to its "
+                             f"{self.n_blocks} blocks")
+        return self
+
+
+# torch.distributed.pipelining class of each schedule (the torch backend runs exactly these).
+SCHEDULE_CLASSES: dict[str, str] = {
+    "1f1b": "Schedule1F1B", "interleaved_1f1b": "ScheduleInterleaved1F1B",
+    "zero_bubble": "ScheduleInterleavedZeroBubble", "zbv": "ScheduleZBVZeroBubble",
+}
+
+
+class VirtualStage(NamedTuple):
+    """One model chunk of a pipeline: ``index`` in model order, the ``rank`` that runs it and its chain range."""
+
+    index: int
+    rank: int
+    chunk: int
+    first_layer: int
+    last_layer: int
+    n_blocks: int
+
+
+def virtual_stage_ranks(pp: int, vpp: int, schedule: str) -> list[int]:
+    """The pipeline rank of each virtual stage in model order.
+
+    Loop placement (1F1B, interleaved 1F1B, interleaved zero bubble): virtual stage ``k`` on rank ``k mod pp``
+    (Narayanan et al. SC'21 sec. 2.2.2). V placement (ZB-V, Qi et al. 2024 sec. 6): ``k`` on rank ``k`` for
+    ``k < pp`` and on ``2 pp - 1 - k`` after, so rank 0 holds the first and the last chunk (torch
+    ``generate_stage_to_rank_mapping(style="v")``).
+    """
+    if schedule == "zbv":
+        return [k if k < pp else 2 * pp - 1 - k for k in range(pp * vpp)]
+    return [k % pp for k in range(pp * vpp)]
 
 
 class Strategy(_Frozen):
@@ -359,7 +420,15 @@ class Strategy(_Frozen):
         default=False, description="Every block not fully recomputed recomputes its attention core in backward "
                                    "(Korthikanti et al. 2022 sec. 4.3); the stages' recompute_blocks are recomputed "
                                    "in full.")
-    schedule: Literal["1f1b"] = "1f1b"
+    selective_policy: Literal["attention", "op"] = Field(
+        default="attention", description="What a selectively recomputed block recomputes. attention: the attention "
+        "core only, everything else saved (Korthikanti et al. 2022 sec. 4.3); op: torchtitan's op-level policy "
+        "(torchtitan/models/llama3/infra/parallelize.py _save_list: every other matmul output, the attention output "
+        "and reduce-scatters saved, the rest recomputed).")
+    cp: int = Field(default=1, gt=0, description="Context-parallel degree: the sequence sharded over cp ranks, "
+                                                  "K/V exchanged per layer (Llama 3 paper sec. 3.3.2).")
+    vpp: int = Field(default=1, gt=0, description="Model chunks (virtual stages) per pipeline rank.")
+    schedule: Schedule = Field(default="1f1b", description="Pipeline schedule; see SCHEDULE_CLASSES.")
     stages: list[StagePlan]
 
     @model_validator(mode="after")
@@ -368,11 +437,78 @@ class Strategy(_Frozen):
             raise ValueError(f"{len(self.stages)} stages given for pp={self.pp}")
         if self.sequence_parallel and self.tp == 1:
             raise ValueError("sequence_parallel needs tp > 1 (it shards activations over the tensor-parallel group)")
+        if not self.selective_recompute and any(st.selective_blocks for st in self.stages):
+            raise ValueError("stages have selective_blocks but selective_recompute is false")
+        check_schedule(self.pp, self.vpp, self.schedule)
+        for st in self.stages:
+            if self.vpp > 1 and (st.chunk_blocks is None or len(st.chunk_blocks) != self.vpp):
+                raise ValueError(f"stage {st.index} needs chunk_blocks of length vpp={self.vpp}")
+            if self.vpp == 1 and st.chunk_blocks is not None and len(st.chunk_blocks) != 1:
+                raise ValueError(f"stage {st.index} has chunk_blocks {st.chunk_blocks} but vpp is 1")
         return self
 
     @property
     def world_size(self) -> int:
-        return self.dp * self.tp * self.pp
+        return self.dp * self.tp * self.pp * self.cp
+
+    def virtual_stages(self) -> list[VirtualStage]:
+        """Every model chunk in model order with its rank and chain range (one per rank when vpp is 1).
+
+        Virtual stage 0 starts with the embedding (chain index 0) and the last one ends with the head.
+        """
+        ranks = virtual_stage_ranks(self.pp, self.vpp, self.schedule)
+        next_chunk = [0] * self.pp
+        out, first, n_total = [], 0, len(ranks)
+        for k, rank in enumerate(ranks):
+            c = next_chunk[rank]
+            next_chunk[rank] += 1
+            st = self.stages[rank]
+            n = st.chunk_blocks[c] if st.chunk_blocks is not None else st.n_blocks
+            last = first + n - 1 + (1 if k == 0 else 0) + (1 if k == n_total - 1 else 0)
+            out.append(VirtualStage(k, rank, c, first, last, n))
+            first = last + 1
+        return out
+
+
+def place_stages(stages: list[StagePlan], vpp: int, schedule: str) -> list[StagePlan]:
+    """``stages`` with ``first_layer``/``last_layer`` set from their block (and chunk) counts in the schedule's
+    placement (:func:`virtual_stage_ranks`); the other fields are kept."""
+    pp = len(stages)
+    ranks = virtual_stage_ranks(pp, vpp, schedule)
+    next_chunk = [0] * pp
+    span: dict[int, list[int]] = {}
+    first = 0
+    for k, rank in enumerate(ranks):
+        st = stages[rank]
+        c = next_chunk[rank]
+        next_chunk[rank] += 1
+        n = st.chunk_blocks[c] if st.chunk_blocks is not None else st.n_blocks
+        last = first + n - 1 + (1 if k == 0 else 0) + (1 if k == len(ranks) - 1 else 0)
+        lo_hi = span.setdefault(rank, [first, last])
+        if c == 0:
+            lo_hi[0] = first
+        lo_hi[1] = last
+        first = last + 1
+    return [st.model_copy(update={"first_layer": span[st.index][0], "last_layer": span[st.index][1]})
+            for st in stages]
+
+
+def check_schedule(pp: int, vpp: int, schedule: str) -> None:
+    """Raise ValueError unless (pp, vpp, schedule) is one torch.distributed.pipelining runs.
+
+    1f1b: one chunk per rank; interleaved_1f1b: vpp >= 2; zero_bubble (ZB-H1 with the interleaved loop placement):
+    any vpp; zbv: exactly 2 chunks per rank in V placement. pp = 1 has no schedule: 1f1b with vpp 1.
+    """
+    if schedule not in SCHEDULE_CLASSES:
+        raise ValueError(f"schedule '{schedule}': use one of {', '.join(SCHEDULE_CLASSES)}")
+    if pp == 1 and (vpp != 1 or schedule != "1f1b"):
+        raise ValueError(f"pp=1 runs no pipeline schedule: use schedule 1f1b and vpp 1 (got {schedule}, vpp {vpp})")
+    if schedule == "1f1b" and vpp != 1:
+        raise ValueError(f"vpp={vpp} needs schedule interleaved_1f1b, zero_bubble or zbv (1f1b runs one chunk per rank)")
+    if schedule == "interleaved_1f1b" and vpp < 2:
+        raise ValueError("schedule interleaved_1f1b needs vpp >= 2 (with vpp 1 it is 1f1b)")
+    if schedule == "zbv" and vpp != 2:
+        raise ValueError(f"schedule zbv runs exactly 2 chunks per rank (vpp=2), got vpp={vpp}")
 
 
 class MemoryBreakdown(_Frozen):
@@ -441,9 +577,6 @@ class Plan(_Frozen):
                 f"strategy trains dp x micro_batch_size x grad_accum = {s.dp} x {s.micro_batch_size} x "
                 f"{s.grad_accum} = {per_step} sequences per step but train.global_batch is {gb}; re-plan instead of "
                 "editing the plan")
-        for st in s.stages:
-            if st.recompute_blocks > st.n_blocks:
-                raise ValueError(f"stage {st.index} recomputes {st.recompute_blocks} of its {st.n_blocks} blocks")
         if self.model.n_layers is not None and sum(st.n_blocks for st in s.stages) != self.model.n_layers:
             raise ValueError(f"the stages hold {sum(st.n_blocks for st in s.stages)} blocks but {self.model.name} "
                              f"has {self.model.n_layers}")

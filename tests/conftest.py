@@ -6,19 +6,25 @@ import pytest
 
 from paraplan.catalog import load_cluster_spec
 from paraplan.models.presets import load_model_spec
-from paraplan.types import MemoryBreakdown, Plan, Prediction, SolverInfo, StagePlan, Strategy, TrainSpec
+from paraplan.types import (
+    MemoryBreakdown, Plan, Prediction, SolverInfo, StagePlan, Strategy, TrainSpec, place_stages,
+)
 
 
 def make_plan(
     model: str = "llama-tiny", cluster: str = "cpu:2", dp: int = 1, tp: int = 1, pp: int = 1,
     micro_batch_size: int = 2, global_batch: int = 8, seq_len: int = 64, zero_stage: int = 0,
     offload_optimizer: bool = False, recompute_blocks: int = 0, dtype: str = "fp32", lr: float = 1e-3,
-    sequence_parallel: bool = False, selective_recompute: bool = False,
+    sequence_parallel: bool = False, selective_recompute: bool = False, selective_policy: str = "attention",
+    cp: int = 1, vpp: int = 1, schedule: str | None = None,
 ) -> Plan:
     """A Plan with blocks split as evenly as possible over ``pp`` stages (earlier stages get the remainder).
 
-    Predictions are zeros: these plans exercise backends, not cost models.
+    Predictions are zeros: these plans exercise backends, not cost models. With ``vpp`` > 1 each stage's blocks
+    are split over its chunks as evenly as possible (earlier chunks get the remainder) and the schedule defaults to
+    interleaved_1f1b; ``selective_recompute`` selects every block not recomputed in full.
     """
+    schedule = schedule or ("interleaved_1f1b" if vpp > 1 else "1f1b")
     spec = load_model_spec(model)
     clus = load_cluster_spec(cluster)
     n_layers = spec.n_layers or 0
@@ -27,14 +33,18 @@ def make_plan(
     for s in range(pp):
         n = n_layers // pp + (1 if s < n_layers % pp else 0)
         last = first + n + (1 if s == 0 else 0) + (1 if s == pp - 1 else 0) - 1
-        stages.append(StagePlan(index=s, first_layer=first, last_layer=last, n_blocks=n,
-                                recompute_blocks=min(recompute_blocks, n), time_per_micro_batch_s=0.0,
-                                memory_bytes=0.0))
+        r = min(recompute_blocks, n)
+        chunks = [n // vpp + (1 if c < n % vpp else 0) for c in range(vpp)] if vpp > 1 else None
+        stages.append(StagePlan(index=s, first_layer=first, last_layer=last, n_blocks=n, recompute_blocks=r,
+                                selective_blocks=n - r if selective_recompute else 0, chunk_blocks=chunks,
+                                time_per_micro_batch_s=0.0, memory_bytes=0.0))
         first = last + 1
     grad_accum = global_batch // (dp * micro_batch_size)
     strategy = Strategy(dp=dp, tp=tp, pp=pp, micro_batch_size=micro_batch_size, grad_accum=grad_accum,
-                        zero_stage=zero_stage, offload_optimizer=offload_optimizer, stages=stages,
-                        sequence_parallel=sequence_parallel, selective_recompute=selective_recompute)
+                        zero_stage=zero_stage, offload_optimizer=offload_optimizer,
+                        stages=place_stages(stages, vpp, schedule),
+                        sequence_parallel=sequence_parallel, selective_recompute=selective_recompute,
+                        selective_policy=selective_policy, cp=cp, vpp=vpp, schedule=schedule)
     zero = MemoryBreakdown(params=0, grads=0, optimizer=0, activations=0, other=0)
     pred = Prediction(step_time_s=1.0, compute_s=1.0, bubble_s=0.0, dp_comm_s=0.0, offload_s=0.0, optimizer_s=0.0,
                       peak_memory_bytes=0.0, memory_capacity_bytes=clus.device.memory_bytes,
@@ -68,10 +78,11 @@ def assert_user_error(result, *fragments: str) -> None:
         assert frag in result.output, result.output
 
 
-def best_assignment(costs, modes, capacity_bytes: float) -> float:
+def best_assignment(costs, modes, capacity_bytes: float, selective: bool = False) -> float:
     """Brute force over one candidate: the least step time (s) of every contiguous assignment of the blocks to
-    ``costs.pp`` stages, every count of fully recomputed blocks per stage and every mode, among those whose every
-    stage fits ``capacity_bytes``; ``inf`` when none fits. Evaluated with the cost model's evaluator
+    ``costs.pp`` stages (each holding at least ``costs.min_blocks``), every count of fully recomputed blocks per
+    stage and, with ``selective``, of selectively recomputed ones, and every mode, among those whose every stage
+    fits ``capacity_bytes``; ``inf`` when none fits. Evaluated with the cost model's evaluator
     (``stage_cost`` + ``step_time_s``), independently of the MILP."""
     import itertools
 
@@ -82,11 +93,12 @@ def best_assignment(costs, modes, capacity_bytes: float) -> float:
     for cut in itertools.combinations_with_replacement(range(L + 1), p - 1):
         bounds = (0, *cut, L)
         n = [bounds[i + 1] - bounds[i] for i in range(p)]
-        if any(n[s] < 1 for s in range(1, p - 1)):
+        if any(n[s] < costs.min_blocks(s) for s in range(p)):
             continue
-        for r in itertools.product(*[range(k + 1) for k in n]):
+        splits = [[(r, q) for r in range(k + 1) for q in range(k - r + 1 if selective else 1)] for k in n]
+        for rq in itertools.product(*splits):
             for mode in modes:
-                stages = [costs.stage_cost(s, n[s], r[s], mode) for s in range(p)]
+                stages = [costs.stage_cost(s, n[s], rq[s][0], mode, rq[s][1]) for s in range(p)]
                 if any(st.memory_bytes > capacity_bytes for st in stages):
                     continue
                 best = min(best, step_time_s(costs, stages)[0])

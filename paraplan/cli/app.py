@@ -117,10 +117,12 @@ def print_json(obj: object) -> None:
 
 _STRATEGY_KEYS = StrategyOverride.CLI_KEYS
 STRATEGY_HELP = (
-    "Force parts of the strategy, comma-separated key=value: dp, tp, pp (positive integers), mb or micro_batch "
-    "(sequences per micro-batch), zero (ZeRO stage 0-3), offload (optimizer states in host memory: true/false), "
-    "recompute (none, selective = the attention core of every block, or full = every block), sp (Megatron "
-    "sequence parallelism with tp > 1: true/false). Example: dp=2,tp=2,pp=1,mb=2,zero=3,sp=true,recompute=full"
+    "Force parts of the strategy, comma-separated key=value: dp, tp, pp, cp (context parallelism), vpp (model chunks "
+    "per pipeline rank) (positive integers), mb or micro_batch (sequences per micro-batch), zero (ZeRO stage 0-3), "
+    "offload (optimizer states in host memory: true/false), recompute (none; selective = the attention core of "
+    "every block; op = torchtitan's op-level selective policy on every block; full = every block), sp (Megatron "
+    "sequence parallelism with tp > 1: true/false), schedule (1f1b, interleaved_1f1b, zero_bubble, zbv). "
+    "Example: dp=2,tp=2,pp=2,mb=2,zero=1,sp=true,schedule=interleaved_1f1b,vpp=2"
 )
 
 
@@ -128,7 +130,8 @@ def parse_strategy(text: str | None) -> StrategyOverride:
     """``dp=2,tp=2,pp=2,mb=4,zero=3,offload=true,recompute=full,sp=true`` -> StrategyOverride.
 
     The values are validated by :class:`StrategyOverride`: positive integers for dp, tp, pp and mb, 0-3 for zero,
-    a boolean (true/false, yes/no, on/off, 1/0) for offload and sp, none, selective or full for recompute.
+    a boolean (true/false, yes/no, on/off, 1/0) for offload and sp, none, selective, op or full for recompute,
+    1f1b, interleaved_1f1b, zero_bubble or zbv for schedule.
 
     Raises:
         StrategyError: an unknown or repeated key, a part without ``=``, or a value its field does not accept.
@@ -367,8 +370,11 @@ def plan_summary(plan: Plan) -> dict:
             "dp": s.dp, "tp": s.tp, "pp": s.pp, "micro_batch_size": s.micro_batch_size, "grad_accum": s.grad_accum,
             "zero_stage": s.zero_stage, "offload_optimizer": s.offload_optimizer,
             "sequence_parallel": s.sequence_parallel, "selective_recompute": s.selective_recompute,
+            "selective_policy": s.selective_policy, "cp": s.cp, "vpp": s.vpp, "schedule": s.schedule,
             "recompute_blocks": [st.recompute_blocks for st in s.stages],
+            "selective_blocks": [st.selective_blocks for st in s.stages],
             "stage_blocks": [st.n_blocks for st in s.stages],
+            "chunk_blocks": [st.chunk_blocks for st in s.stages] if s.vpp > 1 else None,
         },
         "predicted": plan.predicted.model_dump(),
         "solver": plan.solver.model_dump(),

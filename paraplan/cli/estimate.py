@@ -42,8 +42,9 @@ def _render(console, spec, cluster, train, st, est, compute_source: str) -> None
     from paraplan.cli.render import format_memory_breakdown
     from paraplan.units import format_bytes, format_seconds
 
-    title = (f"{spec.name} on {cluster.name}: dp={st.dp} tp={st.tp} pp={st.pp}"
-             + (f" vpp={st.vpp}" if st.vpp > 1 else "") + f", micro-batch {st.micro_batch_size} (x "
+    sched = "" if st.pp == 1 else f" {st.schedule}" if st.schedule != "1f1b" or st.vpp == 1 else " interleaved_1f1b"
+    title = (f"{spec.name} on {cluster.name}: dp={st.dp} tp={st.tp} pp={st.pp}" + (f" cp={st.cp}" if st.cp > 1 else "")
+             + sched + (f" vpp={st.vpp}" if st.vpp > 1 else "") + f", micro-batch {st.micro_batch_size} (x "
              f"{est.grad_accum} per step), global batch {train.global_batch} x seq {train.seq_len}, {train.dtype}, "
              f"ZeRO-{st.zero_stage}, recompute {st.recompute}" + (", SP" if st.sequence_parallel else "")
              + f" (compute from {compute_source})")
@@ -85,15 +86,23 @@ def register(app: typer.Typer, guard) -> None:
         cluster: Annotated[str, typer.Option(help="cpu:N, 8xH100-80GB, 4x8xA100-80GB or a cluster file.")],
         global_batch: Annotated[int, typer.Option(help="Sequences per optimizer step.", min=1)],
         seq_len: Annotated[int, typer.Option(help="Tokens per sequence.", min=1)],
-        tp: Annotated[int, typer.Option(help="Tensor-parallel degree.", min=1)],
-        pp: Annotated[int, typer.Option(help="Pipeline-parallel degree.", min=1)],
-        dp: Annotated[int, typer.Option(help="Data-parallel degree (dp x tp x pp = devices).", min=1)],
-        micro_batch: Annotated[int, typer.Option(help="Sequences per micro-batch.", min=1)],
-        vpp: Annotated[int, typer.Option(help="Virtual pipeline stages per device (interleaved 1F1B).", min=1)] = 1,
-        schedule: Annotated[str, typer.Option(help="Pipeline schedule: 1f1b or gpipe.")] = "1f1b",
+        tp: Annotated[Optional[int], typer.Option(help="Tensor-parallel degree.", min=1)] = None,
+        pp: Annotated[Optional[int], typer.Option(help="Pipeline-parallel degree.", min=1)] = None,
+        dp: Annotated[Optional[int], typer.Option(help="Data-parallel degree (dp x tp x pp x cp = devices).",
+                                                  min=1)] = None,
+        micro_batch: Annotated[Optional[int], typer.Option(help="Sequences per micro-batch.", min=1)] = None,
+        cp: Annotated[int, typer.Option(help="Context-parallel degree (sequence sharded over cp ranks).", min=1)] = 1,
+        vpp: Annotated[int, typer.Option(help="Model chunks (virtual stages) per pipeline rank.", min=1)] = 1,
+        schedule: Annotated[str, typer.Option(
+            help="Pipeline schedule: 1f1b (interleaved when --vpp > 1), interleaved_1f1b, zero_bubble, zbv (--vpp 2) "
+                 "or gpipe.")] = "1f1b",
         sequence_parallel: Annotated[bool, typer.Option("--sequence-parallel",
                                                         help="Megatron sequence parallelism.")] = False,
-        recompute: Annotated[str, typer.Option(help="none, selective (attention core) or full.")] = "none",
+        recompute: Annotated[str, typer.Option(
+            help="none, selective (attention core), op (torchtitan's op-level selective policy) or full.")] = "none",
+        strategy: Annotated[Optional[str], typer.Option(
+            help="The strategy as plan's --strategy text (dp=8,tp=8,pp=16,cp=16,vpp=2,mb=1,sp=true,zero=1,"
+                 "recompute=full,schedule=interleaved_1f1b); its keys replace the options above.")] = None,
         zero: Annotated[int, typer.Option(help="ZeRO stage 0-3 over the data-parallel group.")] = 0,
         offload_optimizer: Annotated[bool, typer.Option("--offload-optimizer",
                                                         help="Optimizer states in host memory.")] = False,
@@ -128,10 +137,18 @@ def register(app: typer.Typer, guard) -> None:
         except ValueError:
             raise StrategyError(f"--stage-blocks {stage_blocks}: write comma-separated integers, one per stage") \
                 from None
-        st = StrategySpec(dp=dp, tp=tp, pp=pp, micro_batch_size=micro_batch, vpp=vpp, stage_blocks=blocks,
-                          sequence_parallel=sequence_parallel, recompute=recompute,  # type: ignore[arg-type]
-                          zero_stage=zero, offload_optimizer=offload_optimizer, attention=attention,
-                          overlap_dp=dp_overlap, overlap_tp=tp_comm_overlap, schedule=schedule)
+        knobs = {"dp": dp, "tp": tp, "pp": pp, "micro_batch_size": micro_batch, "cp": cp, "vpp": vpp,
+                 "schedule": schedule, "sequence_parallel": sequence_parallel, "recompute": recompute,
+                 "zero_stage": zero, "offload_optimizer": offload_optimizer}
+        if strategy:
+            knobs.update(cli.parse_strategy(strategy).model_dump(exclude_none=True))
+        missing = [k for k in ("dp", "tp", "pp", "micro_batch_size") if knobs[k] is None]
+        if missing:
+            flags = {"micro_batch_size": "--micro-batch (or mb= in --strategy)"}
+            raise StrategyError("estimate needs every degree and the micro-batch: give "
+                                + ", ".join(flags.get(k, f"--{k} (or {k}= in --strategy)") for k in missing))
+        st = StrategySpec(stage_blocks=blocks, attention=attention, overlap_dp=dp_overlap,  # type: ignore[arg-type]
+                          overlap_tp=tp_comm_overlap, **knobs)
         est = estimate_strategy(spec, clus, train, st, prof)
         source = "profile" if prof is not None else "analytic"
         if as_json:

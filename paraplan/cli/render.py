@@ -13,23 +13,38 @@ from paraplan.units import format_bytes, format_seconds
 WARMUP_STEPS = 2  # steps excluded from the measured mean (allocator and kernel warm-up)
 
 
+def schedule_label(plan: Plan) -> str:
+    """``1f1b``, ``interleaved_1f1b x4`` (vpp 4), ``zbv``...; ``-`` without a pipeline."""
+    s = plan.strategy
+    if s.pp == 1:
+        return "-"
+    return s.schedule + (f" x{s.vpp}" if s.vpp > 1 and s.schedule != "zbv" else "")
+
+
+def recompute_label(plan: Plan) -> str:
+    """Blocks recomputed in full and selectively (with the policy) out of all, e.g. ``4/32 full, 28 op``."""
+    s = plan.strategy
+    L = sum(st.n_blocks for st in s.stages)
+    full = sum(st.recompute_blocks for st in s.stages)
+    sel = sum(st.selective_blocks for st in s.stages)
+    policy = {"attention": "selective", "op": "op-selective"}[s.selective_policy]
+    return f"{full}/{L} full" + (f", {sel} {policy}" if sel else "")
+
+
 def render_plans(console: Console, plans: list[Plan]) -> None:
     """Table of the best plans, then the stage assignment and cost breakdown of the best one."""
     best = plans[0]
     title = (f"{best.model.name} on {best.cluster.name}: global batch {best.train.global_batch} x seq "
              f"{best.train.seq_len}, {best.train.dtype} (compute from {best.predicted.compute_source})")
     table = Table(title=title)
-    for col in ("#", "dp", "tp", "pp", "mb", "accum", "ZeRO", "sp", "recompute", "offload", "step", "tokens/s",
-                "MFU", "peak mem / capacity"):
+    for col in ("#", "dp", "tp", "pp", "cp", "mb", "accum", "schedule", "ZeRO", "sp", "recompute", "offload", "step",
+                "tokens/s", "MFU", "peak mem / capacity"):
         table.add_column(col, justify="right")
     for i, plan in enumerate(plans, 1):
         s, p = plan.strategy, plan.predicted
-        L = sum(st.n_blocks for st in s.stages)
-        rec = sum(st.recompute_blocks for st in s.stages)
         table.add_row(
-            str(i), str(s.dp), str(s.tp), str(s.pp), str(s.micro_batch_size), str(s.grad_accum), str(s.zero_stage),
-            "yes" if s.sequence_parallel else "-",
-            f"{rec}/{L} full" + (", others selective" if s.selective_recompute else ""),
+            str(i), str(s.dp), str(s.tp), str(s.pp), str(s.cp), str(s.micro_batch_size), str(s.grad_accum),
+            schedule_label(plan), str(s.zero_stage), "yes" if s.sequence_parallel else "-", recompute_label(plan),
             "optimizer" if s.offload_optimizer else "-", format_seconds(p.step_time_s),
             # A CPU's peak FLOP/s in the catalog is nominal, so its MFU would mean nothing.
             f"{p.tokens_per_s:,.0f}", f"{p.mfu:.1%}" if plan.cluster.device.kind == "cuda" else "n/a",
@@ -37,11 +52,17 @@ def render_plans(console: Console, plans: list[Plan]) -> None:
         )
     console.print(table)
     stages = Table(title="best plan: pipeline stages")
-    for col in ("stage", "layers", "blocks", "recomputed", "time / micro-batch", "memory"):
+    for col in ("stage", "layers", "blocks", "full recompute", "selective", "time / micro-batch", "memory"):
         stages.add_column(col, justify="right")
+    chunks: dict[int, list[str]] = {}
+    for vs in best.strategy.virtual_stages():
+        chunks.setdefault(vs.rank, []).append(f"{vs.first_layer}-{vs.last_layer}")
     for st in best.strategy.stages:
-        stages.add_row(str(st.index), f"{st.first_layer}-{st.last_layer}", str(st.n_blocks), str(st.recompute_blocks),
-                       format_seconds(st.time_per_micro_batch_s), format_bytes(st.memory_bytes))
+        layers = ", ".join(chunks[st.index]) if len(chunks[st.index]) <= 4 else \
+            f"{len(chunks[st.index])} chunks: {chunks[st.index][0]}, ..., {chunks[st.index][-1]}"
+        stages.add_row(str(st.index), layers, str(st.n_blocks), str(st.recompute_blocks),
+                       str(st.selective_blocks), format_seconds(st.time_per_micro_batch_s),
+                       format_bytes(st.memory_bytes))
     console.print(stages)
     p, m = best.predicted, best.predicted.memory_breakdown_bytes
     console.print(

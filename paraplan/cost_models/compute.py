@@ -20,16 +20,18 @@ CROSS_ENTROPY_BYTES = (16, 8)
 
 @dataclass(frozen=True)
 class KernelTimes:
-    """Seconds per micro-batch: forward, backward (incl. selective recomputation), the selective part, forward GEMMs."""
+    """Seconds per micro-batch: forward, backward, the attention core's forward (what selective recomputation
+    repeats) and the forward GEMMs (equal to the weight-gradient GEMMs of the backward)."""
 
     fwd_s: float
     bwd_s: float
-    selective_s: float
+    attn_fwd_s: float
     gemm_fwd_s: float
+    op_recompute_s: float = 0.0  # what torchtitan's op-level policy recomputes: k, o, up GEMMs + element-wise
 
     def scaled(self, factor: float) -> KernelTimes:
-        return KernelTimes(self.fwd_s * factor, self.bwd_s * factor, self.selective_s * factor,
-                           self.gemm_fwd_s * factor)
+        return KernelTimes(self.fwd_s * factor, self.bwd_s * factor, self.attn_fwd_s * factor,
+                           self.gemm_fwd_s * factor, self.op_recompute_s * factor)
 
 
 def embed_times(spec: ModelSpec, dev: DeviceSpec, dtype: str, b: int, s: int) -> KernelTimes:
@@ -74,21 +76,28 @@ def attention_times(spec: ModelSpec, dev: DeviceSpec, dtype: str, b: int, s: int
 
 
 def block_times(spec: ModelSpec, dev: DeviceSpec, dtype: str, b: int, s: int, t: int, sp: bool, kernel: str,
-                selective: bool) -> KernelTimes:
+                cp: int = 1) -> KernelTimes:
     """One transformer block: GEMMs on the efficiency curve, the attention core, memory-bound element-wise ops.
 
     Formula: forward ``sum_gemm t_gemm + t_attn_fwd + t_elem``; backward ``2 sum_gemm t_gemm + t_attn_bwd +
         2 t_elem`` (dgrad and wgrad GEMMs of the forward's sizes; the element-wise backward moves about twice the
-        forward's bytes), plus ``t_attn_fwd`` again under selective recomputation. Element-wise bytes: the
-        replicated part of ``transformer.block_elementwise_elements`` on ``b s / t`` tokens under SP (all ``b s``
-        otherwise), the sharded part on ``1/t`` of its elements.
+        forward's bytes). Element-wise bytes: the replicated part of ``transformer.block_elementwise_elements`` on
+        ``b s / t`` tokens under SP (all ``b s`` otherwise), the sharded part on ``1/t`` of its elements. With
+        context parallelism ``s`` is the rank's ``s_cp = S / cp`` tokens and the attention core, whose queries are
+        local and keys the whole sequence, costs ``cp`` times the core of ``s_cp`` tokens (``4 b s_cp S a d``
+        FLOPs: the load-balanced causal split gives every rank the same share).
+        ``attn_fwd_s`` is what selective recomputation repeats (Korthikanti et al. 2022 sec. 4.3);
+        ``op_recompute_s`` what torchtitan's op-level policy repeats (the GEMMs of
+        ``transformer.OP_POLICY_RECOMPUTED_GEMMS`` and the element-wise forward).
     Source: :mod:`paraplan.cost_models.efficiency`; Narayanan et al. SC'21 sec. 5.1 (backward = 2x forward);
-        Korthikanti et al. 2022 sec. 4.3 (selective recomputation repeats the attention core's forward).
+        Llama 3 paper (Grattafiori et al. 2024) sec. 3.3.2 for the load-balanced context-parallel split.
     """
     db, tokens = DTYPE_BYTES[dtype], b * s
-    gemm = sum(eff.gemm_time_s(dev, dtype, m, k, n, db) for m, k, n in tf.block_gemms(spec, tokens, t))
+    each = [eff.gemm_time_s(dev, dtype, m, k, n, db) for m, k, n in tf.block_gemms(spec, tokens, t)]
+    gemm = sum(each)
     rep, shd = tf.block_elementwise_elements(spec)
     elem = eff.memory_time_s(dev, db * tokens * (rep / (t if sp else 1) + shd / t))
     attn_fwd, attn_bwd = attention_times(spec, dev, dtype, b, s, t, kernel)
-    sel = attn_fwd if selective else 0.0
-    return KernelTimes(gemm + attn_fwd + elem, 2 * gemm + attn_bwd + 2 * elem + sel, sel, gemm)
+    attn_fwd, attn_bwd = attn_fwd * cp, attn_bwd * cp
+    op = sum(x for i, x in enumerate(each) if i in tf.OP_POLICY_RECOMPUTED_GEMMS) + elem
+    return KernelTimes(gemm + attn_fwd + elem, 2 * gemm + attn_bwd + 2 * elem, attn_fwd, gemm, op)

@@ -5,11 +5,20 @@ so a plan's reported prediction is exactly the objective the solver minimized. E
 that are affine in the stage's block count ``n`` and fully recomputed block count ``r`` (:class:`Affine`); the
 evaluator combines them with ``max`` where work overlaps, and the MILP linearizes the same ``max`` exactly.
 
-Step time (Narayanan et al. SC'21 sec. 2.2; Alpa/Mist's form for unequal stages, extended to interleaving):
-    ``T_step = m max_s t_s + (sum_s t_s - max_s t_s) / v + max_s extra_s``
-where ``t_s`` is stage s's time per micro-batch, ``m`` the micro-batches per step and ``v`` the virtual stages
-per device (interleaved 1F1B; v = 1 is plain 1F1B: ``(m - 1) max + sum``). With equal stages the bubble is
-``(p - 1) t / v``, i.e. ``(p - 1)/(v m)`` of the ideal time (sec. 2.2.2).
+Step time (Narayanan et al. SC'21 sec. 2.2; Alpa/Mist's form for unequal stages, extended to interleaving and
+zero-bubble schedules):
+    ``T_step = m max_s t_s + w (sum_s t_s - max_s t_s) + max_s extra_s``
+where ``t_s`` is stage s's time per micro-batch, ``m`` the micro-batches per step and ``w`` the bubble weight of the
+schedule (:meth:`CandidateCosts.bubble_weight`): ``1/v`` for 1F1B with ``v`` virtual stages per device (v = 1:
+``(m - 1) max + sum``), less for the zero-bubble schedules, whose weight-gradient work fills the bubble. With equal
+stages the 1F1B bubble is ``(p - 1) t / v``, i.e. ``(p - 1)/(v m)`` of the ideal time (sec. 2.2.2).
+
+Context parallelism (``cp``) shards the sequence: every per-token quantity is taken at ``S / cp`` tokens, the
+attention core at ``cp`` times that (queries local, keys global), K/V are all-gathered per layer (forward) and
+their gradients reduce-scattered (backward) over the cp group, exposed (Llama 3 paper sec. 3.3.2: the all-gather
+based context parallelism puts that latency on the critical path; it is small with grouped-query attention), and
+data-parallel gradient reduction and ZeRO sharding run over ``dp x cp`` ranks (Megatron-Core's
+data-parallel-with-context group; torchtitan's ``dp_shard_cp`` mesh).
 
     ``t_s = compute_s + zero_comm_s``        (no overlap)   or   ``max(compute_s, zero_comm_s)`` (overlap)
     ``extra_s = optimizer_s + grad_reduce_s + param_gather_s`` (no overlap), or with overlap
@@ -71,8 +80,11 @@ class CostOptions:
 
     Attributes:
         vpp: virtual pipeline stages per device (interleaved 1F1B, Narayanan et al. SC'21 sec. 2.2.2); 1 = 1F1B.
+        cp: context-parallel degree (sequence sharded over cp ranks; module docstring).
         sequence_parallel: shard norms, dropout and residual activations over tp (Korthikanti et al. 2022 sec. 4.2.2).
-        selective_recompute: recompute the attention core of every block not fully recomputed (sec. 4.3).
+        selective_policy: what a selectively recomputed block repeats: "attention" (the attention core, Korthikanti
+            et al. 2022 sec. 4.3) or "op" (torchtitan's op-level policy, ``transformer.block_op_policy_activation_bytes``).
+            Which blocks run selectively is the stage's choice (``selective_blocks``), not an option.
         attention: "flash2" (FlashAttention-2 class: flash-attn 2, torch SDPA, cuDNN), "flash1" (FlashAttention-1
             and its Triton port) or "unfused" (materialized scores, as Megatron-LM in 2021).
         overlap_dp: data-parallel / ZeRO communication overlaps compute as described in the module docstring;
@@ -80,13 +92,16 @@ class CostOptions:
         overlap_tp: tensor-parallel collectives overlap the neighbouring GEMMs (TransformerEngine userbuffers,
             torch async TP); exposed time is ``max(0, comm - GEMM time)``.
         framework_efficiency: achieved fraction of the analytic kernel times (:data:`FRAMEWORK_EFFICIENCY`).
-        schedule: "1f1b" (PipeDream-Flush / Megatron, interleaved when vpp > 1) or "gpipe" (all forwards, then all
-            backwards: the same bubble, but every stage holds all m micro-batches).
+        schedule: "1f1b" (PipeDream-Flush / Megatron; with vpp > 1 the same as "interleaved_1f1b"),
+            "interleaved_1f1b", "zero_bubble" (ZB-H1 in the interleaved loop placement, torch's
+            ScheduleInterleavedZeroBubble), "zbv" (ZB-V, 2 chunks per device in V placement, Qi et al. 2024 sec. 6)
+            or "gpipe" (all forwards, then all backwards: the 1F1B bubble, but every stage holds all m micro-batches).
     """
 
     vpp: int = 1
+    cp: int = 1
     sequence_parallel: bool = False
-    selective_recompute: bool = False
+    selective_policy: str = "attention"
     attention: str = "flash2"
     overlap_dp: bool | None = None
     overlap_tp: bool = False
@@ -94,24 +109,33 @@ class CostOptions:
     schedule: str = "1f1b"
 
 
+SCHEDULES = ("1f1b", "interleaved_1f1b", "zero_bubble", "zbv", "gpipe")
+SELECTIVE_POLICIES = ("attention", "op")
+
+
 @dataclass(frozen=True)
 class Affine:
-    """``const + per_block n + per_recompute r`` for a stage of n blocks, r of them fully recomputed."""
+    """``const + per_block n + per_recompute r + per_selective q`` for a stage of n blocks, r of them fully and q
+    selectively recomputed."""
 
     const: float = 0.0
     per_block: float = 0.0
     per_recompute: float = 0.0
+    per_selective: float = 0.0
 
-    def __call__(self, n: float, r: float = 0.0) -> float:
-        return self.const + self.per_block * n + self.per_recompute * r
+    def __call__(self, n: float, r: float = 0.0, q: float = 0.0) -> float:
+        return self.const + self.per_block * n + self.per_recompute * r + self.per_selective * q
 
 
 @dataclass(frozen=True)
 class LayerCost:
     """One layer for one micro-batch on one device (already divided by tp).
 
-    ``bwd_s`` includes the selective recomputation when it is on; ``recompute_s`` is the additional time when the
-    block is fully recomputed (its forward and forward TP collectives, less what selective already repeats).
+    ``recompute_s`` is the additional time when the block is fully recomputed (its forward and forward
+    collectives); ``selective_s`` the additional time and ``sel_act_bytes`` the bytes kept when it runs with
+    selective recomputation (``CostOptions.selective_policy``). ``tp_*`` hold the exposed tensor- and
+    context-parallel collectives; ``wgrad_s`` the weight-gradient part of ``bwd_s`` (what zero-bubble schedules
+    defer into the bubble).
     """
 
     fwd_s: float
@@ -122,6 +146,9 @@ class LayerCost:
     act_bytes: float
     ckpt_bytes: float
     recompute_s: float
+    selective_s: float = 0.0
+    sel_act_bytes: float = 0.0
+    wgrad_s: float = 0.0
 
     @property
     def time_s(self) -> float:
@@ -185,20 +212,26 @@ class CandidateCosts:
 
     Args:
         spec, cluster, train: the problem.
-        dp, tp, pp: parallel degrees; ``micro_batch_size`` b; m = global_batch / (dp b) micro-batches per step.
+        dp, tp, pp: parallel degrees (``options.cp`` the context-parallel one); ``micro_batch_size`` b;
+            m = global_batch / (dp b) micro-batches per step.
         profile: measured per-layer times (compute_source "profile"), else the analytic model of
             :mod:`paraplan.cost_models.efficiency`.
         options: interleaving, sequence parallelism, selective recomputation, attention kernel, overlap.
+        layer_cache: a dict shared by the candidates of one search (same model, cluster, train and profile): layer
+            costs depend only on (tp, cp, b, the options that change a layer and the world size), so candidates
+            that differ in dp/pp split or schedule reuse them.
 
     Raises:
         ProfileError: the profile lacks this micro-batch size (callers check that it matches the model, sequence
             length and dtype: ModelProfile.check_matches).
-        StrategyError: an unknown attention kernel or a virtual-stage count below 1.
+        StrategyError: an unknown attention kernel, schedule or selective policy, a schedule that does not take
+            this vpp, or a cp that does not divide the sequence length.
     """
 
     def __init__(
         self, spec: ModelSpec, cluster: ClusterSpec, train: TrainSpec, dp: int, tp: int, pp: int,
         micro_batch_size: int, profile: ModelProfile | None = None, options: CostOptions | None = None,
+        layer_cache: dict | None = None,
     ) -> None:
         self.spec, self.cluster, self.train = spec, cluster, train
         self.dp, self.tp, self.pp, self.b = dp, tp, pp, micro_batch_size
@@ -211,30 +244,49 @@ class CandidateCosts:
             raise StrategyError(f"attention kernel '{opts.attention}': use one of {', '.join(eff.ATTENTION_KERNELS)}")
         if opts.vpp < 1:
             raise StrategyError(f"virtual pipeline stages must be >= 1 (got {opts.vpp})")
-        if opts.schedule not in ("1f1b", "gpipe") or (opts.schedule == "gpipe" and opts.vpp > 1):
-            raise StrategyError(f"schedule '{opts.schedule}' with vpp={opts.vpp}: use 1f1b (any vpp) or gpipe (vpp 1)")
+        if opts.schedule == "1f1b" and opts.vpp > 1:
+            opts = dataclasses.replace(opts, schedule="interleaved_1f1b")
+        if opts.schedule == "interleaved_1f1b" and opts.vpp == 1:
+            opts = dataclasses.replace(opts, schedule="1f1b")
+        if opts.schedule not in SCHEDULES or (opts.schedule == "gpipe" and opts.vpp > 1) or (
+                opts.schedule == "zbv" and opts.vpp != 2):
+            raise StrategyError(f"schedule '{opts.schedule}' with vpp={opts.vpp}: use 1f1b or interleaved_1f1b "
+                                "(any vpp), zero_bubble (any vpp), zbv (vpp 2) or gpipe (vpp 1)")
+        if opts.selective_policy not in SELECTIVE_POLICIES:
+            raise StrategyError(f"selective policy '{opts.selective_policy}': use attention or op")
+        if opts.cp < 1 or train.seq_len % opts.cp:
+            raise StrategyError(f"cp={opts.cp} must be >= 1 and divide the sequence length {train.seq_len}")
         if not 0 < opts.framework_efficiency <= 1:
             raise StrategyError(f"framework efficiency must be in (0, 1] (got {opts.framework_efficiency})")
+        self.options = opts
         self.vpp = opts.vpp
+        self.cp = opts.cp
+        self.schedule = opts.schedule
         self.sp = opts.sequence_parallel and tp > 1
+        self.s_local = train.seq_len // opts.cp  # tokens of a sequence on one context-parallel rank
+        self.dp_shard = dp * opts.cp  # ranks that reduce gradients and shard ZeRO states (dp x cp)
         self.m = train.global_batch // (dp * micro_batch_size)
         self.dtype_bytes = DTYPE_BYTES[train.dtype]
         self.state_bytes = state_bytes_per_param(train.dtype)
         self.profile = profile
         self.compute_source = "profile" if profile is not None else "analytic"
-        self.dp_spans = dp_spans_nodes(cluster, tp, dp)
-        self.dp_per_node = dp_per_node(cluster, tp, dp)
-        self.block = self._layer("block")
-        self.embed = self._layer("embed")
-        self.head = self._layer("head")
-        s, h = train.seq_len, spec.hidden or 0
+        self.dp_spans = dp_spans_nodes(cluster, tp, self.dp_shard)
+        self.dp_per_node = dp_per_node(cluster, tp, self.dp_shard)
+        self.cp_spans = dp_spans_nodes(cluster, tp, opts.cp)  # cp ranks sit next to the tp ranks (mesh .., cp, tp)
+        key = (tp, opts.cp, micro_batch_size, self.sp, opts.selective_policy, opts.attention, opts.overlap_tp,
+               opts.framework_efficiency, dp * tp * pp * opts.cp)
+        cache = layer_cache if layer_cache is not None else {}
+        if key not in cache:
+            cache[key] = (self._layer("block"), self._layer("embed"), self._layer("head"))
+        self.block, self.embed, self.head = cache[key]
+        s, h = self.s_local, spec.hidden or 0
         # Megatron sends 1/t of the boundary activation per tp rank (scatter/gather optimization, Narayanan et al.
         # SC'21 sec. 4.1; sequence parallelism keeps it sharded anyway); forward activation out and gradient back,
         # v times per micro-batch with interleaving.
         boundary = micro_batch_size * s * h * self.dtype_bytes / tp
         if spec.family == "custom" and profile is not None:
             boundary = profile.layer("block", micro_batch_size).output_bytes
-        spans = pp_spans_nodes(cluster, tp, dp)
+        spans = pp_spans_nodes(cluster, tp, self.dp_shard)
         self.p2p_s = 2 * self.vpp * collective_time_s(cluster, "p2p", boundary, 2, spans) if pp > 1 else 0.0
         self.capacity_bytes = cluster.device.memory_bytes
         # What a plan may use: the planner lowers it to leave headroom for allocator fragmentation.
@@ -272,20 +324,43 @@ class CandidateCosts:
         recompute = kt.fwd_s if kind == "block" else 0.0
         return LayerCost(kt.fwd_s, kt.bwd_s, 0.0, 0.0, lp.param_count, act, ckpt, recompute)
 
+    def _cp_collective_s(self) -> tuple[float, float]:
+        """(forward, backward) seconds of one block's context-parallel K/V exchange on one rank.
+
+        Formula: all-gather of K and V, ``2 b S k d / t`` elements gathered (the whole sequence's keys and values of
+            the rank's kv heads), forward; reduce-scatter of their gradients, the same size, backward; 0 when cp = 1.
+        Source: Llama 3 paper (Grattafiori et al. 2024) sec. 3.3.2 (all-gather based CP); ../shared/FORMULAS.md.
+        """
+        if self.cp == 1:
+            return 0.0, 0.0
+        spec = self.spec
+        kv = 2 * self.b * self.train.seq_len * (spec.n_kv_heads or 0) * (spec.attention_head_dim or 0)
+        n_bytes = kv * self.dtype_bytes / self.tp
+        return (collective_time_s(self.cluster, "all_gather", n_bytes, self.cp, self.cp_spans),
+                collective_time_s(self.cluster, "reduce_scatter", n_bytes, self.cp, self.cp_spans))
+
     def _layer(self, kind: LayerKind) -> LayerCost:
         if self.spec.family == "custom":
             return self._measured_layer(kind)
-        spec, t, b, s = self.spec, self.tp, self.b, self.train.seq_len
+        spec, t, b, s = self.spec, self.tp, self.b, self.s_local
         db, h = self.dtype_bytes, spec.hidden or 0
         v_pad = tf.padded_vocab(spec, t)
         pad_params = (v_pad - (spec.vocab or 0)) * h
         n_bytes = b * s * h * db
         coll = self._tp_collective_s(n_bytes)
+        sel_act = 0.0
         if kind == "block":
             params = tf.block_params(spec) / t
             act = tf.block_activation_bytes(spec, b, s, t, db, sp=self.sp)
-            if self.options.attention == "unfused" and not self.options.selective_recompute:
-                act += tf.attention_score_activation_bytes(spec, b, s, t)
+            if self.cp > 1:  # the attention keeps the all-gathered K and V (the whole sequence) for its backward
+                kd = (spec.n_kv_heads or 0) * (spec.attention_head_dim or 0)
+                act += 2 * b * (self.train.seq_len - s) * kd * db / t
+            if self.options.selective_policy == "op":
+                sel_act = tf.block_op_policy_activation_bytes(spec, b, s, t, db, sp=self.sp)
+            else:  # everything but the attention core is kept
+                sel_act = act
+            if self.options.attention == "unfused":  # scores of s local queries x S keys
+                act += tf.attention_score_activation_bytes(spec, b, s, t) * self.cp
             ckpt = tf.block_input_bytes(spec, b, s, db, t=t, sp=self.sp)
             # Megatron TP: two collective slots forward, two backward (Shoeybi et al. sec. 3).
             tp_fwd, tp_bwd = 2 * coll, 2 * coll
@@ -305,16 +380,28 @@ class CandidateCosts:
         kt = self._times(kind)
         if self.options.overlap_tp:
             tp_fwd, tp_bwd = max(0.0, tp_fwd - kt.gemm_fwd_s), max(0.0, tp_bwd - 2 * kt.gemm_fwd_s)
-        recompute = kt.fwd_s + tp_fwd - kt.selective_s if kind == "block" else 0.0
-        return LayerCost(kt.fwd_s, kt.bwd_s, tp_fwd, tp_bwd, params, act, ckpt, recompute)
+        if kind != "block":
+            return LayerCost(kt.fwd_s, kt.bwd_s, tp_fwd, tp_bwd, params, act, ckpt, 0.0, wgrad_s=kt.gemm_fwd_s)
+        cp_fwd, cp_bwd = self._cp_collective_s()
+        if self.options.selective_policy == "op":
+            # The all-reduces (all-gathers under SP) are not in torchtitan's save list: replayed with the recompute.
+            selective = kt.op_recompute_s + (tp_fwd / 2 if self.sp else tp_fwd)
+        else:  # the attention core's forward, and the K/V all-gather it consumes
+            selective = kt.attn_fwd_s + cp_fwd
+        tp_fwd, tp_bwd = tp_fwd + cp_fwd, tp_bwd + cp_bwd
+        return LayerCost(kt.fwd_s, kt.bwd_s, tp_fwd, tp_bwd, params, act, ckpt, kt.fwd_s + tp_fwd, selective,
+                         sel_act, kt.gemm_fwd_s)
 
     def _times(self, kind: LayerKind) -> KernelTimes:
-        """Forward, backward (incl. selective recomputation), selective part and forward GEMM time per micro-batch:
-        measured (profile) or analytic (:mod:`paraplan.cost_models.compute`) divided by the framework efficiency;
-        on GPUs both are divided by :func:`efficiency.straggler_factor` of the job's devices (a synchronous step
-        runs at the pace of its slowest GPU; a profile times one GPU)."""
-        dev, dtype, b, s, t = self.cluster.device, self.train.dtype, self.b, self.train.seq_len, self.tp
-        pace = eff.straggler_factor(self.dp * self.tp * self.pp) if dev.kind == "cuda" else 1.0
+        """Forward, backward, attention core, forward GEMM and op-policy recompute times per micro-batch: measured
+        (profile) or analytic (:mod:`paraplan.cost_models.compute`) divided by the framework efficiency; on GPUs
+        both are divided by :func:`efficiency.straggler_factor` of the job's devices (a synchronous step runs at
+        the pace of its slowest GPU; a profile times one GPU). A profile measures forward and backward only: the
+        attention-core, GEMM and op-policy parts are the measured forward times the analytic model's shares, and
+        with context parallelism the measured times are divided by cp (Assumption: the attention share, which
+        does not shrink with cp, is small at the profiled length)."""
+        dev, dtype, b, s, t = self.cluster.device, self.train.dtype, self.b, self.s_local, self.tp
+        pace = eff.straggler_factor(self.dp * self.tp * self.pp * self.cp) if dev.kind == "cuda" else 1.0
         if self.profile is not None:
             try:
                 lp = self.profile.layer(kind, self.b)
@@ -324,15 +411,19 @@ class CandidateCosts:
                     f"(it has {self.profile.micro_batch_sizes()})"
                 ) from None
             scale = 1.0 if kind == "embed" else 1.0 / self.tp  # Assumption: TP splits block/head time evenly.
-            scale /= pace
-            return KernelTimes(lp.fwd_time_s * scale, lp.bwd_time_s * scale, 0.0, lp.fwd_time_s * scale)
+            scale /= pace * self.cp
+            fwd, bwd = lp.fwd_time_s * scale, lp.bwd_time_s * scale
+            if kind != "block" or self.spec.family == "custom":
+                return KernelTimes(fwd, bwd, 0.0, fwd)
+            ref = compute.block_times(self.spec, dev, dtype, b, s, t, self.sp, self.options.attention, self.cp)
+            share = fwd / ref.fwd_s
+            return KernelTimes(fwd, bwd, ref.attn_fwd_s * share, ref.gemm_fwd_s * share, ref.op_recompute_s * share)
         if kind == "embed":
             times = compute.embed_times(self.spec, dev, dtype, b, s)
         elif kind == "head":
             times = compute.head_times(self.spec, dev, dtype, b, s, t, self.sp)
         else:
-            times = compute.block_times(self.spec, dev, dtype, b, s, t, self.sp, self.options.attention,
-                                        self.options.selective_recompute)
+            times = compute.block_times(self.spec, dev, dtype, b, s, t, self.sp, self.options.attention, self.cp)
         return times.scaled(1.0 / (self.options.framework_efficiency * pace) if dev.kind == "cuda" else 1.0)
 
     # ---- stages -------------------------------------------------------------------------------------------------
@@ -340,43 +431,78 @@ class CandidateCosts:
         """Micro-batches (in units of the stage's full activations) that stage ``stage`` holds at its peak.
 
         Formula: 1F1B ``min(p - s, m)``; interleaved with v chunks: ``min(2 (p - s - 1) + (v - 1) p + 1, m v) / v``
-            chunk activations of ``1/v`` of the stage each (stage 0: ``p + (p - 1)/v``); GPipe ``m`` on every stage.
+            chunk activations of ``1/v`` of the stage each (stage 0: ``p + (p - 1)/v``); GPipe ``m`` on every stage;
+            the zero-bubble schedules as the 1F1B schedule of the same placement (ZB-H1 keeps 1F1B's peak, Qi et al.
+            2024 sec. 3.1; ZB1P interleaved likewise), ZB-V ``min(p, m)`` on every stage (sec. 6: the peak of
+            1F1B, balanced over the V).
         Source: Narayanan et al. SC'21 sec. 2.2; Megatron-LM ``schedules.py`` warm-up counts; Korthikanti et al.
             2022 sec. 4.2.3 (interleaving's ``1 + (p - 1)/(p v)`` factor on the first stage); Huang et al. 2019
-            (GPipe) for the all-forward-then-backward schedule.
+            (GPipe) for the all-forward-then-backward schedule; Qi et al. 2024 (Zero Bubble Pipeline Parallelism).
         """
         p, m, v = self.pp, self.m, self.vpp
-        if self.options.schedule == "gpipe":
+        if self.schedule == "gpipe":
             return m
+        if self.schedule == "zbv":
+            return min(p, m)
         if v == 1:
             return min(p - stage, m)
         return min(2 * (p - stage - 1) + (v - 1) * p + 1, m * v) / v
 
+    def bubble_weight(self) -> float:
+        """``w`` of the step-time formula: the share of ``sum_s t_s - max_s t_s`` that is idle.
+
+        Formula: 1F1B and GPipe ``1``; interleaved 1F1B ``1/v``; zero bubble (ZB-H1, interleaved ZB1P)
+            ``(T - 2 W)/(T v)``; ZB-V ``(T - 3 W)/(2 T)``, floored at 0, with ``T`` a block's time per micro-batch
+            and ``W`` its weight-gradient GEMMs (the forward GEMMs' time: dgrad and wgrad each repeat them).
+        Source: Qi et al. 2024 (arXiv 2401.10241): ZB-H1's bubble is ``(p - 1)(T_F + T_B - T_W)`` against 1F1B's
+            ``(p - 1)(T_F + T_B + T_W)`` (sec. 3.1; T_B the input-gradient part); ZB-V's ``(p - 1)(T_F + T_B - 2 T_W)``
+            in per-chunk times (sec. 6), i.e. half of that in stage times; ../shared/FORMULAS.md.
+        Assumption: every stage has the block's ratio of W to T (the fixed layers and point-to-point transfers
+            do not change it much).
+        """
+        if self.schedule in ("1f1b", "gpipe", "interleaved_1f1b"):
+            return 1.0 / self.vpp
+        t, w = self.block.time_s, self.block.wgrad_s
+        if t <= 0:
+            return 1.0 / self.vpp
+        if self.schedule == "zbv":
+            return max(0.0, t - 3 * w) / (2 * t)
+        return max(0.0, t - 2 * w) / (t * self.vpp)
+
+    def min_blocks(self, stage: int) -> int:
+        """Least blocks a stage may hold: one per chunk, except that a chunk holding the embedding or the head may
+        hold nothing else (Llama 3 405B: "the first model chunk on the first stage has only the embedding, and the
+        last model chunk on the last stage has only output projection and loss calculation", Grattafiori et al.
+        2024 sec. 3.3.2)."""
+        return max(0, self.vpp - len(self.fixed_layers(stage)))
+
     def fixed_layers(self, stage: int) -> list[LayerCost]:
+        """Embedding and head of the stage: embedding on rank 0, head on rank p-1; ZB-V's V placement puts the
+        last chunk, and so the head, on rank 0 too."""
         out = []
         if stage == 0:
             out.append(self.embed)
-        if stage == self.pp - 1:
+        if stage == self.pp - 1 and self.schedule != "zbv" or stage == 0 and self.schedule == "zbv":
             out.append(self.head)
         return out
 
     def stage_params(self, stage: int, n_blocks: float) -> float:
         """Parameters per device of a stage. A tied LM head on another stage than the embedding keeps its own copy
-        (Megatron-LM); on the same stage (pp = 1) the matrix is held once."""
+        (Megatron-LM); on the same stage (pp = 1, or rank 0 of ZB-V) the matrix is held once."""
         params = n_blocks * self.block.params + sum(lc.params for lc in self.fixed_layers(stage))
-        if self.spec.tied_embeddings and stage == 0 and self.pp == 1:
+        if self.spec.tied_embeddings and stage == 0 and (self.pp == 1 or self.schedule == "zbv"):
             params -= tf.padded_vocab(self.spec, self.tp) * (self.spec.hidden or 0) / self.tp
         return params
 
     def compute_terms(self, stage: int) -> Affine:
-        """Compute time per micro-batch of the stage (forward, backward, recomputation, TP, p2p)."""
+        """Compute time per micro-batch of the stage (forward, backward, recomputation, TP/CP collectives, p2p)."""
         fixed = sum(lc.time_s for lc in self.fixed_layers(stage)) + self.p2p_s
-        return Affine(fixed, self.block.time_s, self.block.recompute_s)
+        return Affine(fixed, self.block.time_s, self.block.recompute_s, self.block.selective_s)
 
     def backward_terms(self, stage: int) -> Affine:
         """Backward time of one micro-batch (it includes the recomputed forwards): the window DP reduction hides in."""
         fixed = sum(lc.bwd_s + lc.tp_bwd_s for lc in self.fixed_layers(stage))
-        return Affine(fixed, self.block.bwd_s + self.block.tp_bwd_s, self.block.recompute_s)
+        return Affine(fixed, self.block.bwd_s + self.block.tp_bwd_s, self.block.recompute_s, self.block.selective_s)
 
     def forward_terms(self, stage: int) -> Affine:
         fixed = sum(lc.fwd_s + lc.tp_fwd_s for lc in self.fixed_layers(stage))
@@ -386,17 +512,20 @@ class CandidateCosts:
         """Activation bytes held at the peak, excluding the one-block working space of recomputation."""
         k = self.inflight(stage)
         fixed = sum(lc.act_bytes for lc in self.fixed_layers(stage))
-        return Affine(k * fixed, k * self.block.act_bytes, k * (self.block.ckpt_bytes - self.block.act_bytes))
+        blk = self.block
+        return Affine(k * fixed, k * blk.act_bytes, k * (blk.ckpt_bytes - blk.act_bytes),
+                      k * (blk.sel_act_bytes - blk.act_bytes))
 
     def state_memory(self, mode: Mode, n_params: float) -> tuple[float, float, float, float]:
         """(params, grads, optimizer) bytes on the device and optimizer bytes on the host, per device.
 
-        Formula: ZeRO-1 divides optimizer states by dp, ZeRO-2 also gradients, ZeRO-3 also parameters.
+        Formula: ZeRO-1 divides optimizer states by d = dp x cp, ZeRO-2 also gradients, ZeRO-3 also parameters.
             Offload moves the (sharded) optimizer states to host memory (ZeRO-Offload, Ren et al. 2021, sec. 4).
-        Source: Rajbhandari et al. 2020, sec. 5 and Figure 1.
+        Source: Rajbhandari et al. 2020, sec. 5 and Figure 1; the dp x cp group as Megatron-Core and torchtitan
+            shard over it.
         """
         p_b, g_b, o_b = self.state_bytes
-        d = self.dp
+        d = self.dp_shard
         params = n_params * p_b / (d if mode.zero_stage >= 3 else 1)
         grads = n_params * g_b / (d if mode.zero_stage >= 2 else 1)
         optim = n_params * o_b / (d if mode.zero_stage >= 1 else 1)
@@ -412,7 +541,8 @@ class CandidateCosts:
         return 2 * largest * self.state_bytes[0]
 
     def _coll(self, op: str, n_bytes: float) -> float:
-        return collective_time_s(self.cluster, op, n_bytes, self.dp, self.dp_spans, self.dp_per_node)  # type: ignore
+        return collective_time_s(self.cluster, op, n_bytes, self.dp_shard, self.dp_spans,  # type: ignore[arg-type]
+                                 self.dp_per_node)
 
     def comm_times(self, mode: Mode, n_params: float) -> tuple[float, float, float]:
         """(per micro-batch ZeRO traffic, per-step gradient reduction, per-step parameter gather) for a stage
@@ -444,7 +574,7 @@ class CandidateCosts:
         Source: ZeRO-Offload (Ren et al. 2021, sec. 4.1: CPU Adam, 2 Psi fp16 gradients down and parameters up).
         """
         p_b, g_b, o_b = self.state_bytes
-        n_opt = n_params / (self.dp if mode.zero_stage >= 1 else 1)
+        n_opt = n_params / (self.dp_shard if mode.zero_stage >= 1 else 1)
         c = self.cluster
         if mode.offload_optimizer:
             pcie = n_opt * (g_b + p_b) / c.pcie_bandwidth_bytes_per_s
@@ -475,28 +605,31 @@ class CandidateCosts:
             offload_s=affine(lambda x: self.optimizer_times(mode, x)[1]),
         )
 
-    def stage_cost(self, stage: int, n_blocks: int, recompute_blocks: int, mode: Mode) -> StageCost:
-        """Time and memory of stage ``stage`` holding ``n_blocks`` blocks, ``recompute_blocks`` of them recomputed."""
-        n, r = n_blocks, recompute_blocks
+    def stage_cost(self, stage: int, n_blocks: int, recompute_blocks: int, mode: Mode,
+                   selective_blocks: int = 0) -> StageCost:
+        """Time and memory of stage ``stage`` holding ``n_blocks`` blocks, ``recompute_blocks`` of them recomputed in
+        full and ``selective_blocks`` selectively."""
+        n, r, q = n_blocks, recompute_blocks, selective_blocks
         terms = self.mode_terms(stage, mode)
-        compute = self.compute_terms(stage)(n, r)
+        compute = self.compute_terms(stage)(n, r, q)
         zero_comm, grad_reduce, gather = terms.zero_comm(n), terms.grad_reduce(n), terms.param_gather(n)
         if self.options.overlap_dp:
             t = max(compute, zero_comm)
-            dp_s = max(0.0, grad_reduce - self.backward_terms(stage)(n, r))
+            dp_s = max(0.0, grad_reduce - self.backward_terms(stage)(n, r, q))
             dp_s += max(0.0, gather - self.forward_terms(stage)(n, r))
         else:
             t = compute + zero_comm
             dp_s = grad_reduce + gather
         opt_s, off_s = terms.optimizer_s(n), terms.offload_s(n)
-        act = self.stage_activation_bytes(stage, n, r)
+        act = self.stage_activation_bytes(stage, n, r, q)
         return StageCost(
             time_per_micro_batch_s=t, step_extra_s=dp_s + opt_s + off_s, dp_comm_s=dp_s, optimizer_s=opt_s,
             offload_s=off_s, params_bytes=terms.params(n), grads_bytes=terms.grads(n),
             optimizer_bytes=terms.optimizer(n), activation_bytes=act, other_bytes=terms.other(n),
         )
 
-    def stage_memory_bytes(self, stage: int, n_blocks: int, recompute_blocks: int, mode: Mode) -> float:
+    def stage_memory_bytes(self, stage: int, n_blocks: int, recompute_blocks: int, mode: Mode,
+                           selective_blocks: int = 0) -> float:
         """Peak memory per device of a stage: ``stage_cost(...).memory_bytes`` without computing its times (the
         planner's memory lower bound evaluates it thousands of times).
 
@@ -504,14 +637,16 @@ class CandidateCosts:
             (:meth:`stage_activation_bytes`) + overhead + ZeRO-3 gather buffers.
         """
         params, grads, optim, _ = self.state_memory(mode, self.stage_params(stage, n_blocks))
-        act = self.stage_activation_bytes(stage, n_blocks, recompute_blocks)
+        act = self.stage_activation_bytes(stage, n_blocks, recompute_blocks, selective_blocks)
         return params + grads + optim + act + self.overhead_bytes + self.zero3_working_bytes(mode)
 
-    def stage_activation_bytes(self, stage: int, n_blocks: int, recompute_blocks: int) -> float:
+    def stage_activation_bytes(self, stage: int, n_blocks: int, recompute_blocks: int,
+                               selective_blocks: int = 0) -> float:
         """Activations held at the stage's peak: :meth:`activation_terms`, plus one block's full activations as
-        working space while any block is recomputed (the MILP's recompute flag)."""
-        return (self.activation_terms(stage)(n_blocks, recompute_blocks)
-                + (self.block.act_bytes if recompute_blocks > 0 else 0.0))
+        working space while any block is recomputed, fully or selectively (the MILP's recompute flag; an upper
+        bound for selective blocks, which rebuild only part of it)."""
+        return (self.activation_terms(stage)(n_blocks, recompute_blocks, selective_blocks)
+                + (self.block.act_bytes if recompute_blocks + selective_blocks > 0 else 0.0))
 
     def model_flops_per_step(self) -> float:
         """Model FLOPs of one step (Korthikanti et al. 2022 eq. 7 form; see transformer.model_flops_per_step).
@@ -528,15 +663,16 @@ class CandidateCosts:
         return tf.model_flops_per_step(self.spec, self.train.global_batch, self.train.seq_len)
 
 
-def pipeline_time_s(m: int, vpp: int, times: list[float]) -> float:
+def pipeline_time_s(m: int, bubble_weight: float, times: list[float]) -> float:
     """Forward + backward of ``m`` micro-batches through stages taking ``times`` each per micro-batch.
 
-    Formula: ``m max_s t_s + (sum_s t_s - max_s t_s) / v``: equal stages give ``(m + (p - 1)/v) t``.
+    Formula: ``m max_s t_s + w (sum_s t_s - max_s t_s)`` with ``w`` from :meth:`CandidateCosts.bubble_weight`
+        (``1/v`` for 1F1B): equal stages give ``(m + (p - 1)/v) t``.
     Source: Narayanan et al. SC'21 sec. 2.2.1 (GPipe and 1F1B both ``(m + p - 1) t``) and 2.2.2 (interleaved:
-        bubble / v).
+        bubble / v); Qi et al. 2024 for the zero-bubble weights.
     """
     slowest = max(times)
-    return m * slowest + (sum(times) - slowest) / vpp
+    return m * slowest + (sum(times) - slowest) * bubble_weight
 
 
 def step_time_s(costs: CandidateCosts, stages: list[StageCost]) -> tuple[float, float, float]:
@@ -546,7 +682,7 @@ def step_time_s(costs: CandidateCosts, stages: list[StageCost]) -> tuple[float, 
     Source: Narayanan et al. SC'21 sec. 2.2; exact for 1F1B when every stage has the same fwd/bwd ratio.
     """
     times = [st.time_per_micro_batch_s for st in stages]
-    pipe = pipeline_time_s(costs.m, costs.vpp, times)
+    pipe = pipeline_time_s(costs.m, costs.bubble_weight(), times)
     bubble = pipe - costs.m * sum(times) / len(times)
     return pipe + max(st.step_extra_s for st in stages), pipe, bubble
 
@@ -561,7 +697,7 @@ def predict(costs: CandidateCosts, stage_costs: list[StageCost]) -> Prediction:
     worst = max(stage_costs, key=lambda sc: sc.memory_bytes)
     slowest_extra = max(stage_costs, key=lambda sc: sc.step_extra_s)
     flops = costs.model_flops_per_step()
-    world = costs.dp * costs.tp * costs.pp
+    world = costs.dp * costs.tp * costs.pp * costs.cp
     peak = costs.cluster.device.peak_flops_per_s[costs.train.dtype]
     return Prediction(
         step_time_s=step, compute_s=pipe, bubble_s=bubble, dp_comm_s=slowest_extra.dp_comm_s,

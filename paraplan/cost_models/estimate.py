@@ -20,9 +20,9 @@ from paraplan.cost_models import transformer as tf
 from paraplan.cost_models.costs import CandidateCosts, CostOptions, Mode, StageCost, predict
 from paraplan.cost_models.links import calibrate_cluster
 from paraplan.errors import StrategyError, TrainSpecError
-from paraplan.types import ClusterSpec, MemoryBreakdown, ModelProfile, ModelSpec, TrainSpec
+from paraplan.types import ClusterSpec, MemoryBreakdown, ModelProfile, ModelSpec, TrainSpec, virtual_stage_ranks
 
-Recompute = Literal["none", "selective", "full"]
+Recompute = Literal["none", "selective", "op", "full"]
 
 FLOP_COUNT = ("model FLOPs = 3 x forward (attention 4 b s^2 h per layer forward, LM head 2 b s h v), Korthikanti et "
               "al. 2022 eq. 7 form (GPT: 72 B s L h^2 (1 + s/(6h) + v/(12hL))); hardware FLOPs add the recomputed "
@@ -32,7 +32,12 @@ FLOP_COUNT = ("model FLOPs = 3 x forward (attention 4 b s^2 h per layer forward,
 @dataclass(frozen=True, kw_only=True)
 class StrategySpec(CostOptions):
     """A fixed strategy to evaluate (the ``paraplan estimate`` options): parallel degrees, ZeRO, recomputation and
-    the :class:`CostOptions` it inherits. ``selective_recompute`` follows ``recompute`` and is not set directly."""
+    the :class:`CostOptions` it inherits (cp, vpp, schedule, sp...). ``selective_policy`` follows ``recompute``
+    (selective: the attention core; op: torchtitan's op-level policy) and is not set directly.
+
+    ``stage_blocks``: blocks per pipeline rank (pp counts, each rank's blocks split over its vpp chunks as evenly
+    as possible), or per virtual stage in model order (pp x vpp counts: Llama 3 405B's 126 blocks on pp 16 with
+    one block fewer in the first and last chunk); None: as even as possible."""
 
     dp: int
     tp: int
@@ -41,10 +46,10 @@ class StrategySpec(CostOptions):
     recompute: Recompute = "none"
     zero_stage: int = 0
     offload_optimizer: bool = False
-    stage_blocks: tuple[int, ...] | None = None  # blocks per pipeline rank (all its virtual stages); None: even
+    stage_blocks: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "selective_recompute", self.recompute == "selective")
+        object.__setattr__(self, "selective_policy", "op" if self.recompute == "op" else "attention")
 
     def cost_options(self) -> CostOptions:
         return CostOptions(**{f.name: getattr(self, f.name) for f in fields(CostOptions)})
@@ -84,6 +89,21 @@ def stage_blocks(n_layers: int, pp: int) -> list[int]:
     return [n_layers // pp + (1 if s < n_layers % pp else 0) for s in range(pp)]
 
 
+def rank_blocks(st: StrategySpec, n_layers: int) -> list[int]:
+    """Blocks per pipeline rank of ``st``: its ``stage_blocks`` per rank, or per virtual stage summed over each
+    rank's chunks (``types.virtual_stage_ranks`` placement), or as even as possible."""
+    if st.stage_blocks is None:
+        return stage_blocks(n_layers, st.pp)
+    sb = list(st.stage_blocks)
+    if len(sb) == st.pp:
+        return sb
+    out = [0] * st.pp
+    schedule = "interleaved_1f1b" if st.schedule == "1f1b" else st.schedule
+    for k, rank in enumerate(virtual_stage_ranks(st.pp, st.vpp, schedule)):
+        out[rank] += sb[k]
+    return out
+
+
 def validate_strategy(
     spec: ModelSpec, cluster: ClusterSpec, train: TrainSpec, st: StrategySpec, profile: ModelProfile | None = None,
 ) -> None:
@@ -104,9 +124,12 @@ def validate_strategy(
     spec.check_seq_len(train.seq_len)
     world = cluster.world_size
     L = spec.n_layers or 0
-    if st.dp * st.tp * st.pp != world:
-        raise StrategyError(f"dp x tp x pp = {st.dp} x {st.tp} x {st.pp} = {st.dp * st.tp * st.pp} must equal the "
-                            f"{world} devices of {cluster.name}")
+    if st.dp * st.tp * st.pp * st.cp != world:
+        raise StrategyError(f"dp x tp x pp x cp = {st.dp} x {st.tp} x {st.pp} x {st.cp} = "
+                            f"{st.dp * st.tp * st.pp * st.cp} must equal the {world} devices of {cluster.name}")
+    if st.cp > 1 and train.seq_len % (2 * st.cp):
+        raise StrategyError(f"cp={st.cp} must split seq-len {train.seq_len} into 2 x cp equal chunks (the "
+                            "load-balanced causal split); choose a cp with 2 x cp dividing the sequence length")
     if st.tp > cluster.devices_per_node or (spec.n_heads or 1) % st.tp:
         raise StrategyError(f"tp={st.tp} must divide the attention heads ({spec.n_heads}) and fit in a node "
                             f"({cluster.devices_per_node} devices)")
@@ -117,16 +140,37 @@ def validate_strategy(
     # takes 1/v of its time (pipeline_time_s), exact when its blocks split evenly over its chunks.
     if st.vpp > 1 and st.pp == 1:
         raise StrategyError(f"--vpp {st.vpp} needs pp > 1 (virtual stages interleave over pipeline ranks)")
+    if (st.schedule not in ("1f1b", "gpipe") or st.vpp > 1) and st.pp == 1:
+        raise StrategyError(f"schedule {st.schedule} needs pp > 1")
+    if st.schedule == "zbv" and st.vpp != 2:
+        raise StrategyError(f"schedule zbv runs 2 chunks per rank: give --vpp 2 (got {st.vpp})")
+    if st.pp * st.vpp > L + 2:
+        raise StrategyError(f"pp x vpp = {st.pp * st.vpp} chunks exceed the model's {L} blocks plus the embedding's "
+                            "and the head's chunks")
     if st.stage_blocks is not None:
         sb = list(st.stage_blocks)
-        if len(sb) != st.pp or sum(sb) != L or any(n < 0 for n in sb) or any(n < 1 for n in sb[1:-1]):
+        chunks = st.pp * st.vpp
+        per_chunk = len(sb) == chunks and st.vpp > 1
+        fixed = [1 if k in (0, st.pp - 1) else 0 for k in range(st.pp)] if st.pp > 1 else [2]
+        if st.schedule == "zbv":
+            fixed = [2] + [0] * (st.pp - 1)
+        short = any(n < st.vpp - f for n, f in zip(sb, fixed)) if not per_chunk and st.vpp > 1 else False
+        if len(sb) != st.pp and not per_chunk or sum(sb) != L or any(n < 0 for n in sb) or any(
+                n < 1 for n in sb[1:-1]) or short:
             raise StrategyError(
-                f"--stage-blocks {','.join(map(str, sb))}: give pp={st.pp} counts that add up to the model's {L} "
-                "blocks (the first and last stage may hold 0 besides the embedding / head; the others at least 1)")
+                f"--stage-blocks {','.join(map(str, sb))}: give pp={st.pp} counts (one per rank"
+                + (f", each at least one per chunk of vpp={st.vpp} besides the embedding's and head's chunks"
+                   if st.vpp > 1 else "") + ")"
+                + (f" or pp x vpp = {chunks} (one per virtual stage, in model order)" if st.vpp > 1 else "")
+                + f" that add up to the model's {L} blocks (the first and last may hold 0 besides the embedding / "
+                "head; the others at least 1)")
     if not 0 <= st.zero_stage <= 3:
         raise StrategyError(f"--zero {st.zero_stage}: use 0, 1, 2 or 3")
-    if st.recompute not in ("none", "selective", "full"):
-        raise StrategyError(f"--recompute {st.recompute}: use none, selective or full")
+    if st.recompute not in ("none", "selective", "op", "full"):
+        raise StrategyError(f"--recompute {st.recompute}: use none, selective, op or full")
+    if st.recompute == "op" and not tf.op_policy_supported(spec):
+        raise StrategyError(f"--recompute op: torchtitan's op-level policy is priced for Llama blocks without "
+                            f"biased projections; {spec.name} is not one. Use selective or full")
     if train.global_batch % (st.dp * st.micro_batch_size):
         raise TrainSpecError(f"global batch {train.global_batch} is not divisible by dp x micro-batch = "
                              f"{st.dp} x {st.micro_batch_size}; change --global-batch or --micro-batch")
@@ -152,15 +196,17 @@ def estimate_strategy(
     cluster = calibrate_cluster(cluster, profile)
     costs = CandidateCosts(spec, cluster, train, st.dp, st.tp, st.pp, st.micro_batch_size, profile,
                            st.cost_options())
-    blocks = list(st.stage_blocks) if st.stage_blocks is not None else stage_blocks(spec.n_layers or 0, st.pp)
+    blocks = rank_blocks(st, spec.n_layers or 0)
     mode = Mode(st.zero_stage, st.offload_optimizer)
     stages: list[StageCost] = [
-        costs.stage_cost(s, n, n if st.recompute == "full" else 0, mode) for s, n in enumerate(blocks)
+        costs.stage_cost(s, n, n if st.recompute == "full" else 0, mode,
+                         n if st.recompute in ("selective", "op") else 0) for s, n in enumerate(blocks)
     ]
     pred = predict(costs, stages)
     worst_i = max(range(st.pp), key=lambda s: stages[s].memory_bytes)
     world = cluster.world_size
     peak = cluster.device.peak_flops_per_s[train.dtype]
+    # Context parallelism does not change the FLOPs of a step (the load-balanced split spreads them evenly).
     step, model = pred.step_time_s, pred.model_flops_per_step
     hardware = tf.hardware_flops_per_step(spec, train.global_batch, train.seq_len, st.recompute)
     return StrategyEstimate(

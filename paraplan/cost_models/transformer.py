@@ -260,11 +260,47 @@ def attention_score_activation_bytes(spec: ModelSpec, b: int, s: int, t: int) ->
     return 5.0 * a * s * s * b / t
 
 
+# torchtitan's op-level selective policy recomputes every second matmul of a block (its mm counter saves the odd
+# ones): in a Llama block's forward order q, k, v, o, gate, up, down these are k, o and up (0-based indices 1, 3, 5
+# of block_gemms). Source: torchtitan/models/llama3/infra/parallelize.py (_save_list, _get_custom_policy).
+OP_POLICY_RECOMPUTED_GEMMS = (1, 3, 5)
+
+
+def op_policy_supported(spec: ModelSpec) -> bool:
+    """Whether :func:`block_op_policy_activation_bytes` describes the block: Llama-family blocks whose projections
+    have no bias (a biased linear runs ``aten.addmm``, which torchtitan's policy does not save, so the q/v/gate/down
+    outputs would be recomputed too); GPT-2's Conv1D projections are ``addmm`` for the same reason."""
+    return spec.family == "llama" and not (spec.qkv_bias or spec.o_bias or spec.mlp_bias)
+
+
+def block_op_policy_activation_bytes(spec: ModelSpec, b: int, s: int, t: int, dtype_bytes: int,
+                                     sp: bool = False) -> float:
+    """Bytes a Llama block keeps for backward under torchtitan's op-level selective activation checkpointing.
+
+    Formula (elements per token, times ``b s dtype_bytes``): the checkpoint's input ``h``, and the outputs of the
+        saved ops: the odd matmuls q ``a d``, v ``k d``, gate ``f``, down ``h`` (its output before the tensor-parallel
+        reduction, full size on every tp rank), and the attention output ``a d``. Without sequence parallelism:
+        replicated ``2h`` + sharded ``(2 a d + k d + f) / t``. With it the input and the reduce-scatter outputs of the
+        o and down projections (saved: ``reduce_scatter_tensor`` is in the list) are sequence-sharded: replicated
+        ``h`` (the down matmul output) + sharded ``(3h + 2 a d + k d + f) / t``. Everything else (norms, rotary,
+        SiLU, products, the k, o and up matmuls, all-reduces and all-gathers) is recomputed in backward.
+    Source: torchtitan/models/llama3/infra/parallelize.py (``_save_list``: aten.mm, the SDPA ops,
+        reduce_scatter_tensor, aten.max; every second mm recomputed); the op order of transformers' LlamaDecoderLayer.
+    Assumptions: the attention's logsumexp (``a`` floats per token) neglected; :func:`op_policy_supported` holds.
+    """
+    h, f, a, k, _ = _dims(spec)
+    d = _head_dim(spec)
+    sharded = 2 * a * d + k * d + f
+    per_token = h + (3 * h + sharded) / t if sp else 2 * h + sharded / t
+    return float(b * s * dtype_bytes * per_token)
+
+
 def hardware_flops_per_step(spec: ModelSpec, global_batch: int, s: int, recompute: str) -> float:
     """FLOPs the devices execute per step including recomputation (for HFU).
 
     Formula: model FLOPs (:func:`model_flops_per_step`) plus the recomputed forward: ``none`` adds nothing;
-        ``selective`` adds the attention core's forward ``B L 4 s^2 a d`` (Q K^T and A V are recomputed);
+        ``selective`` adds the attention core's forward ``B L 4 s^2 a d`` (Q K^T and A V are recomputed); ``op``
+        (torchtitan's op-level policy) adds the k, o and up projections ``2 B s L (h k d + a d h + h f)``;
         ``full`` adds every block's forward ``B L F_block`` (the LM head is not recomputed). For a GPT block with
         ``full`` this equals Narayanan et al. SC'21 eq. 3, ``96 B s L h^2 (1 + s/(6h) + v/(16 L h))``.
     Source: Narayanan et al. SC'21 eq. 3; Korthikanti et al. 2022 sec. 5 (HFU counts recomputed FLOPs). The
@@ -276,4 +312,8 @@ def hardware_flops_per_step(spec: ModelSpec, global_batch: int, s: int, recomput
         return model + spec.n_layers * block_fwd_flops(spec, global_batch, s)
     if recompute == "selective":
         return model + spec.n_layers * attention_fwd_flops(spec, global_batch, s)
+    if recompute == "op":
+        gemms = block_gemms(spec, global_batch * s, 1)
+        return model + spec.n_layers * sum(2.0 * m * kk * n for i, (m, kk, n) in enumerate(gemms)
+                                           if i in OP_POLICY_RECOMPUTED_GEMMS)
     return model

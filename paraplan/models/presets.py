@@ -18,6 +18,8 @@ from paraplan.errors import ModelSpecError, format_validation_error
 from paraplan.files import MAPPING_SUFFIXES, read_mapping
 from paraplan.types import GELU_ACTIVATIONS, ModelSpec
 
+# Llama 3 presets carry Llama 3.1's context (config.json max_position_embeddings 131072, the same architecture with
+# rope scaling): the Llama 3 paper (Grattafiori et al. 2024, sec. 3.4.2) pre-trains 405B up to 128K tokens.
 PRESETS: dict[str, ModelSpec] = {
     "llama-tiny": ModelSpec(
         name="llama-tiny", family="llama", n_layers=6, hidden=384, ffn_hidden=1024, n_heads=6, n_kv_heads=2,
@@ -29,15 +31,15 @@ PRESETS: dict[str, ModelSpec] = {
     ),
     "llama3-8b": ModelSpec(
         name="llama3-8b", family="llama", n_layers=32, hidden=4096, ffn_hidden=14336, n_heads=32, n_kv_heads=8,
-        vocab=128256, max_seq_len=8192,
+        vocab=128256, max_seq_len=131072,
     ),
     "llama3-70b": ModelSpec(
         name="llama3-70b", family="llama", n_layers=80, hidden=8192, ffn_hidden=28672, n_heads=64, n_kv_heads=8,
-        vocab=128256, max_seq_len=8192,
+        vocab=128256, max_seq_len=131072,
     ),
     "llama3-405b": ModelSpec(
         name="llama3-405b", family="llama", n_layers=126, hidden=16384, ffn_hidden=53248, n_heads=128,
-        n_kv_heads=8, vocab=128256, max_seq_len=8192,
+        n_kv_heads=8, vocab=128256, max_seq_len=131072,
     ),
     "gpt3-175b": ModelSpec(
         name="gpt3-175b", family="gpt", n_layers=96, hidden=12288, ffn_hidden=49152, n_heads=96, n_kv_heads=96,

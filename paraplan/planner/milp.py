@@ -4,7 +4,9 @@ Decision variables (identical blocks grouped, as FORMULAS.md recommends; one int
 per layer):
     n_s  integer   blocks in stage s (the chain is embed, block_0..block_{L-1}, head: embed is in stage 0 and the
                    head in stage p-1 because stages are contiguous; every stage holds at least one layer)
-    r_s  integer   blocks of stage s run with full activation checkpointing, ``r_s <= n_s``
+    r_s  integer   blocks of stage s run with full activation checkpointing
+    q_s  integer   blocks of stage s run with selective recomputation (the candidate's policy), ``r_s + q_s <= n_s``;
+                   fixed to 0 when the candidate has no selective recomputation
     z_s  binary    stage s recomputes at all (it then needs one block's activations as working space)
     y_k  binary    state mode k (ZeRO stage 0-3 x optimizer offload), one for all stages, since DeepSpeed applies
                    one ZeRO config to the whole engine
@@ -13,7 +15,9 @@ per layer):
                    compute (their max), else ``>= compute_s + traffic_s``
     T, U           max stage time per micro-batch; max per-step extra (exposed DP communication + optimizer)
 
-Objective (step time, ms): ``(m - 1/v) T + sum_s t_s / v + U`` (``m max + (sum - max)/v``, interleaving v);
+Objective (step time, ms): ``(m - w) T + w sum_s t_s + U`` (``m max + w (sum - max)``, w the schedule's bubble
+weight, ``1/v`` for interleaving v; ``CandidateCosts.bubble_weight``); every stage holds at least
+``CandidateCosts.min_blocks`` blocks (one per chunk when interleaved);
 constraints ``T >= t_s``, ``U >= e_s`` (four affine pieces of the overlapped extra), memory_s <= device capacity,
 offloaded optimizer bytes <= host memory per device. Every coefficient comes from CandidateCosts' affine terms,
 the same ones its evaluator ``stage_cost`` combines.
@@ -41,6 +45,7 @@ MS = 1e3
 class MilpResult:
     n_blocks: list[int]
     recompute_blocks: list[int]
+    selective_blocks: list[int]
     mode: Mode
     objective_s: float
     status: str  # "optimal" | "feasible" (stopped by the time limit with a solution) | "timeout" (with none)
@@ -93,13 +98,16 @@ def _solver(time_limit_s: float) -> pulp.LpSolver:
 
 def solve_stage_milp(
     costs: CandidateCosts, modes: list[Mode], recompute: str | None = None, time_limit_s: float = 10.0,
+    selective: bool = False,
 ) -> MilpResult | None:
     """Assign blocks to stages and choose recomputation and the state mode, minimizing predicted step time.
 
     Args:
         costs: coefficients of the candidate (dp, tp, pp, micro-batch).
         modes: allowed (ZeRO stage, offload) combinations.
-        recompute: None to search, "none" to forbid, "full" to force recomputation of every block.
+        recompute: None to search, "none" to forbid recomputation (selective too), "full" to force full
+            recomputation of every block, "selective" to run every block selectively (needs ``selective``).
+        selective: whether stages may run blocks with selective recomputation (``costs.options.selective_policy``).
         time_limit_s: solver time limit; a run stopped by it is reported as "feasible" with its gap, or as
             "timeout" (no solution, not proven infeasible) when it found none.
 
@@ -114,8 +122,9 @@ def solve_stage_milp(
         return prob.add_variable(name, lowBound=low, upBound=up, cat=cat)
 
     v = _Vars(
-        n=[var(f"n_{s}", 0 if s in (0, p - 1) else 1, L, "Integer") for s in range(p)],
+        n=[var(f"n_{s}", costs.min_blocks(s), L, "Integer") for s in range(p)],
         r=[var(f"r_{s}", 0, L, "Integer") for s in range(p)],
+        q=[var(f"q_{s}", 0, L if selective else 0, "Integer") for s in range(p)],
         z=[var(f"z_{s}", 0, 1, "Binary") for s in range(p)],
         y=[var(f"y_{k}", 0, 1, "Binary") for k in range(len(modes))],
         w=[[var(f"w_{s}_{k}", 0, L, "Integer") for k in range(len(modes))] for s in range(p)],
@@ -127,9 +136,9 @@ def solve_stage_milp(
     prob += pulp.lpSum(v.y) == 1, "one_state_mode"
     for s in range(p):
         _add_stage(prob, costs, modes, v, s, recompute, L)
-    # Step time (ms): m max_s t_s + (sum_s t_s - max_s t_s) / v + max_s extra_s (costs.pipeline_time_s).
-    vpp = costs.vpp
-    prob += (costs.m - 1.0 / vpp) * v.T + pulp.lpSum(v.tau) * (1.0 / vpp) + v.U
+    # Step time (ms): m max_s t_s + w (sum_s t_s - max_s t_s) + max_s extra_s (costs.pipeline_time_s).
+    w = costs.bubble_weight()
+    prob += (costs.m - w) * v.T + pulp.lpSum(v.tau) * w + v.U
 
     start = time.perf_counter()
     with solver_output_to_stderr():
@@ -140,7 +149,7 @@ def solve_stage_milp(
             return None  # proven infeasible: no assignment fits
         # Stopped by the time limit before any solution: not proven infeasible, so the search may not call its
         # best plan optimal unless this candidate's lower bound is above it.
-        return MilpResult([], [], modes[0], float("nan"), "timeout", float("nan"), elapsed)
+        return MilpResult([], [], [], modes[0], float("nan"), "timeout", float("nan"), elapsed)
     status, gap = "optimal", 0.0
     if prob.sol_status == pulp.LpSolutionIntegerFeasible or elapsed >= time_limit_s:
         status = "feasible"
@@ -148,6 +157,7 @@ def solve_stage_milp(
     k_best = max(range(len(modes)), key=lambda k: v.y[k].value() or 0.0)
     return MilpResult(
         n_blocks=[round(x.value()) for x in v.n], recompute_blocks=[round(x.value()) for x in v.r],
+        selective_blocks=[round(x.value() or 0) for x in v.q],
         mode=modes[k_best], objective_s=pulp.value(prob.objective) / MS, status=status, gap=gap,
         solve_time_s=elapsed,
     )
@@ -159,6 +169,7 @@ class _Vars:
 
     n: list
     r: list
+    q: list
     z: list
     y: list
     w: list
@@ -167,8 +178,9 @@ class _Vars:
     U: pulp.LpVariable
 
     def affine(self, a: Affine, s: int, scale: float = 1.0):
-        """A mode-independent term ``a0 + a1 n_s + a2 r_s``."""
-        return scale * (a.const + a.per_block * self.n[s] + a.per_recompute * self.r[s])
+        """A mode-independent term ``a0 + a1 n_s + a2 r_s + a3 q_s``."""
+        return scale * (a.const + a.per_block * self.n[s] + a.per_recompute * self.r[s]
+                        + a.per_selective * self.q[s])
 
     def by_mode(self, terms: list[ModeTerms], pick, s: int, scale: float = 1.0):
         """A mode term ``a0 + a1 n_s`` summed over modes as ``a0 y_k + a1 w_sk`` (exact: ``w_sk = n_s y_k``)."""
@@ -179,13 +191,15 @@ class _Vars:
 def _add_stage(prob: pulp.LpProblem, costs: CandidateCosts, modes: list[Mode], v: _Vars, s: int,
                recompute: str | None, L: int) -> None:
     """Constraint families of stage s: recomputation, mode split, stage time, step extra, memory."""
-    n, r = v.n[s], v.r[s]
-    prob += r <= n, f"recompute_within_stage_{s}"
-    prob += r <= L * v.z[s], f"recompute_flag_{s}"
+    n, r, q = v.n[s], v.r[s], v.q[s]
+    prob += r + q <= n, f"recompute_within_stage_{s}"
+    prob += r + q <= L * v.z[s], f"recompute_flag_{s}"
     if recompute == "none":
-        prob += r == 0, f"forced_no_recompute_{s}"
+        prob += r + q == 0, f"forced_no_recompute_{s}"
     elif recompute == "full":
         prob += r == n, f"forced_full_recompute_{s}"
+    elif recompute == "selective":
+        prob += q == n, f"forced_selective_recompute_{s}"
     prob += pulp.lpSum(v.w[s]) == n, f"mode_split_{s}"
     for k in range(len(modes)):
         prob += v.w[s][k] <= L * v.y[k], f"mode_link_{s}_{k}"

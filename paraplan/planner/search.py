@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from paraplan.cost_models import transformer as tf
 from paraplan.cost_models.costs import CandidateCosts, CostOptions, Mode, StageCost, predict
 from paraplan.cost_models.links import calibrate_cluster
 from paraplan.errors import NoFeasiblePlanError, StrategyError, TrainSpecError
@@ -26,6 +27,7 @@ from paraplan.types import (
     Strategy,
     StrategyOverride,
     TrainSpec,
+    place_stages,
 )
 from paraplan.units import format_bytes
 
@@ -47,21 +49,37 @@ class SearchProgress:
 
 @dataclass(frozen=True)
 class Candidate:
-    """One outer-loop point: parallel degrees, micro-batch and the candidate-wide knobs the MILP does not choose."""
+    """One outer-loop point: parallel degrees, micro-batch and the candidate-wide knobs the MILP does not choose.
+
+    ``selective`` is the selective-recomputation policy whose blocks the MILP may place per stage ("attention" or
+    "op"), None for none; the MILP chooses how many blocks of each stage run with it.
+    """
 
     dp: int
     tp: int
     pp: int
     micro_batch_size: int
     sequence_parallel: bool = False
-    selective_recompute: bool = False
+    selective: str | None = None
+    cp: int = 1
+    vpp: int = 1
+    schedule: str = "1f1b"
 
     def options(self) -> CostOptions:
-        return CostOptions(sequence_parallel=self.sequence_parallel, selective_recompute=self.selective_recompute)
+        return CostOptions(vpp=self.vpp, cp=self.cp, sequence_parallel=self.sequence_parallel,
+                           selective_policy=self.selective or "attention", schedule=self.schedule)
 
     def label(self) -> str:
-        knobs = (" sp" if self.sequence_parallel else "") + (" selective" if self.selective_recompute else "")
+        knobs = (f" cp={self.cp}" if self.cp > 1 else "") + (" sp" if self.sequence_parallel else "")
+        knobs += f" {self.selective}-selective" if self.selective else ""
+        if self.pp > 1 and (self.schedule != "1f1b" or self.vpp > 1):
+            knobs += f" {self.schedule}" + (f" vpp={self.vpp}" if self.vpp > 1 else "")
         return f"dp={self.dp} tp={self.tp} pp={self.pp} mb={self.micro_batch_size}{knobs}"
+
+
+# Context parallelism is searched down to this many tokens per rank: shorter chunks leave attention kernels small
+# and the per-layer K/V all-gather dominant (assumption; Llama 3 ran cp 16 at 131,072 tokens, 8,192 per rank).
+CP_MIN_TOKENS_PER_RANK = 1024
 
 
 def _divisors(n: int) -> list[int]:
@@ -72,8 +90,10 @@ def enumerate_candidates(
     spec: ModelSpec, cluster: ClusterSpec, train: TrainSpec, override: StrategyOverride,
     micro_batches: list[int] | None = None,
 ) -> list[Candidate]:
-    """All (dp, tp, pp, b) with ``dp tp pp = world``, tp within a node dividing the attention and KV heads,
-    ``pp <= L`` and ``global_batch`` divisible by ``dp b``; restricted by ``override``.
+    """All (dp, tp, pp, cp, b) with ``dp tp pp cp = world``, tp within a node dividing the attention and KV heads,
+    ``pp <= L``, cp dividing the sequence in ``2 cp`` load-balanced chunks of at least
+    :data:`CP_MIN_TOKENS_PER_RANK` tokens per rank (cp = 1 always) and ``global_batch`` divisible by ``dp b``;
+    restricted by ``override``.
 
     ``micro_batches`` None tries every b dividing ``global_batch / dp`` (memory bounds it later: a candidate whose
     leanest configuration cannot fit is never solved); a profile passes the sizes it measured.
@@ -85,14 +105,18 @@ def enumerate_candidates(
     world = cluster.world_size
     L = spec.n_layers or 0
     o = override
-    forced = [x for x in (o.dp, o.tp, o.pp) if x is not None]
+    forced = [x for x in (o.dp, o.tp, o.pp, o.cp) if x is not None]
     prod = 1
     for x in forced:
         prod *= x
-    if world % prod or (len(forced) == 3 and prod != world):
+    if world % prod or (len(forced) == 4 and prod != world):
         raise StrategyError(
-            f"--strategy dp/tp/pp ({o.dp}, {o.tp}, {o.pp}) must multiply to the world size {world} of {cluster.name}"
+            f"--strategy dp/tp/pp/cp ({o.dp}, {o.tp}, {o.pp}, {o.cp}) must multiply to the world size {world} of "
+            f"{cluster.name}"
         )
+    if o.cp is not None and train.seq_len % (2 * o.cp) and o.cp > 1:
+        raise StrategyError(f"cp={o.cp} must split seq-len {train.seq_len} into 2 x cp equal chunks (the "
+                            "load-balanced causal split): choose a cp with 2 x cp dividing the sequence length")
     if o.tp is not None and (o.tp > cluster.devices_per_node or (spec.n_heads or 1) % o.tp
                              or (spec.n_kv_heads or 1) % o.tp):
         raise StrategyError(
@@ -109,17 +133,23 @@ def enumerate_candidates(
         for pp in _divisors(world // tp):
             if pp > L or (o.pp and pp != o.pp):
                 continue
-            dp = world // (tp * pp)
-            if o.dp and dp != o.dp:
-                continue
-            sizes = micro_batches if micro_batches is not None else (
-                _divisors(train.global_batch // dp) if train.global_batch % dp == 0 else [])
-            for b in sizes:
-                if o.micro_batch_size and b != o.micro_batch_size:
+            for cp in _divisors(world // (tp * pp)):
+                if o.cp is not None:
+                    if cp != o.cp:
+                        continue
+                elif cp > 1 and (train.seq_len % (2 * cp) or train.seq_len // cp < CP_MIN_TOKENS_PER_RANK):
                     continue
-                if train.global_batch % (dp * b) == 0:
-                    divisible_batch = True
-                    out.append(Candidate(dp, tp, pp, b))
+                dp = world // (tp * pp * cp)
+                if o.dp and dp != o.dp:
+                    continue
+                sizes = micro_batches if micro_batches is not None else (
+                    _divisors(train.global_batch // dp) if train.global_batch % dp == 0 else [])
+                for b in sizes:
+                    if o.micro_batch_size and b != o.micro_batch_size:
+                        continue
+                    if train.global_batch % (dp * b) == 0:
+                        divisible_batch = True
+                        out.append(Candidate(dp, tp, pp, b, cp=cp))
     if not out and not divisible_batch:
         raise TrainSpecError(
             f"global batch {train.global_batch} is not divisible by dp x micro-batch for any strategy on "
@@ -162,15 +192,18 @@ def mode_rules(cluster: ClusterSpec, cand: Candidate, override: StrategyOverride
 
 
 def backend_rejection(spec: ModelSpec, cand: Candidate, global_batch: int, backend: str,
-                      seq_len: int | None = None) -> str | None:
+                      seq_len: int | None = None, device_kind: str = "cuda") -> str | None:
     """The rule that keeps the chosen backend(s) from launching this candidate, or None when they can.
 
     Both backends (``backends/checks.py``, which the planner may not import; keep the two in step): tensor
     parallelism only for Llama-family blocks (GPT-2's fused qkv is not split) with tp dividing the heads, key/value
     heads and MLP width, and no tied embeddings across pipeline stages. DeepSpeed: AutoTP does not combine with its
-    pipeline engine and has no Megatron sequence parallelism. torch: ``Schedule1F1B`` needs at least as many
-    micro-batches as stages; sequence parallelism shards the sequence, so tp must divide ``seq_len`` (when given).
-    Selective recomputation runs on both (torch's selective activation checkpointing).
+    pipeline engine and has no Megatron sequence parallelism; its pipeline engine runs its own 1F1B only (no
+    interleaving, no zero bubble); it has no context parallelism (Ulysses is another method, not planned). torch:
+    ``Schedule1F1B`` needs at least as many micro-batches as stages and the multi-chunk schedules a micro-batch
+    count divisible by their rounds ``max(1, m // pp)`` (torch.distributed.pipelining); ``context_parallel`` runs
+    on CUDA only; sequence parallelism shards the sequence, so tp must divide ``seq_len`` (when given).
+    Selective recomputation, either policy, runs on both (torch's selective activation checkpointing).
     """
     if backend == "unconstrained":
         return None
@@ -190,56 +223,129 @@ def backend_rejection(spec: ModelSpec, cand: Candidate, global_batch: int, backe
     if backend in ("deepspeed", "any") and cand.sequence_parallel:
         return (f"sequence parallelism under --backend {backend} (DeepSpeed's AutoTP has no Megatron sequence "
                 "parallelism; Ulysses is another method; --backend torch runs it)")
+    if backend in ("deepspeed", "any") and cand.pp > 1 and cand.schedule != "1f1b":
+        return (f"pipeline schedule {cand.schedule} under --backend {backend} (DeepSpeed's pipeline engine runs its "
+                "own 1F1B only; --backend torch runs interleaved and zero-bubble schedules)")
+    if backend in ("deepspeed", "any") and cand.cp > 1:
+        return (f"context parallelism under --backend {backend} (DeepSpeed offers Ulysses sequence parallelism, "
+                "another method that paraplan does not plan; --backend torch runs cp on GPUs)")
+    if backend == "torch" and cand.cp > 1 and device_kind != "cuda":
+        return ("context parallelism on a CPU cluster (torch's context_parallel runs on CUDA only: CPU attention "
+                "kernels have no sharding rule)")
     if cand.sequence_parallel and seq_len is not None and seq_len % cand.tp:
         return "sequence parallelism with a tp that does not divide the sequence length"
-    if backend in ("torch", "any") and cand.pp > 1 and m < cand.pp:
+    if backend in ("torch", "any") and cand.pp > 1 and cand.schedule == "1f1b" and m < cand.pp:
         return (f"fewer micro-batches per step than stages under --backend {backend} (torch's 1F1B needs at least "
                 "as many micro-batches as stages: raise --global-batch or lower the micro-batch)")
+    if backend == "torch" and cand.pp > 1 and cand.schedule != "1f1b" and m % max(1, m // cand.pp):
+        return ("a micro-batch count that is not a multiple of the schedule's rounds max(1, m // pp) (torch's "
+                "interleaved and zero-bubble schedules need it)")
     return None
 
 
+def schedule_options(pp: int, n_layers: int, override: StrategyOverride) -> list[tuple[str, int]]:
+    """(schedule, vpp) pairs searched for a pipeline of ``pp`` ranks: 1F1B; interleaved 1F1B and the interleaved
+    zero-bubble schedule with every vpp up to :data:`MAX_VPP` that leaves each chunk a block, the embedding and the
+    head counting as one (``pp vpp <= L + 2``);
+    ZB-V (vpp 2). pp = 1:
+    no schedule. ``override`` may force the schedule, the vpp or both (1f1b with vpp > 1 means interleaved_1f1b).
+    """
+    if pp == 1:
+        return [("1f1b", 1)]
+    vmax = max(1, min((n_layers + 2) // pp, MAX_VPP))
+    out = [("1f1b", 1)] + [("interleaved_1f1b", v) for v in range(2, vmax + 1)]
+    out += [("zero_bubble", v) for v in range(1, vmax + 1)] + ([("zbv", 2)] if vmax >= 2 else [])
+    sched = override.schedule
+    if sched == "1f1b" and (override.vpp or 1) > 1:
+        sched = "interleaved_1f1b"
+    return [(sc, v) for sc, v in out if (sched is None or sc == sched) and (override.vpp is None or v == override.vpp)]
+
+
+# Most model chunks per pipeline rank searched. A bound of the search space, not of the cost model: every chunk is a
+# torch PipelineStage with its own send/receive per micro-batch, whose fixed costs (launches, schedule bookkeeping)
+# the model does not price, so more chunks only look free. Megatron-LM's published interleaved runs use 2-6.
+MAX_VPP = 8
+
+# A schedule that the zero-bubble schedule of the same vpp dominates: the same activation memory and point-to-point
+# traffic by the cost model (CandidateCosts.inflight, p2p_s), a bubble weight at least as large.
+_DOMINATED_BY_ZERO_BUBBLE = ("1f1b", "interleaved_1f1b")
+
+
 def _with_knobs(base: list[Candidate], spec: ModelSpec, cluster: ClusterSpec, train: TrainSpec,
-                profile: ModelProfile | None, override: StrategyOverride):
-    """Each base candidate with every setting of the candidate-wide knobs, its costs, and the rule (or None)
-    that excludes the setting.
+                profile: ModelProfile | None, override: StrategyOverride, backend: str):
+    """Each base candidate with every setting of the candidate-wide knobs, and the rule (or None) that excludes
+    the setting.
 
     - Sequence parallelism (Korthikanti et al. 2022 sec. 4.2.2) on and off wherever tp > 1.
-    - Selective recomputation of the attention core (sec. 4.3) on and off where it saves memory by the cost model:
-      with a fused attention kernel (FlashAttention, SDPA) nothing of the attention core is saved, so recomputing
-      it only costs time and is never tried.
+    - Selective recomputation, by policy: the attention core (sec. 4.3), tried where it saves memory by the cost
+      model (with a fused attention kernel nothing of the attention core is saved, so it is never tried), and
+      torchtitan's op-level policy for Llama blocks (``transformer.op_policy_supported``). The MILP chooses how
+      many blocks of each stage use it.
+    - Pipeline schedule and vpp (:func:`schedule_options`). A 1F1B or interleaved 1F1B setting is skipped when the
+      backend runs the zero-bubble schedule of the same vpp for this candidate, which dominates it
+      (:data:`_DOMINATED_BY_ZERO_BUBBLE`), unless the user forced it.
     """
-    forced_sel = {"selective": True, "none": False, "full": False}.get(override.recompute or "")
+    forced = {"selective": ["attention"], "op": ["op"], "none": [None], "full": [None]}.get(override.recompute or "")
+    saves: dict[tuple, bool] = {}  # (tp, cp, b, sp, policy) -> the policy keeps fewer bytes than no recomputation
+    L = spec.n_layers or 0
+
+    def saves_memory(cand: Candidate) -> bool:
+        key = (cand.tp, cand.cp, cand.micro_batch_size, cand.sequence_parallel, cand.selective)
+        if key not in saves:
+            c = CandidateCosts(spec, cluster, train, cand.dp, cand.tp, 1, cand.micro_batch_size, profile,
+                               CostOptions(cp=cand.cp, sequence_parallel=cand.sequence_parallel,
+                                           selective_policy=cand.selective or "attention"))
+            saves[key] = c.block.sel_act_bytes < c.block.act_bytes
+        return saves[key]
+
+    policies = forced or [None, "attention", "op"]
+    if not forced:  # unforced, a policy the block cannot run is not tried (forced, its rule is reported)
+        policies = [pol for pol in policies if pol is None or spec.family != "custom"
+                    and (pol != "op" or tf.op_policy_supported(spec))]
     for cand in base:
         sps = [False, True] if cand.tp > 1 else [False]
         if override.sequence_parallel is not None:
             sps = [override.sequence_parallel]
-        plain = CandidateCosts(spec, cluster, train, cand.dp, cand.tp, cand.pp, cand.micro_batch_size, profile,
-                               CostOptions())
+        schedules = schedule_options(cand.pp, L, override)
         for sp in sps:
-            why = "sequence parallelism with tp=1 (it shards activations over the tp group)" if sp and cand.tp == 1 \
-                else None
-            first = dataclasses.replace(cand, sequence_parallel=sp)
-            costs = plain if not sp else CandidateCosts(spec, cluster, train, cand.dp, cand.tp, cand.pp,
-                                                        cand.micro_batch_size, profile, first.options())
-            if forced_sel is not True:
-                yield first, costs, why
-            if forced_sel is False:
-                continue
-            sel = dataclasses.replace(first, selective_recompute=True)
-            sel_costs = CandidateCosts(spec, cluster, train, cand.dp, cand.tp, cand.pp, cand.micro_batch_size,
-                                       profile, sel.options())
-            if forced_sel is None and sel_costs.block.act_bytes >= costs.block.act_bytes:
-                continue  # saves nothing: only slower
-            yield sel, sel_costs, why
+            sp_why = "sequence parallelism with tp=1 (it shards activations over the tp group)" \
+                if sp and cand.tp == 1 else None
+            tried = [pol for pol in policies if pol is None or forced or sp_why or spec.family == "custom"
+                     or saves_memory(dataclasses.replace(cand, sequence_parallel=sp, selective=pol))]
+            if not forced and any(pol is not None for pol in tried):
+                # The MILP of a selective setting may leave every stage's selective count at 0: it contains the
+                # setting without selective recomputation, which is then not solved separately.
+                tried = [pol for pol in tried if pol is not None]
+            for pol in tried:
+                first = dataclasses.replace(cand, sequence_parallel=sp, selective=pol)
+                why = sp_why
+                if pol is not None and why is None:
+                    if spec.family == "custom":
+                        why = "selective recomputation of a factory model (its blocks' operations are not known)"
+                    elif pol == "op" and not tf.op_policy_supported(spec):
+                        why = ("torchtitan's op-level selective policy for a block with biased projections or a "
+                               "non-Llama block (its matmuls are not the ones the policy saves)")
+                for sched, v in schedules:
+                    cand_s = dataclasses.replace(first, schedule=sched, vpp=v)
+                    if why is None and cand.pp > 1 and override.schedule is None and \
+                            sched in _DOMINATED_BY_ZERO_BUBBLE:
+                        zb = dataclasses.replace(first, schedule="zero_bubble", vpp=v)
+                        if backend_rejection(spec, zb, train.global_batch, backend, train.seq_len,
+                                             cluster.device.kind) is None:
+                            continue
+                    yield cand_s, why
 
 
-def memory_lower_bound(costs: CandidateCosts, modes: list[Mode], recompute: str | None = None) -> float:
+def memory_lower_bound(costs: CandidateCosts, modes: list[Mode], recompute: str | None = None,
+                       selective: bool = False) -> float:
     """Least peak memory per device any stage assignment of this candidate can have (bytes).
 
     Formula: ``min over modes of max(max_s M_s(0, 0), min_s min_r M_s(k, r))`` with ``M_s(n, r)`` the MILP's stage
     memory (``CandidateCosts.stage_memory_bytes``), ``k = ceil(L / p)`` (some stage holds at least that many blocks) and
-    ``r`` in {0, 1, k} (memory is affine in r plus the recompute flag's working space, so its minimum over r is at
-    one of these; ``recompute`` none/full fixes r to 0/k). Every stage holds at least its fixed layers.
+    ``(r, q)`` (fully, selectively recomputed blocks) in {(0, 0), (1, 0), (k, 0)} and, when ``selective``, also
+    {(0, 1), (0, k)} (memory is affine in r and q plus the recompute flag's working space, so its minimum over
+    ``r + q <= k`` is at one of these; ``recompute`` none/full/selective fixes (r, q) to (0, 0)/(k, 0)/(0, k)).
+    Every stage holds at least its fixed layers.
     Only stages 0, p-2 and p-1 are evaluated: the interior stages 1..p-2 hold no fixed layer and differ only in
     their in-flight micro-batches, which do not grow with the stage index (:meth:`CandidateCosts.inflight`), so
     stage p-2 has the least memory among them for any (n, r). Used to skip candidates that cannot fit before any
@@ -247,33 +353,58 @@ def memory_lower_bound(costs: CandidateCosts, modes: list[Mode], recompute: str 
     """
     L, p = costs.spec.n_layers or 0, costs.pp
     k = -(-L // p)
-    rs = {"none": [0], "full": [k]}.get(recompute or "", sorted({0, min(1, k), k}))
+    vertices = {(0, 0), (min(1, k), 0), (k, 0)} | ({(0, min(1, k)), (0, k)} if selective else set())
+    rq = {"none": [(0, 0)], "full": [(k, 0)], "selective": [(0, k)]}.get(recompute or "", sorted(vertices))
     stages = sorted({0, max(p - 2, 0), p - 1})
     best = float("inf")
     for mode in modes:
         fixed = max(costs.stage_memory_bytes(s, 0, 0, mode) for s in (0, p - 1))
-        busiest = min(costs.stage_memory_bytes(s, k, r, mode) for s in stages for r in rs)
+        busiest = min(costs.stage_memory_bytes(s, k, r, mode, q) for s in stages for r, q in rq)
         best = min(best, max(fixed, busiest))
     return best
 
 
 def _lower_bound(costs: CandidateCosts) -> float:
+    """A step time no assignment of this candidate beats: perfectly balanced stages, no recomputation, no DP
+    communication. ``m max + w (sum - max) >= (m + w (p - 1)) sum / p`` since ``max >= sum / p`` and ``m >= w``."""
     L = costs.spec.n_layers or 0
     total = L * costs.block.time_s + sum(costs.compute_terms(s).const for s in range(costs.pp))
-    return (costs.m + (costs.pp - 1) / costs.vpp) / costs.pp * total
+    return (costs.m + costs.bubble_weight() * (costs.pp - 1)) / costs.pp * total
+
+
+def split_chunks(n_blocks: int, vpp: int, embed: bool = False, head: bool = False) -> list[int] | None:
+    """A rank's blocks over its ``vpp`` chunks, as even as possible; None for vpp 1. The remainder goes to the
+    chunks without the embedding (``embed``: chunk 0 holds it) or the head (``head``: the last chunk holds it)
+    first, so a short rank leaves those chunks with fewer blocks, down to none (Llama 3 405B's layout).
+    Assumption of the cost model: each chunk takes ``1/v`` of the rank's time (exact when they are equal)."""
+    if vpp == 1:
+        return None
+    order = [c for c in range(vpp) if not (embed and c == 0) and not (head and c == vpp - 1)]
+    order += [c for c in range(vpp) if c not in order]
+    out = [n_blocks // vpp] * vpp
+    for c in order[: n_blocks % vpp]:
+        out[c] += 1
+    return out
+
+
+def _plan_key(cand: Candidate, res: MilpResult) -> tuple:
+    """What a found plan runs: two knob settings giving the same key are one plan (a selective policy whose
+    blocks the MILP left at 0 is the plan without selective recomputation)."""
+    policy = cand.selective if any(res.selective_blocks) else None
+    return (dataclasses.replace(cand, selective=policy), tuple(res.n_blocks), tuple(res.recompute_blocks),
+            tuple(res.selective_blocks), res.mode)
 
 
 def _stage_plans(costs: CandidateCosts, res: MilpResult) -> tuple[list[StagePlan], list[StageCost]]:
     stages, stage_costs = [], []
-    first = 0
-    for s, (n, r) in enumerate(zip(res.n_blocks, res.recompute_blocks)):
-        sc = costs.stage_cost(s, n, r, res.mode)
-        last = first + n - 1 + (1 if s == 0 else 0) + (1 if s == costs.pp - 1 else 0)
-        stages.append(StagePlan(index=s, first_layer=first, last_layer=last, n_blocks=n, recompute_blocks=r,
+    head = 0 if costs.schedule == "zbv" else costs.pp - 1  # the rank whose last chunk holds the LM head
+    for s, (n, r, q) in enumerate(zip(res.n_blocks, res.recompute_blocks, res.selective_blocks)):
+        sc = costs.stage_cost(s, n, r, res.mode, q)
+        stages.append(StagePlan(index=s, first_layer=0, last_layer=0, n_blocks=n, recompute_blocks=r,
+                                selective_blocks=q, chunk_blocks=split_chunks(n, costs.vpp, s == 0, s == head),
                                 time_per_micro_batch_s=sc.time_per_micro_batch_s, memory_bytes=sc.memory_bytes))
         stage_costs.append(sc)
-        first = last + 1
-    return stages, stage_costs
+    return place_stages(stages, costs.vpp, costs.schedule), stage_costs
 
 
 def search_plans(
@@ -316,40 +447,57 @@ def search_plans(
     micro = profile.micro_batch_sizes() if profile is not None else None
     start = time.perf_counter()
     base = enumerate_candidates(spec, cluster, train, override, micro)
-    milp_recompute = {"selective": "none"}.get(override.recompute or "", override.recompute)
+    milp_recompute = {"op": "selective"}.get(override.recompute or "", override.recompute)
     scored = []
     rejected: dict[str, int] = {}  # rule -> candidates it excluded, for the message and the plan's record
     might_fit: dict[str, int] = {}  # rule -> excluded candidates whose memory lower bound fits
     n_cands = cannot_fit = 0
     least_mem: tuple[float, Candidate] | None = None
-    for cand, costs, why_knob in _with_knobs(base, spec, cluster, train, profile, override):
+    capacity = memory_fraction * cluster.device.memory_bytes
+
+    layer_cache: dict = {}
+
+    def costs_of(cand: Candidate) -> CandidateCosts:
+        costs = CandidateCosts(spec, cluster, train, cand.dp, cand.tp, cand.pp, cand.micro_batch_size, profile,
+                               cand.options(), layer_cache)
+        costs.usable_capacity_bytes = capacity
+        return costs
+
+    for cand, why_knob in _with_knobs(base, spec, cluster, train, profile, override, backend):
         n_cands += 1
-        costs.usable_capacity_bytes = memory_fraction * costs.capacity_bytes
         rules = mode_rules(cluster, cand, override, backend)
         modes = [m for m, why in rules if why is None]
-        why_not = why_knob or backend_rejection(spec, cand, train.global_batch, backend, train.seq_len)
+        why_not = why_knob or backend_rejection(spec, cand, train.global_batch, backend, train.seq_len,
+                                                cluster.device.kind)
         if not modes or why_not is not None:
             for why in {why_not} if why_not else {w for _, w in rules if w}:
                 rejected[why] = rejected.get(why, 0) + 1
-            if why_not is not None and modes and memory_lower_bound(costs, modes) <= costs.usable_capacity_bytes:
+            # Whether a lifted rule could help: judged on plain settings only (one per base candidate), as costs
+            # of every excluded knob setting would dominate the search's time.
+            plain = cand.schedule == "1f1b" and cand.selective is None
+            if why_not is not None and modes and plain and why_knob is None and \
+                    memory_lower_bound(costs_of(cand), modes) <= capacity:
                 might_fit[why_not] = might_fit.get(why_not, 0) + 1
             continue
-        need = memory_lower_bound(costs, modes, milp_recompute)
-        if need > costs.usable_capacity_bytes:  # cannot fit whatever the MILP chooses: never solved
+        costs = costs_of(cand)
+        scored.append((_lower_bound(costs), cand, costs, modes))
+    scored.sort(key=lambda x: x[0])
+    found: list[tuple[float, Candidate, CandidateCosts, MilpResult]] = []
+    seen: set[tuple] = set()  # plans already found (knob settings that led to the same strategy)
+    solved, pruned, status, gap = 0, 0, "optimal", 0.0
+    unproven: list[float] = []  # lower bounds of candidates whose MILP stopped at the time limit
+    for lb, cand, costs, modes in scored:
+        if len(found) >= top_k and lb >= found[-1][0]:
+            pruned += 1
+            need = None
+        else:
+            need = memory_lower_bound(costs, modes, milp_recompute, cand.selective is not None)
+        if need is not None and need > capacity:  # cannot fit whatever the MILP chooses: never solved
             cannot_fit += 1
             if least_mem is None or need < least_mem[0]:
                 least_mem = (need, cand)
-            continue
-        scored.append((_lower_bound(costs), cand, costs, modes, need))
-    scored.sort(key=lambda x: x[0])
-    found: list[tuple[float, Candidate, CandidateCosts, MilpResult]] = []
-    solved, pruned, status, gap = 0, 0, "optimal", 0.0
-    unproven: list[float] = []  # lower bounds of candidates whose MILP stopped at the time limit
-    for lb, cand, costs, modes, need in scored:
-        if len(found) >= top_k and lb >= found[-1][0]:
-            pruned += 1
-        else:
-            res = solve_stage_milp(costs, modes, milp_recompute, time_limit_s)
+        elif need is not None:
+            res = solve_stage_milp(costs, modes, milp_recompute, time_limit_s, cand.selective is not None)
             solved += 1
             if res is not None and res.status != "optimal":
                 # Not proven: its optimum may lie anywhere above this bound (the step-time bound when unknown).
@@ -358,14 +506,15 @@ def search_plans(
             if res is None:
                 if least_mem is None or need < least_mem[0]:
                     least_mem = (need, cand)
-            elif res.status != "timeout":  # a timed-out MILP has no solution to keep
+            elif res.status != "timeout" and _plan_key(cand, res) not in seen:  # a timed-out MILP has no solution
+                seen.add(_plan_key(cand, res))
                 found.append((res.objective_s, cand, costs, res))
                 found.sort(key=lambda x: x[0])
                 found = found[:top_k]
         if progress is not None:
             best = found[0] if found else None
             progress(SearchProgress(
-                total=len(scored), solved=solved, pruned=pruned, rejected=n_cands - len(scored) - cannot_fit,
+                total=len(scored), solved=solved, pruned=pruned, rejected=n_cands - len(scored),
                 cannot_fit=cannot_fit,
                 best_step_time_s=best[0] if best else None, best=best[1] if best else None))
     if not found:
@@ -384,7 +533,9 @@ def search_plans(
         strategy = Strategy(dp=cand.dp, tp=cand.tp, pp=cand.pp, micro_batch_size=cand.micro_batch_size,
                             grad_accum=costs.m, zero_stage=res.mode.zero_stage,
                             offload_optimizer=res.mode.offload_optimizer, sequence_parallel=cand.sequence_parallel,
-                            selective_recompute=cand.selective_recompute, stages=stages)
+                            selective_recompute=any(st.selective_blocks for st in stages),
+                            selective_policy=cand.selective or "attention", cp=cand.cp, vpp=cand.vpp,
+                            schedule=cand.schedule, stages=stages)
         info = SolverInfo(status=status, gap=gap, solver="HiGHS via PuLP", candidates=n_cands,  # type: ignore
                           milps_solved=solved, search_time_s=elapsed, excluded=rejected)
         plans.append(Plan(model=spec, cluster=cluster, train=train, strategy=strategy,

@@ -88,7 +88,7 @@ def test_bad_strategy_key():
 
 @pytest.mark.parametrize("forced,fragment", [
     ("offload=maybe", "valid boolean"),  # used to be read silently as offload=false
-    ("recompute=some", "'none', 'selective' or 'full'"),
+    ("recompute=some", "'none', 'selective', 'op' or 'full'"),
     ("dp=two", "valid integer"),
     ("mb=0", "greater than 0"),
     ("zero=4", "less than or equal to 3"),

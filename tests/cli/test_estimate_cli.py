@@ -51,7 +51,7 @@ def test_model_file_with_dimensions_not_in_a_preset(tmp_path):
     (["--tp", "1", "--pp", "1", "--dp", "4", "--micro-batch", "1"], ["must equal the 8 devices"]),
     (["--tp", "1", "--pp", "1", "--dp", "8", "--micro-batch", "3"], ["not divisible by dp x micro-batch"]),
     (["--tp", "1", "--pp", "1", "--dp", "8", "--micro-batch", "1", "--recompute", "some"],
-     ["--recompute some", "none, selective or full"]),
+     ["--recompute some", "none, selective, op or full"]),
     (["--tp", "1", "--pp", "1", "--dp", "8", "--micro-batch", "1", "--zero", "4"], ["--zero 4"]),
 ])
 def test_user_errors_exit_1_with_what_to_change(args, fragments):

@@ -228,9 +228,11 @@ def test_mistral_sliding_window_bounds_the_planned_seq_len(tmp_path: Path) -> No
 
 
 def test_seq_len_beyond_max_positions_is_refused() -> None:
-    with pytest.raises(TrainSpecError, match="--seq-len <= 8192"):
-        PRESETS["llama3-8b"].check_seq_len(8193)
-    PRESETS["llama3-8b"].check_seq_len(8192)
+    with pytest.raises(TrainSpecError, match="--seq-len <= 2048"):
+        PRESETS["gpt3-175b"].check_seq_len(2049)
+    PRESETS["gpt3-175b"].check_seq_len(2048)
+    with pytest.raises(TrainSpecError, match="--seq-len <= 131072"):  # Llama 3.1's context (presets.py)
+        PRESETS["llama3-8b"].check_seq_len(131073)
 
 
 @pytest.mark.parametrize("use,max_window_layers,expected", [

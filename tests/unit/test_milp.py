@@ -21,8 +21,8 @@ def _cluster(memory_gib: float) -> ClusterSpec:
     return base.model_copy(update={"device": base.device.model_copy(update={"memory_bytes": memory_gib * GiB})})
 
 
-def brute_force(costs: CandidateCosts, modes: list[Mode]) -> float:
-    return best_assignment(costs, modes, costs.capacity_bytes)
+def brute_force(costs: CandidateCosts, modes: list[Mode], selective: bool = False) -> float:
+    return best_assignment(costs, modes, costs.capacity_bytes, selective)
 
 
 @pytest.mark.parametrize("pp,dp,memory_gib", [(2, 4, 80), (2, 4, 16), (3, 2, 14), (2, 4, 9)])
@@ -65,20 +65,30 @@ def test_forced_recompute_modes():
     assert sum(none.recompute_blocks) == 0
 
 
-@pytest.mark.parametrize("capacity_gib", [9, 7])
-@pytest.mark.parametrize("options", [CostOptions(vpp=2), CostOptions(overlap_dp=False),
-                                     CostOptions(selective_recompute=True, sequence_parallel=True, vpp=3)])
-def test_milp_matches_brute_force_with_interleaving_and_overlap(options, capacity_gib):
-    # The MILP linearizes max() for overlapped communication and the interleaved objective; brute force evaluates
-    # every assignment with the evaluator (stage_cost + step_time_s). 9 and 7 GiB both bind: brute force's optimum
-    # is slower there than with 80 GiB (checked below), 7 GiB only with offload or heavy recomputation.
+@pytest.mark.parametrize("options,selective,capacities", [
+    (CostOptions(vpp=2), False, (9, 7)), (CostOptions(overlap_dp=False), False, (9, 7)),
+    (CostOptions(selective_policy="op", vpp=3), True, (9, 8)),
+    (CostOptions(selective_policy="attention", attention="unfused", schedule="zero_bubble", vpp=2), True, (12, 10)),
+    (CostOptions(schedule="zbv", vpp=2, cp=2), True, (7, 6)),
+])
+def test_milp_matches_brute_force_with_interleaving_and_overlap(options, selective, capacities):
+    # The MILP linearizes max() for overlapped communication and the schedule's objective; brute force evaluates
+    # every assignment (with selective: every count of selectively recomputed blocks per stage too) with the
+    # evaluator (stage_cost + step_time_s). Both capacities of each case bind: brute force's optimum is slower there
+    # than with 80 GiB (checked below); the second only with offload or heavy recomputation.
+    for capacity_gib in capacities:
+        _check_against_brute_force(options, selective, capacity_gib)
+
+
+def _check_against_brute_force(options: CostOptions, selective: bool, capacity_gib: float) -> None:
     train = TrainSpec(global_batch=16, seq_len=4096)
     costs = CandidateCosts(SPEC, _cluster(capacity_gib), train, 4, 1, 2, 1, options=options)
-    ref = brute_force(costs, MODES)
-    assert ref > brute_force(CandidateCosts(SPEC, _cluster(80), train, 4, 1, 2, 1, options=options), MODES)
-    res = solve_stage_milp(costs, MODES)
+    ref = brute_force(costs, MODES, selective)
+    res = solve_stage_milp(costs, MODES, selective=selective)
+    assert ref > brute_force(CandidateCosts(SPEC, _cluster(80), train, 4, 1, 2, 1, options=options), MODES, selective)
     assert res is not None and ref < float("inf")
-    stages = [costs.stage_cost(s, n, r, res.mode) for s, (n, r) in enumerate(zip(res.n_blocks, res.recompute_blocks))]
+    stages = [costs.stage_cost(s, n, r, res.mode, q)
+              for s, (n, r, q) in enumerate(zip(res.n_blocks, res.recompute_blocks, res.selective_blocks))]
     assert step_time_s(costs, stages)[0] == pytest.approx(res.objective_s, rel=1e-6)
     assert res.objective_s == pytest.approx(ref, rel=1e-6)
 

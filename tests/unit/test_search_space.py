@@ -2,8 +2,9 @@
 
 The brute force knows nothing of the planner's shortcuts (knob variants it skips, the memory lower bound that
 drops candidates before any MILP, the step-time lower bound that prunes): it evaluates every (dp, tp, pp,
-micro-batch, sequence parallelism, selective recomputation, ZeRO stage x offload, blocks per stage, fully
-recomputed blocks per stage) with the cost model's evaluator and keeps the fastest that fits.
+micro-batch, cp, sequence parallelism, selective policy, pipeline schedule and vpp, ZeRO stage x offload, blocks
+per stage, fully and selectively recomputed blocks per stage) with the cost model's evaluator and keeps the fastest
+that fits.
 """
 
 from __future__ import annotations
@@ -33,24 +34,38 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def brute_force(cluster: ClusterSpec, train: TrainSpec, attention: str = "flash2", allow_sp: bool = True) -> float:
+def _schedules(pp: int) -> list[tuple[str, int]]:
+    """Every (schedule, vpp) of the space for this pp, written out from the definition: one chunk per rank for
+    1F1B, any vpp with a block per chunk for interleaved 1F1B and zero bubble, vpp 2 for ZB-V."""
+    if pp == 1:
+        return [("1f1b", 1)]
+    # vpp <= 8: the space's stated bound (MAX_VPP); a chunk may hold only the embedding or only the head.
+    vs = [v for v in range(1, 9) if pp * v <= SPEC.n_layers + 2]
+    return ([("1f1b", 1)] + [("interleaved_1f1b", v) for v in vs if v > 1] + [("zero_bubble", v) for v in vs]
+            + ([("zbv", 2)] if 2 in vs else []))
+
+
+def brute_force(cluster: ClusterSpec, train: TrainSpec, attention: str = "flash2", allow_sp: bool = True,
+                allow_cp: bool = True, policies: tuple = (None, "attention", "op")) -> float:
     world, L = cluster.world_size, SPEC.n_layers
     best = float("inf")
-    for tp in _divisors(world):
-        if SPEC.n_heads % tp or SPEC.n_kv_heads % tp:
+    for tp, pp, cp in itertools.product(_divisors(world), repeat=3):
+        if world % (tp * pp * cp) or SPEC.n_heads % tp or SPEC.n_kv_heads % tp or pp > L:
             continue
-        for pp in _divisors(world // tp):
-            if pp > L:
-                continue
-            dp = world // (tp * pp)
-            for b in _divisors(train.global_batch // dp):
-                for sp, sel in itertools.product([False, True] if tp > 1 and allow_sp else [False], [False, True]):
-                    opts = CostOptions(sequence_parallel=sp, selective_recompute=sel, attention=attention)
-                    costs = CandidateCosts(SPEC, cluster, train, dp, tp, pp, b, options=opts)
-                    cand = Candidate(dp, tp, pp, b, sp, sel)
-                    modes = [m for m, why in mode_rules(cluster, cand, StrategyOverride(), "unconstrained")
-                             if why is None]
-                    best = min(best, best_assignment(costs, modes, FRACTION * cluster.device.memory_bytes))
+        if cp > 1 and (not allow_cp or train.seq_len % (2 * cp) or train.seq_len // cp < 1024):
+            continue
+        dp = world // (tp * pp * cp)
+        for b in _divisors(train.global_batch // dp):
+            for sp, pol, (sched, v) in itertools.product([False, True] if tp > 1 and allow_sp else [False],
+                                                         policies, _schedules(pp)):
+                opts = CostOptions(sequence_parallel=sp, selective_policy=pol or "attention", attention=attention,
+                                   cp=cp, vpp=v, schedule=sched)
+                costs = CandidateCosts(SPEC, cluster, train, dp, tp, pp, b, options=opts)
+                cand = Candidate(dp, tp, pp, b, sp, pol, cp, v, sched)
+                modes = [m for m, why in mode_rules(cluster, cand, StrategyOverride(), "unconstrained")
+                         if why is None]
+                best = min(best, best_assignment(costs, modes, FRACTION * cluster.device.memory_bytes,
+                                                 pol is not None))
     return best
 
 
@@ -72,12 +87,18 @@ def test_memory_binds_in_the_tight_instances():
 
 
 def test_sequence_parallelism_is_chosen_when_it_is_what_wins():
-    # At 6 GiB the best strategy without sequence parallelism is slower (SP shards the activations that force
-    # recomputation otherwise; brute force over both spaces shows it), so the plan uses it.
+    # Without context parallelism and selective recomputation, at 6 GiB the best strategy without sequence
+    # parallelism is slower (SP shards the activations that force full recomputation otherwise; brute force over
+    # both spaces shows it), so the plan restricted the same way uses it.
     cluster, train = _cluster(6), TrainSpec(global_batch=8, seq_len=4096)
-    with_sp, without = brute_force(cluster, train), brute_force(cluster, train, allow_sp=False)
+    plain = {"allow_cp": False, "policies": (None,)}
+    with_sp, without = brute_force(cluster, train, **plain), brute_force(cluster, train, allow_sp=False, **plain)
     assert with_sp < without * (1 - 1e-6)
-    plan = search_plans(SPEC, cluster, train, top_k=1, backend="unconstrained", memory_fraction=FRACTION)[0]
+    override = StrategyOverride(cp=1, recompute=None)
+    plans = search_plans(SPEC, cluster, train, override=override, top_k=5, backend="unconstrained",
+                         memory_fraction=FRACTION)
+    plan = next(p for p in plans if not p.strategy.selective_recompute)
+    assert plan.predicted.step_time_s == pytest.approx(with_sp, rel=1e-6)
     assert plan.strategy.sequence_parallel and plan.strategy.tp > 1
 
 
@@ -94,8 +115,8 @@ def test_forced_selective_and_sp_are_honoured():
     cluster, train = _cluster(80), TrainSpec(global_batch=8, seq_len=4096)
     override = StrategyOverride(tp=2, sequence_parallel=True, recompute="selective")
     s = search_plans(SPEC, cluster, train, override=override, top_k=1, backend="unconstrained")[0].strategy
-    assert (s.tp, s.sequence_parallel, s.selective_recompute) == (2, True, True)
-    assert all(st.recompute_blocks == 0 for st in s.stages)
+    assert (s.tp, s.sequence_parallel, s.selective_recompute, s.selective_policy) == (2, True, True, "attention")
+    assert all(st.recompute_blocks == 0 and st.selective_blocks == st.n_blocks for st in s.stages)
 
 
 def test_stage_memory_equals_the_evaluators_memory():
@@ -122,7 +143,7 @@ def test_a_candidate_stopped_by_the_time_limit_makes_the_plan_feasible_not_optim
     def first_times_out(costs, *args, **kwargs):
         if not stopped:
             stopped.append(search._lower_bound(costs))
-            return MilpResult([], [], Mode(0, False), float("nan"), "timeout", float("nan"), 10.0)
+            return MilpResult([], [], [], Mode(0, False), float("nan"), "timeout", float("nan"), 10.0)
         return real(costs, *args, **kwargs)
 
     monkeypatch.setattr(search, "solve_stage_milp", first_times_out)
