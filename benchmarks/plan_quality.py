@@ -12,10 +12,10 @@ least as fast; the planner searches a superset of the expert's configuration whe
 says otherwise, so a ratio below 1 there is a planner bug.
 
 Like with like: the planner prices with the default :class:`CostOptions` (FlashAttention-2, DP/ZeRO overlap on
-GPUs, no TP overlap, 1F1B) and cannot choose the attention kernel, the overlap settings or interleaving. The expert
-configuration is therefore priced twice: as it ran (fidelity.py's options for its framework, information only) and
-with the planner's options (the ratio uses this one); the "options as run" column lists what differs. Interleaving
-(vpp > 1) is kept and flagged, since the planner cannot express it. An expert configuration that does not fit in
+GPUs, no TP overlap) and cannot choose the attention kernel or the overlap settings; it does choose cp, sp, the
+selective policy, the schedule and vpp (up to search.MAX_VPP). The expert configuration is therefore priced twice:
+as it ran (fidelity.py's options for its framework, information only) and with the planner's options (the ratio
+uses this one); the "options as run" column lists what differs. An expert configuration that does not fit in
 device memory by our model is flagged and not compared; one that fits only in the 5% headroom the planner keeps
 (memory_fraction 0.95) is compared but flagged as outside the planner's space.
 
@@ -39,15 +39,15 @@ import fidelity  # noqa: E402
 
 from paraplan.cost_models.costs import CostOptions  # noqa: E402
 from paraplan.cost_models.estimate import StrategySpec, estimate_strategy, stage_blocks  # noqa: E402
-from paraplan.planner.search import search_plans  # noqa: E402
+from paraplan.planner.search import MAX_VPP, search_plans  # noqa: E402
 from paraplan.types import Plan  # noqa: E402
 from paraplan.units import GiB  # noqa: E402
 
 MEMORY_FRACTION = 0.95  # search_plans' default headroom; the expert is checked against the same bound
 QUICK_ROWS = 5
 # Cost options the planner does not search: it prices every candidate with CostOptions()'s values of these.
-FIXED_OPTIONS = [f.name for f in fields(CostOptions) if f.name not in ("vpp", "sequence_parallel",
-                                                                      "selective_recompute")]
+FIXED_OPTIONS = [f.name for f in fields(CostOptions) if f.name not in ("vpp", "cp", "sequence_parallel",
+                                                                      "selective_policy", "schedule")]
 OUT_OF_SPACE = ("vpp", "memory headroom", "tp does not divide")  # flags that put the expert outside the plan's space
 
 
@@ -96,7 +96,8 @@ def planner_options(cluster_kind: str) -> dict:
 
 
 def expert_desc(st: StrategySpec) -> str:
-    return (f"tp{st.tp} pp{st.pp} dp{st.dp} mb{st.micro_batch_size}" + (f" vpp{st.vpp}" if st.vpp > 1 else "")
+    return (f"tp{st.tp} pp{st.pp} dp{st.dp}" + (f" cp{st.cp}" if st.cp > 1 else "") + f" mb{st.micro_batch_size}"
+            + (f" vpp{st.vpp}" if st.vpp > 1 else "")
             + (" sp" if st.sequence_parallel and st.tp > 1 else "") + f" z{st.zero_stage}"
             + (" offload" if st.offload_optimizer else "") + f" rc:{st.recompute}")
 
@@ -105,11 +106,15 @@ def plan_desc(plan: Plan) -> str:
     s = plan.strategy
     blocks = sum(st.n_blocks for st in s.stages)
     full = sum(st.recompute_blocks for st in s.stages)
+    sel = sum(st.selective_blocks for st in s.stages)
+    policy = {"attention": "selective", "op": "op"}[s.selective_policy]
     rc = "full" if full == blocks else f"{full}/{blocks} full" if full else "none"
-    if s.selective_recompute and full < blocks:
-        rc = "selective" if not full else rc + " + selective"
+    if sel:
+        rc = policy if sel == blocks else (rc + " + " if full else "") + f"{sel}/{blocks} {policy}"
     uneven = [st.n_blocks for st in s.stages] != stage_blocks(blocks, s.pp)  # estimate_strategy's split
-    return (f"tp{s.tp} pp{s.pp} dp{s.dp} mb{s.micro_batch_size}" + (" sp" if s.sequence_parallel else "")
+    sched = f" {s.schedule}" + (f" vpp{s.vpp}" if s.vpp > 1 and s.schedule != "zbv" else "") if s.pp > 1 else ""
+    return (f"tp{s.tp} pp{s.pp} dp{s.dp}" + (f" cp{s.cp}" if s.cp > 1 else "") + f" mb{s.micro_batch_size}"
+            + sched + (" sp" if s.sequence_parallel else "")
             + f" z{s.zero_stage}" + (" offload" if s.offload_optimizer else "") + f" rc:{rc}"
             + (f" blocks{[st.n_blocks for st in s.stages]}" if uneven else ""))
 
@@ -143,8 +148,8 @@ def evaluate_row(row: dict, time_limit_s: float = 10.0) -> QualityRow:
     elif frac > MEMORY_FRACTION:
         res.flags.append(f"memory headroom: expert fills {100 * frac:.1f}% of the device, above the planner's "
                          f"{100 * MEMORY_FRACTION:.0f}%")
-    if like.vpp > 1:
-        res.flags.append(f"vpp {like.vpp}: interleaving, which the planner does not search")
+    if like.vpp > MAX_VPP:
+        res.flags.append(f"vpp {like.vpp}: more chunks than the planner searches (MAX_VPP {MAX_VPP})")
     if (spec.n_kv_heads or 1) % like.tp:
         res.flags.append(f"tp does not divide the {spec.n_kv_heads} KV heads (the planner requires it)")
     start = time.perf_counter()
@@ -162,15 +167,18 @@ def evaluate_row(row: dict, time_limit_s: float = 10.0) -> QualityRow:
 
 def reprice(plan: Plan, spec, cluster, train) -> float:
     """The plan's step time by estimate_strategy (the cross-check that the planner reports the cost model's own
-    number), or nan where estimate_strategy cannot express the plan: an uneven stage split, or full recomputation
-    on some blocks but not all."""
+    number), or nan where estimate_strategy cannot express the plan: recomputation (full or selective) on some
+    blocks but not all. Stage block counts are passed as they are (``--stage-blocks``)."""
     s = plan.strategy
     blocks = [st.n_blocks for st in s.stages]
     full = [st.recompute_blocks for st in s.stages]
-    if blocks != stage_blocks(sum(blocks), s.pp) or (any(full) and full != blocks):
+    sel = [st.selective_blocks for st in s.stages]
+    if (any(full) and full != blocks) or (any(sel) and sel != blocks):
         return math.nan
-    recompute = "full" if any(full) else "selective" if s.selective_recompute else "none"
-    st = StrategySpec(dp=s.dp, tp=s.tp, pp=s.pp, micro_batch_size=s.micro_batch_size, recompute=recompute,
+    recompute = "full" if any(full) else ({"attention": "selective", "op": "op"}[s.selective_policy]
+                                          if any(sel) else "none")
+    st = StrategySpec(dp=s.dp, tp=s.tp, pp=s.pp, cp=s.cp, vpp=s.vpp, schedule=s.schedule,
+                      micro_batch_size=s.micro_batch_size, recompute=recompute, stage_blocks=tuple(blocks),
                       zero_stage=s.zero_stage, offload_optimizer=s.offload_optimizer,
                       sequence_parallel=s.sequence_parallel)
     return estimate_strategy(spec, cluster, train, st).step_time_s

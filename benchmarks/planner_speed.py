@@ -46,9 +46,13 @@ def run_row(model: str, nodes: int, gb: int, seq: int, backend: str) -> dict:
     s, sol = out["strategy"], out["solver"]
     row.update(candidates=sol["candidates"], milps=sol["milps_solved"], search_s=sol["search_time_s"],
                step_s=out["predicted"]["step_time_s"],
-               best=(f"dp{s['dp']} tp{s['tp']} pp{s['pp']} mb{s['micro_batch_size']} ZeRO-{s['zero_stage']}"
+               best=(f"dp{s['dp']} tp{s['tp']} pp{s['pp']}" + (f" cp{s['cp']}" if s["cp"] > 1 else "")
+                     + f" mb{s['micro_batch_size']} ZeRO-{s['zero_stage']}"
+                     + (f" {s['schedule']}" + (f" vpp{s['vpp']}" if s["vpp"] > 1 else "") if s["pp"] > 1 else "")
                      + (" sp" if s.get("sequence_parallel") else "")
-                     + f" rec {sum(s['recompute_blocks'])}/{sum(s['stage_blocks'])}"))
+                     + f" rec {sum(s['recompute_blocks'])}/{sum(s['stage_blocks'])}"
+                     + (f" + {sum(s['selective_blocks'])} {s['selective_policy']}-sel"
+                        if sum(s["selective_blocks"]) else "")))
     return row
 
 

@@ -364,12 +364,59 @@ def memory_lower_bound(costs: CandidateCosts, modes: list[Mode], recompute: str 
     return best
 
 
-def _lower_bound(costs: CandidateCosts) -> float:
-    """A step time no assignment of this candidate beats: perfectly balanced stages, no recomputation, no DP
-    communication. ``m max + w (sum - max) >= (m + w (p - 1)) sum / p`` since ``max >= sum / p`` and ``m >= w``."""
-    L = costs.spec.n_layers or 0
-    total = L * costs.block.time_s + sum(costs.compute_terms(s).const for s in range(costs.pp))
-    return (costs.m + costs.bubble_weight() * (costs.pp - 1)) / costs.pp * total
+def _lower_bound(costs: CandidateCosts, modes: list[Mode] | None = None, capacity: float | None = None,
+                 selective: bool = False) -> float:
+    """A step time no assignment of this candidate beats (s).
+
+    Formula: the larger of
+        (1) perfectly balanced stages without recomputation: ``m max + w (sum - max) >= (m + w (p - 1)) sum / p``
+            (``max >= sum / p``, ``m >= w``), ``sum >= L t_block + sum_s fixed_s``;
+        (2) with ``modes`` and ``capacity``: some stage holds ``k = ceil(L / p)`` blocks and so takes at least
+            ``T_k = min over modes and stage positions of t_s(k) + x``, where ``x`` is the least recomputation time
+            that brings its memory under the capacity (the LP relaxation over fully and selectively recomputed
+            blocks: :func:`_least_recompute_s`); then ``step >= (m - w) T_k + w (sum + x)``.
+    Only stages 0, p-2 and p-1 are evaluated (the argument of :func:`memory_lower_bound`); ``inf`` when no stage
+    of k blocks fits at all.
+    """
+    L, p, m = costs.spec.n_layers or 0, costs.pp, costs.m
+    w = costs.bubble_weight()
+    total = L * costs.block.time_s + sum(costs.compute_terms(s).const for s in range(p))
+    balanced = (m + w * (p - 1)) / p * total
+    if modes is None or capacity is None:
+        return balanced
+    k = -(-L // p)
+    busiest = float("inf")
+    for mode in modes:
+        for s in sorted({0, max(p - 2, 0), p - 1}):
+            x = _least_recompute_s(costs, s, k, mode, capacity, selective)
+            busiest = min(busiest, (m - w) * (costs.compute_terms(s)(k) + x) + w * (total + x))
+    return max(balanced, busiest)
+
+
+def _least_recompute_s(costs: CandidateCosts, stage: int, n: int, mode: Mode, capacity: float,
+                       selective: bool) -> float:
+    """Least recomputation time (s per micro-batch) that fits a stage of ``n`` blocks in ``capacity``: the LP
+    relaxation ``min a_r r + a_q q`` s.t. ``b_r r + b_q q >= over``, ``r + q <= n``, ``r, q >= 0``, where a fully
+    (selectively) recomputed block saves ``b_r`` (``b_q``) bytes for ``a_r`` (``a_q``) seconds and ``over`` is the
+    excess memory plus the working space any recomputation needs. Its optimum is at a vertex: only r, only q, or
+    ``r + q = n``. 0 when the stage fits without; ``inf`` when even the most saving choice does not fit."""
+    over = costs.stage_memory_bytes(stage, n, 0, mode) - capacity
+    if over <= 0:
+        return 0.0
+    over += costs.block.act_bytes
+    act = costs.activation_terms(stage)
+    a_r, b_r = costs.block.recompute_s, -act.per_recompute
+    a_q, b_q = (costs.block.selective_s, -act.per_selective) if selective else (0.0, 0.0)
+    best = float("inf")
+    if b_r > 0 and over / b_r <= n:
+        best = min(best, a_r * over / b_r)
+    if b_q > 0 and over / b_q <= n:
+        best = min(best, a_q * over / b_q)
+    if b_r != b_q:
+        r = (over - b_q * n) / (b_r - b_q)
+        if 0 <= r <= n:
+            best = min(best, a_r * r + a_q * (n - r))
+    return best
 
 
 def split_chunks(n_blocks: int, vpp: int, embed: bool = False, head: bool = False) -> list[int] | None:
@@ -480,7 +527,7 @@ def search_plans(
                 might_fit[why_not] = might_fit.get(why_not, 0) + 1
             continue
         costs = costs_of(cand)
-        scored.append((_lower_bound(costs), cand, costs, modes))
+        scored.append((_lower_bound(costs, modes, capacity, cand.selective is not None), cand, costs, modes))
     scored.sort(key=lambda x: x[0])
     found: list[tuple[float, Candidate, CandidateCosts, MilpResult]] = []
     seen: set[tuple] = set()  # plans already found (knob settings that led to the same strategy)
