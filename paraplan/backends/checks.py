@@ -1,8 +1,10 @@
 """Plan checks and the chain layout shared by both backends (``deepspeed``, ``torch_native``).
 
 A plan's stages cut the layer chain ``[embed, block_0 .. block_{L-1}, head]`` (chain indices ``0 .. L+1``) into
-contiguous ranges. Both backends refuse the same things here, with the same message, so a plan one refuses is not
-"fixed" by switching to the other; what only one backend cannot do stays in that backend's module.
+contiguous ranges, one per pipeline rank, or (vpp > 1, or the ZB-V schedule) into ``pp * vpp`` model chunks placed on
+the ranks as ``Strategy.virtual_stages`` says; a rank's blocks are then its chunks' blocks in chunk order.
+Both backends refuse the same things here, with the same message, so a plan one refuses is not "fixed" by switching
+to the other; what only one backend cannot do stays in that backend's module.
 The planner keeps its own predicate for these rules (``planner.search.backend_rejection``: the planner may not
 import backends); change both together.
 """
@@ -10,7 +12,7 @@ import backends); change both together.
 from __future__ import annotations
 
 from paraplan.errors import LaunchError
-from paraplan.types import ModelSpec, Plan
+from paraplan.types import ModelSpec, Plan, VirtualStage
 
 
 def check_tp(spec: ModelSpec, tp: int) -> None:
@@ -62,12 +64,52 @@ def check_tied_embeddings(plan: Plan) -> None:
 def check_stage_tiling(plan: Plan) -> None:
     """Refuse stages that do not cover the chain ``[embed, blocks..., head]`` exactly once, in order.
 
+    With vpp = 1 each stage is one contiguous range and the ranges must follow each other. With model chunks
+    (vpp > 1, or the ZB-V schedule) each rank's ``first_layer``/``last_layer`` must be the span that
+    :meth:`Strategy.virtual_stages` derives from its ``chunk_blocks`` in the schedule's placement (loop or V).
+
     Raises:
-        LaunchError: a gap, an overlap or an empty stage, (when the spec gives ``n_layers``) a last stage that
-            does not end at the head, chain index ``n_layers + 1``, or a stage whose ``n_blocks`` (what the planner
-            priced; ``Plan`` checks their sum and ``recompute_blocks`` against it) differs from the blocks between
-            its boundaries.
+        LaunchError: a gap, an overlap or an empty stage or chunk, (when the spec gives ``n_layers``) a last stage
+            that does not end at the head, chain index ``n_layers + 1``, a stage whose ``n_blocks`` (what the
+            planner priced; ``Plan`` checks their sum and ``recompute_blocks`` against it) differs from the blocks
+            between its boundaries, or chunk boundaries that differ from those its ``chunk_blocks`` imply.
     """
+    st = plan.strategy
+    if st.vpp == 1:
+        _check_contiguous_stages(plan)
+        return
+    for stage in st.stages:
+        if stage.chunk_blocks is None or len(stage.chunk_blocks) != st.vpp or sum(stage.chunk_blocks) != stage.n_blocks:
+            raise LaunchError(
+                f"plan stage {stage.index} has chunk_blocks {stage.chunk_blocks} for vpp={st.vpp} and "
+                f"{stage.n_blocks} blocks; they must be vpp counts summing to n_blocks. Re-plan"
+            )
+    virtual = st.virtual_stages()
+    for vs in virtual:
+        if vs.last_layer < vs.first_layer:
+            raise LaunchError(
+                f"plan virtual stage {vs.index} (rank {vs.rank}, chunk {vs.chunk}) holds no layer; every model "
+                "chunk needs at least one block (or the embedding / head). Re-plan"
+            )
+    for stage in st.stages:
+        mine = [vs for vs in virtual if vs.rank == stage.index]
+        span = (mine[0].first_layer, mine[-1].last_layer)
+        if (stage.first_layer, stage.last_layer) != span:
+            raise LaunchError(
+                f"plan stage {stage.index} says chain layers {stage.first_layer}..{stage.last_layer} but its "
+                f"chunk_blocks {stage.chunk_blocks} in the {st.schedule} placement give {span[0]}..{span[1]}; "
+                "re-plan instead of editing the stages"
+            )
+    n_layers, end = plan.model.n_layers, virtual[-1].last_layer
+    if n_layers is not None and end != n_layers + 1:
+        raise LaunchError(
+            f"plan chunks end at chain layer {end} but {plan.model.name} has {n_layers} blocks "
+            f"(head at {n_layers + 1}). Re-plan"
+        )
+
+
+def _check_contiguous_stages(plan: Plan) -> None:
+    """vpp = 1: the stages' ranges follow each other from the embedding to the head."""
     expected = 0
     for stage in plan.strategy.stages:
         if stage.first_layer != expected or stage.last_layer < stage.first_layer:
@@ -90,28 +132,57 @@ def check_stage_tiling(plan: Plan) -> None:
             )
 
 
-def stage_block_layers(plan: Plan) -> list[range]:
-    """Chain indices of the blocks of each stage (blocks are chain layers ``1 .. L``), derived from the stage
-    boundaries alone (:func:`check_stage_tiling` checks ``StagePlan.n_blocks``, the planner's count, against them).
+def chunk_layers(plan: Plan) -> list[VirtualStage]:
+    """Every model chunk (virtual stage) in model order with its rank and chain range.
 
-    Assumes :func:`check_stage_tiling` passed, so the last stage ends at the head, chain index ``L + 1``.
+    With vpp = 1 these are the stages' own boundaries (which :func:`check_stage_tiling` checked, and which the
+    backends run: the boundaries, not the block counts, are what a vpp-1 plan cuts at); with vpp > 1 they come
+    from :meth:`Strategy.virtual_stages` (the ranks' ``chunk_blocks`` in the schedule's placement).
     """
-    stages = plan.strategy.stages
-    n_blocks = stages[-1].last_layer - 1
-    return [range(max(s.first_layer, 1), min(s.last_layer, n_blocks) + 1) for s in stages]
+    st = plan.strategy
+    if st.vpp == 1:
+        return [VirtualStage(s.index, s.index, 0, s.first_layer, s.last_layer, s.n_blocks) for s in st.stages]
+    return st.virtual_stages()
+
+
+def chunk_block_layers(plan: Plan) -> list[range]:
+    """Chain indices of the blocks (chain layers ``1 .. L``) of each model chunk, in model order.
+
+    Assumes :func:`check_stage_tiling` passed, so the last chunk ends at the head, chain index ``L + 1``.
+    """
+    chunks = chunk_layers(plan)
+    n_blocks = chunks[-1].last_layer - 1
+    return [range(max(c.first_layer, 1), min(c.last_layer, n_blocks) + 1) for c in chunks]
+
+
+def stage_block_layers(plan: Plan) -> list[list[int]]:
+    """Chain indices of the blocks of each pipeline rank: its chunks' blocks in chunk order (with vpp = 1 its one
+    contiguous range, derived from the stage boundaries alone; :func:`check_stage_tiling` checks
+    ``StagePlan.n_blocks``, the planner's count, against them).
+    """
+    per_rank: list[list[int]] = [[] for _ in plan.strategy.stages]
+    for chunk, blocks in zip(chunk_layers(plan), chunk_block_layers(plan)):
+        per_rank[chunk.rank].extend(blocks)
+    return per_rank
 
 
 def checkpointed_layers(plan: Plan) -> list[int]:
-    """Chain indices of the blocks run with full activation checkpointing: the first ``recompute_blocks`` blocks of
-    each stage (blocks are chain layers ``1..L``; layer 0 is the embedding and ``L+1`` the head)."""
+    """Chain indices (ascending) of the blocks run with full activation checkpointing: the first
+    ``recompute_blocks`` blocks of each rank in its chunk order (blocks are chain layers ``1..L``; layer 0 is the
+    embedding and ``L+1`` the head)."""
     stages = plan.strategy.stages
-    return [c for stage, blocks in zip(stages, stage_block_layers(plan)) for c in blocks[: stage.recompute_blocks]]
+    return sorted(
+        c for stage, blocks in zip(stages, stage_block_layers(plan)) for c in blocks[: stage.recompute_blocks]
+    )
 
 
 def selective_layers(plan: Plan) -> list[int]:
-    """Chain indices of the blocks run with selective checkpointing: with ``selective_recompute``, every block
-    that :func:`checkpointed_layers` does not recompute in full; otherwise none."""
+    """Chain indices (ascending) of the blocks run with selective recomputation (``Strategy.selective_policy``):
+    on each rank the ``selective_blocks`` blocks after its ``recompute_blocks`` fully recomputed ones, in its chunk
+    order; none without ``selective_recompute``."""
     if not plan.strategy.selective_recompute:
         return []
-    stages = plan.strategy.stages
-    return [c for stage, blocks in zip(stages, stage_block_layers(plan)) for c in blocks[stage.recompute_blocks:]]
+    return sorted(
+        c for stage, blocks in zip(plan.strategy.stages, stage_block_layers(plan))
+        for c in blocks[stage.recompute_blocks: stage.recompute_blocks + stage.selective_blocks]
+    )

@@ -16,13 +16,17 @@ What DeepSpeed cannot run is refused here, before any process starts:
 - Megatron sequence parallelism (``Strategy.sequence_parallel``): AutoTP shards only the linear layers and has no
   sequence-sharded norms or residual stream (DeepSpeed-Ulysses, its "sequence parallelism", is a different method
   that shards attention heads with all-to-alls, and the plan did not price it).
-
-Selective recomputation (``Strategy.selective_recompute``) is not DeepSpeed's: its activation checkpointing API
-checkpoints whole functions and cannot keep the projections while recomputing only the attention core. The trainer
-wraps the chain's blocks itself, before ``deepspeed.initialize``, with torch's selective checkpointing (the same
-policy as the torch backend, ``train_common.selective_checkpoint``); the ``paraplan`` key lists those blocks.
+- Any pipeline schedule but 1F1B with one chunk per rank (``Strategy.vpp`` > 1, interleaved 1F1B, zero bubble,
+  ZB-V): the ``PipelineEngine`` runs its own 1F1B ``TrainSchedule`` over one contiguous stage per rank.
+- Context parallelism (``Strategy.cp`` > 1): DeepSpeed's sequence sharding is Ulysses (all-to-all over attention
+  heads), a different method from the ring attention the plan priced.
 - What neither backend runs (``checks``): tp > 1 on a non-Llama model or not dividing the heads, key/value heads
   and MLP width; tied input/output embeddings split over pipeline stages; stages that do not tile the chain.
+
+Selective recomputation (``StagePlan.selective_blocks``) is not DeepSpeed's: its activation checkpointing API
+checkpoints whole functions and cannot keep some activations while recomputing others. The trainer wraps those
+blocks itself, before ``deepspeed.initialize``, with the torch backend's selective recomputation under the plan's
+``selective_policy`` (``train_common.selective_checkpoint``: attention or op); the ``paraplan`` key lists them.
 """
 
 from __future__ import annotations
@@ -47,6 +51,13 @@ ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 # DeepSpeed prints a progress line every steps_per_print steps; the trainer prints its own line per step.
 STEPS_PER_PRINT = 1_000_000_000
+# What the trainer runs for each selective policy (train_common.selective_checkpoint), written into the config.
+SELECTIVE_IMPLEMENTATIONS = {
+    "attention": "torch.utils.checkpoint(use_reentrant=False) of the SDPA call only: attention core recomputed, "
+                 "everything else kept",
+    "op": "torch selective activation checkpointing, torchtitan's op policy: outputs of every other mm, SDPA and "
+          "reduce-scatter kept, the rest recomputed",
+}
 
 
 def check_deepspeed_plan(plan: Plan) -> None:
@@ -56,13 +67,24 @@ def check_deepspeed_plan(plan: Plan) -> None:
         plan: the plan to launch.
 
     Raises:
-        LaunchError: sequence parallelism; tp > 1 on a non-Llama model, with pp > 1, or not dividing the heads,
-            key/value heads or MLP width; ZeRO stage >= 2 with pp > 1; optimizer offload with ZeRO stage 0; tied
-            embeddings with pp > 1;
-            stages that do not tile the layer chain from the embedding to the head; a global batch other than
-            dp x micro-batch x gradient accumulation.
+        LaunchError: sequence parallelism; context parallelism (cp > 1); a pipeline schedule other than 1f1b or
+            vpp > 1; tp > 1 on a non-Llama model, with pp > 1, or not dividing the heads, key/value heads or MLP
+            width; ZeRO stage >= 2 with pp > 1; optimizer offload with ZeRO stage 0; tied embeddings with pp > 1;
+            stages that do not tile the layer chain from the embedding to the head.
     """
     s = plan.strategy
+    if s.cp > 1:
+        raise LaunchError(
+            f"the plan uses context parallelism (cp={s.cp}, ring attention over sequence shards); DeepSpeed shards "
+            "sequences only with Ulysses (all-to-all over attention heads), a different method paraplan does not "
+            "plan. Launch with --backend torch (on a GPU cluster), or re-plan with --backend deepspeed (cp=1)"
+        )
+    if s.vpp > 1 or s.schedule != "1f1b":
+        raise LaunchError(
+            f"the plan pipelines with schedule {s.schedule} and vpp={s.vpp}; DeepSpeed's PipelineEngine runs only its "
+            "own 1F1B over one contiguous stage per rank. Launch with --backend torch, or re-plan with --backend "
+            "deepspeed (schedule 1f1b, vpp 1)"
+        )
     if s.sequence_parallel:
         raise LaunchError(
             "the plan uses Megatron sequence parallelism (norms and residual stream sharded over the tp group), "
@@ -144,8 +166,8 @@ def build_ds_config(plan: Plan) -> dict[str, Any]:
             "method": "full", "implementation": "torch.utils.checkpoint(use_reentrant=False)",
             "chain_layers": checkpointed_layers(plan),
             "selective": {
-                "implementation": "torch.utils.checkpoint selective policy: matmul outputs saved, attention "
-                                  "core recomputed",
+                "policy": s.selective_policy,
+                "implementation": SELECTIVE_IMPLEMENTATIONS[s.selective_policy],
                 "chain_layers": selective_layers(plan),
             },
         },

@@ -59,7 +59,8 @@ def check_world_size(plan: Plan, local_devices: bool = True) -> None:
     if cluster.world_size != world:
         raise LaunchError(
             f"plan strategy uses {world} devices (dp={plan.strategy.dp} x tp={plan.strategy.tp} x "
-            f"pp={plan.strategy.pp}) but its cluster {cluster.name} has {cluster.world_size}; re-plan"
+            f"pp={plan.strategy.pp} x cp={plan.strategy.cp}) but its cluster {cluster.name} has "
+            f"{cluster.world_size}; re-plan"
         )
     if cluster.nodes > 1:
         raise LaunchError(

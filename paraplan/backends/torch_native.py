@@ -1,25 +1,32 @@
 """Native torch backend: render a Plan as ``torch_parallel.json`` and apply it to a layer chain.
 
 ``build_torch_config`` turns a plan into a :class:`TorchParallelConfig`, the exact recipe the trainer
-(``paraplan.backends.train_torch``) applies: a ``(pp, dp, tp)`` device mesh, a Llama tensor-parallel plan
-(DTensor ``parallelize_module``), full activation checkpointing of chosen blocks, a data-parallel wrapper per ZeRO
-stage (DDP, DDP + ``ZeroRedundancyOptimizer``, FSDP2 ``fully_shard``) and a ``torch.distributed.pipelining`` 1F1B
-schedule. ``emit_torch`` writes that recipe; ``parallelize`` applies it, in the order torchtitan's llama
-``parallelize.py`` uses (pipeline split, TP, activation checkpointing, data parallelism).
+(``paraplan.backends.train_torch``) applies: a ``(pp, dp, cp, tp)`` device mesh (torchtitan's order), a Llama
+tensor-parallel plan (DTensor ``parallelize_module``), full or selective activation checkpointing of chosen blocks, a
+data-parallel wrapper per ZeRO stage (DDP, DDP + ``ZeroRedundancyOptimizer``, FSDP2 ``fully_shard``), context
+parallelism (``torch_context_parallel``, CUDA only) and a ``torch.distributed.pipelining`` schedule over the rank's
+model chunks (``torch_pipeline``). ``emit_torch`` writes that recipe; ``parallelize`` applies it, per model chunk,
+in the order torchtitan's llama ``parallelize.py`` uses (pipeline split, TP, activation checkpointing, data
+parallelism).
+
+Pipeline chunks: with ``vpp`` > 1 (interleaved 1F1B, zero bubble) or the ZB-V schedule a rank holds several model
+chunks (``Strategy.virtual_stages``); each is its own :class:`StageModule`, parallelized and wrapped on its own, and
+its own ``PipelineStage``. With vpp = 1 a rank holds one chunk, its stage.
 
 Sequence parallelism (Korthikanti et al. 2022, sec. 4.2.2), with tp > 1: the residual stream between blocks is a
 DTensor sharded over the tp group along the sequence, ``Shard(1)``; the two RMSNorms of each block run on that
 shard (``SequenceParallel``), the attention and MLP inputs are all-gathered (``PrepareModuleInput`` to
 ``Replicate``) and the o/down projections reduce-scatter their output back to ``Shard(1)``. The embedding output
 is split to ``Shard(1)`` (no communication: every tp rank holds it whole) and the head's input is all-gathered, so
-the final norm and LM head run replicated as without sequence parallelism. Pipeline stage boundaries carry whole
+the final norm and LM head run replicated as without sequence parallelism. Pipeline chunk boundaries carry whole
 (gathered) hidden states. A block's global shape stays ``(b, s, h)``, so its rotary embedding sees all ``s``
 positions.
 
-Selective recomputation (sec. 4.3): blocks not fully recomputed run under torch's selective activation
-checkpointing, saving matmul outputs and recomputing the attention core (``train_common.selective_checkpoint``).
+Selective recomputation (sec. 4.3): each rank's ``selective_blocks`` run under the plan's ``selective_policy``
+(``train_common.selective_checkpoint``: the attention core recomputed, or torchtitan's op-level policy).
 
-ZeRO stage -> wrapper (over the ``dp`` mesh dimension; nothing when dp == 1 and nothing is offloaded):
+ZeRO stage -> wrapper (over the ``dp`` mesh dimension, ``dp x cp`` flattened with context parallelism; nothing when
+dp x cp == 1 and nothing is offloaded):
 
 - 0: ``DistributedDataParallel`` (replicated parameters, gradients and optimizer states).
 - 1: DDP + ``torch.distributed.optim.ZeroRedundancyOptimizer`` (optimizer states sharded).
@@ -43,17 +50,21 @@ from pydantic import Field
 from torch import nn
 
 from paraplan.backends.checks import (
-    check_stage_tiling, check_tied_embeddings, check_tp, checkpointed_layers, selective_layers, stage_block_layers,
+    check_stage_tiling, check_tied_embeddings, check_tp, checkpointed_layers, chunk_block_layers, chunk_layers,
+    selective_layers,
 )
+from paraplan.backends.torch_context_parallel import (
+    CP_ROTATE_METHOD, CP_SDPA_BACKENDS, check_context_parallel, context_parallel_step,
+)
+from paraplan.backends.torch_pipeline import build_schedule, check_schedule_supported
 from paraplan.backends.train_common import selective_checkpoint
-from paraplan.models.build import torch_dtype
 from paraplan.errors import LaunchError
 from paraplan.files import read_model, write_atomic
-from paraplan.models.build import LayerChain, lm_loss
-from paraplan.types import SCHEMA_VERSION, Dtype, Plan, _Frozen
+from paraplan.models.build import LayerChain, torch_dtype
+from paraplan.types import SCHEDULE_CLASSES, SCHEMA_VERSION, Dtype, Plan, _Frozen
 
 CONFIG_FILE = "torch_parallel.json"
-MESH_DIM_NAMES = ("pp", "dp", "tp")
+MESH_DIM_NAMES = ("pp", "dp", "cp", "tp")
 
 # Tensor-parallel plan of one LlamaBlock (names relative to the block), after Megatron-LM (Shoeybi et al. 2019,
 # section 3): the first matmul of attention and of the MLP is split by output columns, the second by input rows,
@@ -70,18 +81,24 @@ LLAMA_TP_PLAN: dict[str, Literal["ColwiseParallel", "RowwiseParallel"]] = {
 }
 
 Wrapper = Literal["none", "DDP", "DDP+ZeroRedundancyOptimizer", "FSDP2"]
+ScheduleClass = Literal["Schedule1F1B", "ScheduleInterleaved1F1B", "ScheduleInterleavedZeroBubble",
+                        "ScheduleZBVZeroBubble"]
 
 
 class MeshConfig(_Frozen):
-    shape: list[int] = Field(description="Device mesh shape, one entry per dimension name (pp, dp, tp).")
+    shape: list[int] = Field(description="Device mesh shape, one entry per dimension name (pp, dp, cp, tp).")
     dim_names: list[str] = Field(default=list(MESH_DIM_NAMES), description="Mesh dimension names, outermost first.")
 
 
 class DataParallelConfig(_Frozen):
     zero_stage: int = Field(ge=0, le=3)
-    wrapper: Wrapper = Field(description="What wraps each stage module over the dp mesh dimension.")
+    wrapper: Wrapper = Field(description="What wraps each chunk module over the data-parallel mesh (mesh_dims).")
     reshard_after_forward: bool | None = Field(description="FSDP2 only: free gathered parameters after forward.")
     cpu_offload: bool = Field(description="FSDP2 CPUOffloadPolicy: params, grads, optimizer states on the host.")
+    mesh_dims: list[str] = Field(
+        description="Mesh dimensions gradients are averaged (and FSDP2 shards) over: dp, or dp and cp flattened "
+                    "(torchtitan's dp_shard_cp) with context parallelism.",
+    )
 
 
 class TensorParallelConfig(_Frozen):
@@ -98,18 +115,32 @@ class TensorParallelConfig(_Frozen):
 
 
 class PipelineStageConfig(_Frozen):
-    index: int = Field(ge=0)
+    """One model chunk (virtual pipeline stage); with vpp = 1 the chunk is the rank's whole stage."""
+
+    index: int = Field(ge=0, description="Virtual stage index in model order (the PipelineStage's stage_index).")
+    rank: int = Field(ge=0, description="Pipeline rank that runs it.")
+    chunk: int = Field(ge=0, description="Its position among that rank's chunks.")
     first_layer: int = Field(ge=0, description="Chain index, inclusive (0 is the embedding).")
     last_layer: int = Field(ge=0, description="Chain index, inclusive (L+1 is the head).")
-    blocks: list[int] = Field(description="Block indices (0-based, chain index - 1) of this stage.")
+    blocks: list[int] = Field(description="Block indices (0-based, chain index - 1) of this chunk.")
 
 
 class PipelineConfig(_Frozen):
-    schedule: Literal["1F1B"] | None = Field(description="torch.distributed.pipelining schedule; None when pp is 1.")
+    schedule: ScheduleClass | None = Field(
+        description="torch.distributed.pipelining schedule class (types.SCHEDULE_CLASSES); None when pp is 1.")
+    chunks_per_rank: int = Field(gt=0, description="Model chunks per pipeline rank (vpp).")
     n_microbatches: int = Field(gt=0, description="Micro-batches per step per dp rank (gradient accumulation).")
     micro_batch_size: int = Field(gt=0, description="Sequences per micro-batch.")
-    activation_dtype: Dtype = Field(description="dtype of the hidden states sent between stages.")
-    stages: list[PipelineStageConfig]
+    seq_len: int = Field(gt=0, description="Tokens per sequence (before context-parallel sharding).")
+    activation_dtype: Dtype = Field(description="dtype of the hidden states sent between chunks.")
+    stages: list[PipelineStageConfig] = Field(description="Every model chunk, in model order (pp x vpp).")
+
+
+class ContextParallelConfig(_Frozen):
+    degree: int = Field(default=1, gt=0, description="cp: ranks a sequence is sharded over (ring attention).")
+    sdpa_backends: list[str] = Field(
+        default_factory=list, description="torch.nn.attention.SDPBackend kernels allowed inside context_parallel.")
+    rotate_method: str | None = Field(default=None, description="How K/V shards travel: allgather or alltoall.")
 
 
 class MixedPrecisionConfig(_Frozen):
@@ -129,11 +160,14 @@ class TorchParallelConfig(_Frozen):
     data_parallel: DataParallelConfig
     tensor_parallel: TensorParallelConfig
     pipeline: PipelineConfig
+    context_parallel: ContextParallelConfig
     checkpointed_blocks: list[int] = Field(description="Block indices run with full activation checkpointing.")
     selective_checkpointed_blocks: list[int] = Field(
-        default_factory=list,
-        description="Block indices run with selective checkpointing (matmul outputs saved, attention recomputed).",
+        default_factory=list, description="Block indices run with selective recomputation (selective_policy).",
     )
+    selective_policy: Literal["attention", "op"] = Field(
+        description="attention: the SDPA call recomputed, everything else kept; op: torchtitan's op-level policy "
+                    "(every other mm, SDPA, reduce-scatter kept).")
     mixed_precision: MixedPrecisionConfig
 
 
@@ -151,25 +185,30 @@ def build_torch_config(plan: Plan) -> TorchParallelConfig:
     """
     check_supported(plan)
     st = plan.strategy
-    stages = [
-        PipelineStageConfig(index=s.index, first_layer=s.first_layer, last_layer=s.last_layer,
-                            blocks=[c - 1 for c in chain_ids])
-        for s, chain_ids in zip(st.stages, stage_block_layers(plan))
+    chunks = [
+        PipelineStageConfig(index=c.index, rank=c.rank, chunk=c.chunk, first_layer=c.first_layer,
+                            last_layer=c.last_layer, blocks=[b - 1 for b in blocks])
+        for c, blocks in zip(chunk_layers(plan), chunk_block_layers(plan))
     ]
     mp = _mixed_precision(plan)
+    cp = ContextParallelConfig(degree=st.cp, sdpa_backends=list(CP_SDPA_BACKENDS), rotate_method=CP_ROTATE_METHOD) \
+        if st.cp > 1 else ContextParallelConfig()
     return TorchParallelConfig(
-        mesh=MeshConfig(shape=[st.pp, st.dp, st.tp]),
+        mesh=MeshConfig(shape=[st.pp, st.dp, st.cp, st.tp], dim_names=list(MESH_DIM_NAMES)),
         data_parallel=_data_parallel(plan),
         tensor_parallel=TensorParallelConfig(
             degree=st.tp, plan=dict(LLAMA_TP_PLAN) if st.tp > 1 else {}, sequence_parallel=st.sequence_parallel,
         ),
         pipeline=PipelineConfig(
-            schedule="1F1B" if st.pp > 1 else None, n_microbatches=st.grad_accum,
-            micro_batch_size=st.micro_batch_size, activation_dtype=mp.param_dtype, stages=stages,
+            schedule=SCHEDULE_CLASSES[st.schedule] if st.pp > 1 else None, chunks_per_rank=st.vpp,
+            n_microbatches=st.grad_accum, micro_batch_size=st.micro_batch_size, seq_len=plan.train.seq_len,
+            activation_dtype=mp.param_dtype, stages=chunks,
         ),
+        context_parallel=cp,
         # Block b is chain layer b + 1 (layer 0 is the embedding).
         checkpointed_blocks=[c - 1 for c in checkpointed_layers(plan)],
         selective_checkpointed_blocks=[c - 1 for c in selective_layers(plan)],
+        selective_policy=st.selective_policy,
         mixed_precision=mp,
     )
 
@@ -179,10 +218,12 @@ def check_supported(plan: Plan) -> None:
 
     Raises:
         LaunchError: optimizer offload (plans price optimizer-only offload), fp16, tensor parallelism for a
-            non-Llama model or a degree that does not divide the heads / key-value heads / MLP width, fewer
-            micro-batches than pipeline stages, pp > 1 without hidden/vocab in the spec, tied embeddings split across
-            pipeline stages, stages that do not tile the layer chain, or sequence parallelism for a non-Llama
-            model or a sequence length tp does not divide.
+            non-Llama model or a degree that does not divide the heads / key-value heads / MLP width, a pipeline
+            schedule torch cannot run with the plan's micro-batches, recomputation or data parallelism
+            (``torch_pipeline.check_schedule_supported``), pp > 1 without hidden/vocab in the spec, tied embeddings
+            split across pipeline stages, stages or chunks that do not tile the layer chain, sequence parallelism
+            for a non-Llama model or a sequence length tp does not divide, or context parallelism on a CPU cluster
+            (``torch_context_parallel.check_context_parallel``).
     """
     st, spec = plan.strategy, plan.model
     if st.offload_optimizer:
@@ -198,15 +239,12 @@ def check_supported(plan: Plan) -> None:
             "the torch backend does not implement fp16 loss scaling; plan with dtype bf16 (same memory) or fp32, "
             "or launch with --backend deepspeed"
         )
+    check_context_parallel(plan)
     if st.sequence_parallel:
         _check_sequence_parallel(plan)
     if st.tp > 1:
         check_tp(spec, st.tp)
-    if st.pp > 1 and st.grad_accum < st.pp:
-        raise LaunchError(
-            f"1F1B needs at least as many micro-batches as stages; the plan has {st.grad_accum} micro-batches for "
-            f"pp={st.pp}. Re-plan with a smaller micro-batch or a larger global batch"
-        )
+    check_schedule_supported(plan)
     if st.pp > 1 and (spec.hidden is None or spec.vocab is None):
         raise LaunchError(
             f"pp={st.pp} for {spec.name}: the torch backend sizes the stage boundaries from hidden and vocab; add "
@@ -234,14 +272,14 @@ def _data_parallel(plan: Plan) -> DataParallelConfig:
     st = plan.strategy
     if st.offload_optimizer:  # CPUOffloadPolicy exists only in FSDP2, whatever the ZeRO stage
         wrapper: Wrapper = "FSDP2"
-    elif st.dp == 1:
+    elif st.dp * st.cp == 1:
         wrapper = "none"
     else:
         wrapper = ("DDP", "DDP+ZeroRedundancyOptimizer", "FSDP2", "FSDP2")[st.zero_stage]
     return DataParallelConfig(
         zero_stage=st.zero_stage, wrapper=wrapper,
         reshard_after_forward=(st.zero_stage == 3) if wrapper == "FSDP2" else None,
-        cpu_offload=st.offload_optimizer,
+        cpu_offload=st.offload_optimizer, mesh_dims=["dp", "cp"] if st.cp > 1 else ["dp"],
     )
 
 
@@ -297,22 +335,26 @@ def load_torch_config(run_dir: Path, plan: Plan) -> TorchParallelConfig:
 # ---------------------------------------------------------------------------------------------------------------
 
 class StageModule(nn.Module):
-    """Chain layers ``first_layer..last_layer`` of one pipeline stage (the whole chain when pp is 1).
+    """Chain layers ``first_layer..last_layer`` of one model chunk (the whole chain when pp is 1).
 
     ``forward(x) -> y``: tokens ``(b, s)`` int64 or hidden ``(b, s, h)`` in, hidden ``(b, s, h)`` or logits
     ``(b, s, v)`` out, cast to ``output_dtype`` so the pipeline's static stage-boundary metadata always holds.
-    Blocks are addressed by their global block index through ``block_position``.
+    Blocks are addressed by their global block index through ``block_position``. With ``position_ids`` (a
+    ``(1, s)`` int64 buffer; context parallelism shards it with the sequence) every block is called as
+    ``block(x, positions=position_ids)`` so its rotary embedding uses the tokens' global positions.
     """
 
     def __init__(
         self, layers: list[nn.Module], block_ids: list[int], first_block_position: int,
-        output_dtype: torch.dtype, autocast_dtype: torch.dtype | None,
+        output_dtype: torch.dtype, autocast_dtype: torch.dtype | None, position_ids: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.layers = nn.ModuleList(layers)
         self.block_position = {b: first_block_position + i for i, b in enumerate(block_ids)}
         self.output_dtype = output_dtype
         self.autocast_dtype = autocast_dtype
+        self.position_ids: torch.Tensor | None
+        self.register_buffer("position_ids", position_ids, persistent=False)
 
     def block(self, block_id: int) -> nn.Module:
         return self.layers[self.block_position[block_id]]
@@ -325,20 +367,33 @@ class StageModule(nn.Module):
             torch.autocast(x.device.type, dtype=self.autocast_dtype)
             if self.autocast_dtype is not None else contextlib.nullcontext()
         )
+        blocks = set(self.block_position.values())
         with ctx:
-            for layer in self.layers:
-                x = layer(x)
-        return x.to(self.output_dtype)
+            for i, layer in enumerate(self.layers):
+                if self.position_ids is not None and i in blocks:
+                    x = layer(x, positions=self.position_ids)
+                else:
+                    x = layer(x)
+        x = x.to(self.output_dtype)
+        # The zero-bubble schedules detach a chunk's output in place after its input-gradient pass, which a view
+        # (a DTensor's local tensor, as tensor parallelism hands it back) does not allow.
+        return x.clone() if x._is_view() else x
 
 
 def build_stage_module(chain: LayerChain, stage: PipelineStageConfig, config: TorchParallelConfig) -> StageModule:
-    """Cut one stage out of the chain (keeps references to the chain's layers; drop the chain to free the rest)."""
+    """Cut one model chunk out of the chain (keeps references to the chain's layers; drop the chain to free the
+    rest). With context parallelism the chunk gets its ``position_ids`` buffer ``0 .. seq_len - 1``."""
     layers = chain.layers()[stage.first_layer: stage.last_layer + 1]
     mp = config.mixed_precision
+    positions = None
+    if config.context_parallel.degree > 1:
+        device = next(chain.parameters()).device
+        positions = torch.arange(config.pipeline.seq_len, device=device).unsqueeze(0)
     return StageModule(
         layers, stage.blocks, first_block_position=1 if stage.first_layer == 0 else 0,
         output_dtype=torch_dtype(config.pipeline.activation_dtype),
         autocast_dtype=torch_dtype(mp.compute_dtype) if mp.mechanism == "autocast" else None,
+        position_ids=positions,
     )
 
 
@@ -377,6 +432,18 @@ def apply_tp(stage: StageModule, tp_mesh, tp: TensorParallelConfig) -> None:
 def _reduce_partial_grad(param) -> None:
     if any(p.is_partial() for p in param.grad.placements):
         param.grad = param.grad.redistribute(placements=param.placements)
+
+
+def reduce_partial_grads(params: list[nn.Parameter]) -> None:
+    """Reduce every DTensor gradient still ``Partial`` to its parameter's placement (the sequence-parallel norm
+    weights). The zero-bubble schedules assign weight gradients without autograd's accumulate-grad step, so the
+    post-accumulate hook of :func:`apply_tp` never sees them; calling this after the step covers them (a no-op for
+    gradients already reduced)."""
+    from torch.distributed.tensor import DTensor
+
+    for param in params:
+        if isinstance(param.grad, DTensor) and isinstance(param, DTensor):
+            _reduce_partial_grad(param)
 
 
 def _llama_sp_plan() -> dict:
@@ -430,14 +497,17 @@ def _apply_sp_boundaries(stage: StageModule, tp_mesh) -> None:
         ))
 
 
-def apply_ac(stage: StageModule, block_ids: list[int], selective_block_ids: list[int] = ()) -> None:
-    """Activation checkpointing of this stage's blocks.
+def apply_ac(
+    stage: StageModule, block_ids: list[int], selective_block_ids: list[int] = (), selective_policy: str = "attention",
+) -> None:
+    """Activation checkpointing of this chunk's blocks (ids of other chunks' blocks are ignored).
 
     Args:
-        stage: the stage module.
+        stage: the chunk module.
         block_ids: blocks with full checkpointing: each keeps only its input and recomputes in backward.
-        selective_block_ids: blocks with selective checkpointing: each keeps its input and matmul outputs and
-            recomputes the attention core (``train_common.selective_checkpoint``).
+        selective_block_ids: blocks with selective recomputation under ``selective_policy``
+            (``train_common.selective_checkpoint``: attention or op).
+        selective_policy: ``attention`` or ``op``.
     """
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 
@@ -447,7 +517,7 @@ def apply_ac(stage: StageModule, block_ids: list[int], selective_block_ids: list
             stage.set_block(block_id, wrapped)
     for block_id in selective_block_ids:
         if block_id in stage.block_position:
-            stage.set_block(block_id, selective_checkpoint(stage.block(block_id)))
+            stage.set_block(block_id, selective_checkpoint(stage.block(block_id), selective_policy))
 
 
 def apply_fsdp(stage: StageModule, dp_mesh, config: TorchParallelConfig) -> None:
@@ -475,7 +545,7 @@ def apply_ddp(stage: StageModule, dp_mesh, tp: int, device: torch.device) -> nn.
         _pre_dp_module_transform(stage)
     return DistributedDataParallel(
         stage, process_group=dp_mesh.get_group(), device_ids=[device.index] if device.type == "cuda" else None,
-        broadcast_buffers=False,  # the only buffers are RoPE frequencies, identical on every rank
+        broadcast_buffers=False,  # the only buffers are RoPE frequencies and position ids, identical on every rank
     )
 
 
@@ -483,14 +553,27 @@ def apply_ddp(stage: StageModule, dp_mesh, tp: int, device: torch.device) -> nn.
 class ParallelModel:
     """This rank's part of the model after ``parallelize``."""
 
-    module: nn.Module  # the stage module, possibly DDP-wrapped or FSDP2-sharded; call it on micro-batches
+    # The rank's model chunks in chunk order (one when vpp is 1), each possibly DDP-wrapped or FSDP2-sharded.
+    modules: list[nn.Module]
     # Captured before any forward: with tp > 1 under DDP, the TP forward hooks re-register the sharded weights as
     # plain attributes, so module.parameters() would miss them afterwards.
     params: list[nn.Parameter]
-    is_first: bool
-    is_last: bool
-    schedule: object | None  # torch.distributed.pipelining.Schedule1F1B when pp > 1
+    is_first: bool  # holds virtual stage 0 (takes the tokens)
+    is_last: bool  # holds the last virtual stage (computes the loss); with ZB-V rank 0 holds both
+    schedule: object | None  # the plan's torch.distributed.pipelining schedule when pp > 1
     config: TorchParallelConfig
+    position_ids: list[torch.Tensor]  # the chunks' position-id buffers (context parallelism shards them), or []
+    dp_mesh: object  # the mesh gradients are averaged over (data_parallel_mesh)
+
+    @property
+    def module(self) -> nn.Module:
+        """The only chunk (pp = 1): call it on micro-batches."""
+        return self.modules[0]
+
+
+def data_parallel_mesh(mesh, cp: int):
+    """The mesh gradients are averaged over: ``dp``, or ``dp x cp`` flattened (torchtitan's ``dp_shard_cp``)."""
+    return mesh["dp", "cp"]._flatten("dp_cp") if cp > 1 else mesh["dp"]
 
 
 def parallelize(chain: LayerChain, plan: Plan, mesh, device: torch.device | None = None) -> ParallelModel:
@@ -499,11 +582,11 @@ def parallelize(chain: LayerChain, plan: Plan, mesh, device: torch.device | None
     Args:
         chain: the full model, identical on every rank (same seed).
         plan: the plan (its recipe is ``build_torch_config(plan)``).
-        mesh: a ``DeviceMesh`` of shape ``(pp, dp, tp)`` named ``("pp", "dp", "tp")``.
+        mesh: a ``DeviceMesh`` of shape ``(pp, dp, cp, tp)`` named ``("pp", "dp", "cp", "tp")``.
         device: where the chain's parameters live (default: CPU).
 
     Returns:
-        The rank's stage module (wrapped) and, for pp > 1, its 1F1B schedule.
+        The rank's chunk modules (wrapped) and, for pp > 1, the plan's pipeline schedule over them.
 
     Raises:
         LaunchError: a plan this backend cannot run.
@@ -511,60 +594,56 @@ def parallelize(chain: LayerChain, plan: Plan, mesh, device: torch.device | None
     config = build_torch_config(plan)
     device = device or torch.device("cpu")
     st = plan.strategy
-    # 1. Pipeline split first, so TP/AC/DP only touch this rank's layers.
     pp_rank = mesh["pp"].get_local_rank()
-    stage = build_stage_module(chain, config.pipeline.stages[pp_rank], config)
-    # 2. TP before data parallelism: FSDP2 then shards the TP-local shards (2-D), DDP reduces them.
-    if st.tp > 1:
-        apply_tp(stage, mesh["tp"], config.tensor_parallel)
-    # 3. Activation checkpointing wraps the (TP-sharded) blocks, so recomputation replays the TP collectives.
-    apply_ac(stage, config.checkpointed_blocks, config.selective_checkpointed_blocks)
-    # 4. Data parallelism last: FSDP2 units are the (checkpoint-wrapped) blocks plus the root.
-    module: nn.Module = stage
-    wrapper = config.data_parallel.wrapper
-    if wrapper == "FSDP2":
-        apply_fsdp(stage, mesh["dp"], config)
-    elif wrapper.startswith("DDP"):
-        module = apply_ddp(stage, mesh["dp"], st.tp, device)
-    # 5. The pipeline stage wraps the data-parallel module; it handles DDP no_sync / FSDP2 gradient sync itself.
-    schedule = build_schedule(module, config, pp_rank, mesh, plan, device) if st.pp > 1 else None
-    return ParallelModel(module, list(module.parameters()), pp_rank == 0, pp_rank == st.pp - 1, schedule, config)
-
-
-def build_schedule(module: nn.Module, config: TorchParallelConfig, pp_rank: int, mesh, plan: Plan, device):
-    """A ``PipelineStage`` with static boundary shapes and its ``Schedule1F1B`` over ``mesh['pp']``.
-
-    Static shapes (tokens ``(mb, s)`` int64 into stage 0, hidden ``(mb, s, h)`` between stages, logits
-    ``(mb, s, v)`` out of the last) avoid the dynamic shape inference, which runs a real forward/backward.
-    """
-    from torch.distributed.pipelining import PipelineStage, Schedule1F1B
-
-    pp = len(config.pipeline.stages)
-    mb, s = config.pipeline.micro_batch_size, plan.train.seq_len
-    act = torch_dtype(config.pipeline.activation_dtype)
-    hidden, vocab = plan.model.hidden, plan.model.vocab
-    assert hidden is not None and vocab is not None  # check_supported refuses pp > 1 without them
-    if pp_rank == 0:
-        inp = torch.empty((mb, s), dtype=torch.int64, device="meta")
-    else:
-        inp = torch.empty((mb, s, hidden), dtype=act, device="meta", requires_grad=True)
-    # requires_grad on the boundary metadata: it decides whether gradients are sent back across the boundary.
-    out = torch.empty((mb, s, vocab if pp_rank == pp - 1 else hidden), dtype=act, device="meta", requires_grad=True)
-    stage = PipelineStage(
-        module, pp_rank, pp, device, input_args=inp, output_args=out, group=mesh["pp"].get_group()
+    chunks = [c for c in config.pipeline.stages if c.rank == pp_rank]  # model order is chunk order
+    dp_mesh = data_parallel_mesh(mesh, st.cp)
+    modules, positions = [], []
+    for chunk in chunks:
+        # 1. Pipeline split first, so TP/AC/DP only touch this chunk's layers.
+        stage = build_stage_module(chain, chunk, config)
+        if stage.position_ids is not None:
+            positions.append(stage.position_ids)
+        # 2. TP before data parallelism: FSDP2 then shards the TP-local shards (2-D), DDP reduces them.
+        if st.tp > 1:
+            apply_tp(stage, mesh["tp"], config.tensor_parallel)
+        # 3. Activation checkpointing wraps the (TP-sharded) blocks, so recomputation replays the TP collectives.
+        apply_ac(stage, config.checkpointed_blocks, config.selective_checkpointed_blocks, config.selective_policy)
+        # 4. Data parallelism last: FSDP2 units are the (checkpoint-wrapped) blocks plus the chunk's root.
+        module: nn.Module = stage
+        wrapper = config.data_parallel.wrapper
+        if wrapper == "FSDP2":
+            apply_fsdp(stage, dp_mesh, config)
+        elif wrapper.startswith("DDP"):
+            module = apply_ddp(stage, dp_mesh, st.tp, device)
+        modules.append(module)
+    # 5. The pipeline stages wrap the data-parallel modules; they handle DDP no_sync / FSDP2 gradient sync themselves.
+    schedule = None
+    if st.pp > 1:
+        schedule = build_schedule(modules, [c.index for c in chunks], plan, mesh["pp"].get_group(), device,
+                                  torch_dtype(config.pipeline.activation_dtype))
+    n_chunks = len(config.pipeline.stages)
+    return ParallelModel(
+        modules, [p for m in modules for p in m.parameters()], any(c.index == 0 for c in chunks),
+        any(c.index == n_chunks - 1 for c in chunks), schedule, config, positions, dp_mesh,
     )
-    # lm_loss is a mean over the micro-batch; scale_grads divides the summed gradients by n_microbatches.
-    return Schedule1F1B(stage, n_microbatches=config.pipeline.n_microbatches, loss_fn=lm_loss, scale_grads=True)
 
 
-def build_optimizer(model: ParallelModel, plan: Plan, mesh) -> torch.optim.Optimizer:
-    """AdamW over this rank's parameters; ZeRO-1 shards its states over ``mesh['dp']``."""
+def step_context(model: ParallelModel, mesh, batch: list[torch.Tensor]):
+    """The context a step's forward and backward run in: context parallelism's (sharding ``batch`` and the chunks'
+    position ids in place, ring attention) when cp > 1, else nothing."""
+    if model.config.context_parallel.degree == 1:
+        return contextlib.nullcontext()
+    return context_parallel_step(mesh["cp"], batch, model.position_ids)
+
+
+def build_optimizer(model: ParallelModel, plan: Plan) -> torch.optim.Optimizer:
+    """AdamW over this rank's parameters; ZeRO-1 shards its states over ``model.dp_mesh`` (dp, or dp x cp)."""
     params = model.params
     lr, wd = plan.train.lr, plan.train.weight_decay
     if model.config.data_parallel.wrapper == "DDP+ZeroRedundancyOptimizer":
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
         return ZeroRedundancyOptimizer(
-            params, optimizer_class=torch.optim.AdamW, process_group=mesh["dp"].get_group(), lr=lr, weight_decay=wd
+            params, optimizer_class=torch.optim.AdamW, process_group=model.dp_mesh.get_group(), lr=lr, weight_decay=wd
         )
     return torch.optim.AdamW(params, lr=lr, weight_decay=wd)

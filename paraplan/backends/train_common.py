@@ -4,7 +4,7 @@ A run directory holds ``plan.json`` (the Plan), ``launch.json`` (the LaunchSpec:
 backend's own files. Rank 0 appends one JSON line per step to ``metrics.jsonl``:
 ``{"step", "loss", "step_time_s", "tokens_per_s", "peak_memory_bytes": [per rank]}``.
 
-Also the selective activation checkpointing both trainers apply to the blocks a plan does not recompute in full
+Also the selective recomputation both trainers apply to a plan's ``selective_blocks``, in either of its two policies
 (:func:`selective_checkpoint`).
 """
 
@@ -14,58 +14,119 @@ import json
 import os
 import resource
 import time
-from functools import partial
+from collections import defaultdict
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import ActivationWrapper
+from torch.overrides import TorchFunctionMode
 
 from paraplan.backends.data import ByteDataset
 from paraplan.types import LaunchSpec, Plan
 
 METRICS_FILE = "metrics.jsonl"
 
-# Selective recomputation (Korthikanti et al. 2022, sec. 4.3): keep what is expensive to recompute, the outputs of
-# the linear projections (every matmul), and recompute the attention core in backward. Every other op (norms,
-# rotary embedding, activation function, the attention core, views, collectives) is recomputed too: under
-# torch's selective checkpointing an op marked "save" caches its whole output, including outputs autograd itself
-# would not keep (the o/down projection sums, pre-rotary q/k), so "save all but attention" kept 50% more than no
-# checkpointing at all on llama-tiny (5.2 vs 3.5 MiB per block at b=2, s=64), while saving only the matmul outputs
-# keeps 1.7 MiB. The elementwise ops recomputed add no matmul FLOPs. On CPU the attention op is
-# aten._scaled_dot_product_flash_attention_for_cpu, which is not in the saved set, so it is recomputed.
-_SAVED_MATMULS = frozenset({
-    torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
-    torch.ops.aten.baddbmm.default,
+# Selective recomputation, two policies (Strategy.selective_policy); they differ in what a block keeps between
+# forward and backward and so in what it recomputes.
+#
+# "attention" (Korthikanti et al. 2022, sec. 4.3): everything autograd would keep is kept, except what the attention
+# core (softmax(QK^T / sqrt(d)) V, one SDPA call) keeps: the SDPA call alone runs under non-reentrant checkpointing,
+# so its output and softmax statistics are dropped after forward and it is re-run from q, k, v in backward. With a
+# fused SDPA kernel that frees little: on a transformers Llama block the output's storage stays alive as the o
+# projection's saved input, so what goes is the log-sum-exp, b x heads x s floats (measured, tests/unit). This is
+# not done with a selective-checkpoint policy that marks every other op "save": under torch's SAC a saved op caches
+# its whole output, including outputs autograd itself would not keep (the o/down projection sums, pre-rotary q/k),
+# which on llama-tiny kept 50% more than no checkpointing at all (5.2 vs 3.5 MiB per block at b=2, s=64).
+#
+# "op": torchtitan's op-level selective AC, as in pytorch/torchtitan torchtitan/models/llama3/infra/parallelize.py
+# (commit 81c1243395b46ce693a0681cfe1bb20e9b9433fb) ``_save_list`` and ``_get_custom_policy``: save the outputs of
+# the ops in the list below, except every second aten.mm (a per-pass mm counter; the outputs of mms 1, 3, 5, ...
+# are saved), and recompute everything else in backward. The save list is torchtitan's (mm, the efficient and flash
+# SDPA ops, the functional reduce-scatter, max) plus the cuDNN SDPA op (in torchtitan's later
+# ``_op_sac_save_list``) and the CPU flash-attention op (torch's SDPA on CPU), so the attention output is saved on
+# every device, as torchtitan saves it on GPUs.
+_OP_SAC_SAVE_LIST = frozenset({
+    torch.ops.aten.mm.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+    torch.ops._c10d_functional.reduce_scatter_tensor.default,
+    torch.ops.aten.max.default,
 })
+SELECTIVE_POLICIES = ("attention", "op")
+# The SDPA entry point; compared by identity, so a call is recognised also while context_parallel has replaced the
+# name torch.nn.functional.scaled_dot_product_attention with its ring-attention wrapper (which calls this one).
+_SDPA = torch._C._nn.scaled_dot_product_attention
 
 
-def _matmul_save_policy(ctx, func, *args, **kwargs):
+def _op_sac_policy(meta: dict[str, int]):
+    """torchtitan's ``_get_custom_policy``: ``meta`` counts the mms of the forward and of the recompute pass apart,
+    so the same mms are saved in forward and found in the cache in backward."""
     from torch.utils.checkpoint import CheckpointPolicy
 
-    return CheckpointPolicy.MUST_SAVE if func in _SAVED_MATMULS else CheckpointPolicy.PREFER_RECOMPUTE
+    def policy(ctx, func, *args, **kwargs):
+        key = "recompute_mm_count" if ctx.is_recompute else "forward_mm_count"
+        if func == torch.ops.aten.mm.default:
+            meta[key] += 1
+        save = func in _OP_SAC_SAVE_LIST and not (func == torch.ops.aten.mm.default and meta[key] % 2 == 0)
+        return CheckpointPolicy.MUST_SAVE if save else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return policy
 
 
-def selective_checkpoint(module: torch.nn.Module) -> torch.nn.Module:
-    """Wrap ``module`` (one block) in selective activation checkpointing.
+def _op_sac_contexts():
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
-    In forward the block saves its input and the output of every matmul (the q/k/v/o and MLP projections); in
-    backward it recomputes everything else from them, the attention core included, so neither the attention output
-    nor its softmax statistics are kept between forward and backward.
+    return create_selective_checkpoint_contexts(_op_sac_policy(defaultdict(int)))  # fresh counters per forward
+
+
+class _RecomputeAttentionCore(TorchFunctionMode):
+    """Runs every ``F.scaled_dot_product_attention`` call under non-reentrant checkpointing (other calls as they
+    are): the call keeps references to q, k, v only, and is re-run in backward."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is _SDPA and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(func, *args, use_reentrant=False, **kwargs)
+        return func(*args, **kwargs)
+
+
+class AttentionRecomputeWrapper(ActivationWrapper):
+    """A block with its attention core recomputed in backward (:class:`_RecomputeAttentionCore`); parameter names
+    keep the ``_checkpoint_wrapped_module`` prefix of torch's checkpoint wrapper (stripped in ``state_dict``)."""
+
+    def forward(self, *args, **kwargs):
+        with _RecomputeAttentionCore():
+            return self._checkpoint_wrapped_module(*args, **kwargs)
+
+
+def selective_checkpoint(module: torch.nn.Module, policy: str) -> torch.nn.Module:
+    """Wrap ``module`` (one block) in selective recomputation.
 
     Args:
         module: a block mapping hidden ``(b, s, h)`` to hidden ``(b, s, h)``.
+        policy: ``attention``: keep what autograd keeps except the attention core's output and softmax statistics,
+            re-run the SDPA call in backward (Korthikanti et al. 2022 sec. 4.3). ``op``: torchtitan's op-level
+            selective AC (outputs of every other mm, of the SDPA op and of reduce-scatters kept, the rest
+            recomputed from the block input).
 
     Returns:
-        The wrapped module (``checkpoint_wrapper``, non-reentrant); its parameters keep their names under
-        ``_checkpoint_wrapped_module``.
+        The wrapped module; its parameters keep their names under ``_checkpoint_wrapped_module``.
+
+    Raises:
+        ValueError: an unknown policy.
     """
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
-    from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
-    return checkpoint_wrapper(
-        module, checkpoint_impl=CheckpointImpl.NO_REENTRANT,
-        context_fn=partial(create_selective_checkpoint_contexts, _matmul_save_policy),
-    )
+    if policy == "attention":
+        return AttentionRecomputeWrapper(module)
+    if policy == "op":
+        return checkpoint_wrapper(module, checkpoint_impl=CheckpointImpl.NO_REENTRANT, context_fn=_op_sac_contexts)
+    raise ValueError(f"selective recomputation policy '{policy}': use one of {', '.join(SELECTIVE_POLICIES)}")
 
 
 def load_run(run_dir: str | Path) -> tuple[Plan, LaunchSpec]:

@@ -56,21 +56,26 @@ class CheckpointedLayer(nn.Module):
         return checkpoint(self.inner, x, use_reentrant=False)
 
 
-def apply_ac(layers: list[nn.Module], chain_layers: list[int], selective_layers: list[int] = ()) -> list[nn.Module]:
+def apply_ac(
+    layers: list[nn.Module], chain_layers: list[int], selective_layers: list[int] = (),
+    selective_policy: str = "attention",
+) -> list[nn.Module]:
     """Wrap the chain layers at indices ``chain_layers`` in :class:`CheckpointedLayer` and those at
-    ``selective_layers`` in torch's selective checkpointing (``train_common.selective_checkpoint``); return the new
-    list."""
+    ``selective_layers`` in the torch backend's selective recomputation under ``selective_policy``
+    (``train_common.selective_checkpoint``: attention or op); return the new list."""
     full, selective = set(chain_layers), set(selective_layers)
     return [
-        CheckpointedLayer(layer) if i in full else selective_checkpoint(layer) if i in selective else layer
+        CheckpointedLayer(layer) if i in full
+        else selective_checkpoint(layer, selective_policy) if i in selective else layer
         for i, layer in enumerate(layers)
     ]
 
 
-def _ac_layers(ours: dict) -> tuple[list[int], list[int]]:
-    """Fully and selectively checkpointed chain layers of the ``paraplan`` section of ``ds_config.json``."""
+def _ac_layers(ours: dict) -> tuple[list[int], list[int], str]:
+    """Fully and selectively checkpointed chain layers and the selective policy of the ``paraplan`` section of
+    ``ds_config.json``."""
     ac = ours["activation_checkpointing"]
-    return ac["chain_layers"], ac["selective"]["chain_layers"]
+    return ac["chain_layers"], ac["selective"]["chain_layers"], ac["selective"]["policy"]
 
 
 def build_pipeline_module(plan: Plan, ours: dict) -> nn.Module:

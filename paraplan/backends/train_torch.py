@@ -1,15 +1,18 @@
 """Built-in native-torch trainer: ``torchrun ... -m paraplan.backends.train_torch --run-dir DIR``.
 
 Every rank builds the full model from the plan's seed (so every strategy starts from identical weights), keeps its
-pipeline stage, applies ``torch_native.parallelize`` and trains for ``launch.json``'s ``steps`` with AdamW. At step
-``k`` data-parallel rank ``r`` trains on micro-batches ``j = 0..m-1`` starting at
-``sample_start(k, B, r, dp, j, mb)``; tensor-parallel ranks of one dp rank read the same data.
+pipeline model chunks, applies ``torch_native.parallelize`` and trains for ``launch.json``'s ``steps`` with AdamW. At
+step ``k`` data-parallel rank ``r`` trains on micro-batches ``j = 0..m-1`` starting at
+``sample_start(k, B, r, dp, j, mb)``; tensor- and context-parallel ranks of one dp rank read the same data (context
+parallelism then keeps each rank's shard of the sequence).
 
 Gradients equal the single-process gradient of the global-batch mean loss: each micro-batch loss is a mean over its
 ``mb`` sequences, backward runs on ``loss / m`` (pipelining: ``scale_grads`` divides by ``m``), and DDP / FSDP2
 average over the ``dp`` ranks, giving ``(1 / (dp m)) sum_r sum_j loss_rj``, the mean over the ``B = dp m mb``
-sequences. Each ``metrics.jsonl`` row adds ``grad_norm``, the L2 norm of that whole-model gradient before the
-optimizer step, so runs of different strategies can be compared gradient for gradient.
+sequences (with context parallelism each rank's loss is the mean over its share of the tokens and the average runs
+over ``dp x cp`` ranks, the same mean). Each ``metrics.jsonl`` row adds ``grad_norm``, the L2 norm of that
+whole-model gradient before the optimizer step, so runs of different strategies can be compared gradient for
+gradient.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ import torch
 import torch.distributed as dist
 
 from paraplan.backends.data import ByteDataset, sample_start
-from paraplan.backends.torch_native import ParallelModel, build_optimizer, load_torch_config, parallelize
+from paraplan.backends.torch_native import (
+    ParallelModel, build_optimizer, load_torch_config, parallelize, reduce_partial_grads, step_context,
+)
 from paraplan.backends.train_common import (
     MetricsWriter, StepTimer, build_dataset, device_for_rank, dist_backend, load_run, shutdown_distributed,
 )
@@ -43,7 +48,9 @@ def rank_batch(
     return out
 
 
-def train_micro_batches(model: ParallelModel, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+def train_micro_batches(
+    model: ParallelModel, batches: list[tuple[torch.Tensor, torch.Tensor]], mesh,
+) -> torch.Tensor:
     """Forward and backward of one step's micro-batches without pipelining; returns their mean loss (scalar)."""
     m = len(batches)
     total = torch.zeros((), dtype=torch.float64)
@@ -51,56 +58,60 @@ def train_micro_batches(model: ParallelModel, batches: list[tuple[torch.Tensor, 
     for j, (tokens, targets) in enumerate(batches):
         # DDP all-reduces only on the last micro-batch; FSDP2 reduce-scatters every one (ZeRO-2/3 keep grad shards).
         sync = contextlib.nullcontext() if (j == m - 1 or not is_ddp) else model.module.no_sync()
-        with sync:
+        with sync, step_context(model, mesh, [tokens, targets]):
             loss = lm_loss(model.module(tokens), targets)
             (loss / m).backward()
         total += loss.detach().double().cpu()
     return total / m
 
 
-def train_pipeline(model: ParallelModel, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:
-    """One 1F1B step; the schedule splits the concatenated batch into the ``m`` micro-batches again.
+def train_pipeline(
+    model: ParallelModel, batches: list[tuple[torch.Tensor, torch.Tensor]], mesh,
+) -> torch.Tensor | None:
+    """One step of the plan's pipeline schedule; it splits the concatenated batch into the ``m`` micro-batches again.
 
     Returns:
-        Mean micro-batch loss on the last stage, None on the others.
+        Mean micro-batch loss on the rank holding the last model chunk, None on the others.
     """
     tokens = torch.cat([t for t, _ in batches])
     targets = torch.cat([y for _, y in batches])
     args = (tokens,) if model.is_first else ()
-    if model.is_last:
-        losses: list[torch.Tensor] = []
-        model.schedule.step(*args, target=targets, losses=losses)  # type: ignore[attr-defined]
-        return torch.stack([x.detach().double().cpu() for x in losses]).mean()
-    model.schedule.step(*args)  # type: ignore[attr-defined]
+    with step_context(model, mesh, [tokens, targets]):
+        if model.is_last:
+            losses: list[torch.Tensor] = []
+            model.schedule.step(*args, target=targets, losses=losses)  # type: ignore[attr-defined]
+            return torch.stack([x.detach().double().cpu() for x in losses]).mean()
+        model.schedule.step(*args)  # type: ignore[attr-defined]
     return None
 
 
 def global_mean_loss(local: torch.Tensor | None, plan: Plan, device: torch.device) -> float:
     """Global-batch mean loss on every rank.
 
-    The ``dp * tp`` ranks of the last stage each hold their dp rank's mean (tp ranks hold identical copies); the
-    others hold None and contribute 0. Summing over the world and dividing by ``dp * tp`` gives the mean over dp
-    ranks.
+    The ``dp * cp * tp`` ranks of the last model chunk each hold their dp rank's mean (tp ranks hold identical
+    copies, cp ranks the means over equal shares of the tokens); the others hold None and contribute 0. Summing over
+    the world and dividing by ``dp * cp * tp`` gives the mean over dp ranks.
     """
+    st = plan.strategy
     value = local.item() if local is not None else 0.0
     buf = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(buf)
-    return buf.item() / (plan.strategy.dp * plan.strategy.tp)
+    return buf.item() / (st.dp * st.cp * st.tp)
 
 
 def global_grad_norm(model: ParallelModel, plan: Plan, device: torch.device) -> float:
     """L2 norm of the whole model's gradient (what a single process would see), identical on every rank.
 
     Each rank adds the squares of the gradient elements it holds divided by how many ranks hold the same elements
-    (copies over dp and tp; pipeline stages hold disjoint layers), so the sum over the world counts each element
-    once. A DTensor gradient's copies are ``dp * tp`` divided by the sizes of its non-replicated mesh dimensions
-    (FSDP2 over TP shards uses ``_StridedShard``, which ``is_shard()`` does not report); a TP-sharded parameter
-    that DDP sees as a plain local shard (``_st_info``) has ``dp`` copies, a replicated one (a sequence-parallel
-    norm weight) ``dp * tp``.
+    (copies over dp, cp and tp; pipeline chunks hold disjoint layers), so the sum over the world counts each element
+    once. A DTensor gradient's copies are ``dp * cp * tp`` divided by the sizes of its non-replicated mesh
+    dimensions (FSDP2 over TP shards uses ``_StridedShard``, which ``is_shard()`` does not report); a TP-sharded
+    parameter that DDP sees as a plain local shard (``_st_info``) has ``dp * cp`` copies, a replicated one (a
+    sequence-parallel norm weight) ``dp * cp * tp``.
     """
     from torch.distributed.tensor import DTensor
 
-    copies_all = plan.strategy.dp * plan.strategy.tp
+    copies_all = plan.strategy.dp * plan.strategy.cp * plan.strategy.tp
     total = torch.zeros((), dtype=torch.float64, device=device)
     for p in model.params:
         if p.grad is None:
@@ -128,7 +139,7 @@ def train(run_dir: Path, device: torch.device) -> None:
     config = load_torch_config(run_dir, plan)
     mesh = init_device_mesh(device.type, tuple(config.mesh.shape), mesh_dim_names=tuple(config.mesh.dim_names))
     model = parallelize(build_model(plan.model, device=device, seed=plan.train.seed), plan, mesh, device)
-    optimizer = build_optimizer(model, plan, mesh)
+    optimizer = build_optimizer(model, plan)
     dataset = build_dataset(plan, spec)
     dp_rank = mesh["dp"].get_local_rank()
     writer, timer = MetricsWriter(run_dir, plan, device), StepTimer(device)
@@ -136,7 +147,11 @@ def train(run_dir: Path, device: torch.device) -> None:
         timer.start()
         optimizer.zero_grad(set_to_none=True)
         batches = rank_batch(dataset, plan, step, dp_rank, device)
-        local = train_pipeline(model, batches) if model.schedule is not None else train_micro_batches(model, batches)
+        if model.schedule is not None:
+            local = train_pipeline(model, batches, mesh)
+        else:
+            local = train_micro_batches(model, batches, mesh)
+        reduce_partial_grads(model.params)
         grad_norm = global_grad_norm(model, plan, device)
         optimizer.step()
         loss = global_mean_loss(local, plan, device)

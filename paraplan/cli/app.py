@@ -299,7 +299,8 @@ def plan_cmd(
     strategy: Annotated[Optional[str], typer.Option(help=STRATEGY_HELP)] = None,
     backend: Annotated[str, typer.Option(help="Backend(s) the plan must run on: any (both), deepspeed, torch, or "
                                               "unconstrained (cost only, e.g. GPT with tp).")] = "any",
-    top: Annotated[int, typer.Option("--top", help="Plans to show.", min=1)] = 5,
+    top: Annotated[int, typer.Option("--top", help="Plans to show (--json prints the best only, so it searches "
+                                                   "for that one alone).", min=1)] = 5,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-3,
     time_limit: Annotated[float, typer.Option(help="MILP time limit per candidate (s, > 0).")] = 10.0,
     memory_fraction: Annotated[float, typer.Option(
@@ -307,7 +308,8 @@ def plan_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary instead of the table.")] = False,
     output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the best plan.")] = Path("plan.json"),
 ) -> None:
-    """Search dp x tp x pp x micro-batch, stage assignment, ZeRO, checkpointing and offload for the fastest plan."""
+    """Search dp x tp x pp x cp x micro-batch, sp, schedule and vpp, stage assignment, ZeRO, recomputation and
+    offload for the fastest plan."""
     from paraplan.catalog import load_cluster_spec
     from paraplan.models.presets import load_model_spec
     from paraplan.planner.search import search_plans
@@ -322,7 +324,7 @@ def plan_cmd(
     train = TrainSpec(global_batch=global_batch, seq_len=seq_len, dtype=dtype, lr=lr)  # type: ignore[arg-type]
     prof = load_profile(profile)
     with _SearchStatus() as on_progress:
-        plans = search_plans(spec, clus, train, prof, override, top_k=top, backend=backend,
+        plans = search_plans(spec, clus, train, prof, override, top_k=1 if as_json else top, backend=backend,
                              time_limit_s=time_limit, profile_path=str(profile) if profile else None,
                              memory_fraction=memory_fraction, progress=on_progress)
     _warn_thread_mismatch(prof, clus)

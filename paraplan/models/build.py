@@ -94,8 +94,11 @@ class LlamaBlock(nn.Module):
         self.layer = _llama_like_class(config.model_type, "DecoderLayer")(config, layer_idx)
         self.rotary = _llama_like_class(config.model_type, "RotaryEmbedding")(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """``x (b, s, h)`` -> ``(b, s, h)``; ``positions (1 or b, s)`` int64, default ``0 .. s-1`` (context
+        parallelism passes each token's global position when ``x`` holds a shard of the sequence)."""
+        if positions is None:
+            positions = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
         cos_sin = self.rotary(x, positions)
         # attention_mask=None: transformers' SDPA path then applies a causal mask (is_causal=True) and ignores any
         # sliding window, which is exact for s <= window (ModelSpec.check_seq_len refuses longer sequences).

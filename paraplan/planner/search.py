@@ -202,7 +202,9 @@ def backend_rejection(spec: ModelSpec, cand: Candidate, global_batch: int, backe
     interleaving, no zero bubble); it has no context parallelism (Ulysses is another method, not planned). torch:
     ``Schedule1F1B`` needs at least as many micro-batches as stages and the multi-chunk schedules a micro-batch
     count divisible by their rounds ``max(1, m // pp)`` (torch.distributed.pipelining); ``context_parallel`` runs
-    on CUDA only; sequence parallelism shards the sequence, so tp must divide ``seq_len`` (when given).
+    on CUDA only (Llama blocks, ``2 cp`` chunks, times tp with sequence parallelism, dividing ``seq_len``); the
+    zero-bubble schedules give wrong gradients with dp x cp > 1 and cannot run the op policy (measured by the
+    backend's tests); sequence parallelism shards the sequence, so tp must divide ``seq_len`` (when given).
     Selective recomputation, either policy, runs on both (torch's selective activation checkpointing).
     """
     if backend == "unconstrained":
@@ -232,6 +234,18 @@ def backend_rejection(spec: ModelSpec, cand: Candidate, global_batch: int, backe
     if backend == "torch" and cand.cp > 1 and device_kind != "cuda":
         return ("context parallelism on a CPU cluster (torch's context_parallel runs on CUDA only: CPU attention "
                 "kernels have no sharding rule)")
+    if backend == "torch" and cand.cp > 1 and spec.family != "llama":
+        return f"context parallelism for a {spec.family} model (the torch backend shards Llama blocks only)"
+    if backend == "torch" and cand.cp > 1 and seq_len is not None and \
+            seq_len % (2 * cand.cp * (cand.tp if cand.sequence_parallel else 1)):
+        return ("context parallelism whose 2 x cp load-balanced chunks (x tp with sequence parallelism) do not "
+                "divide the sequence length")
+    if backend == "torch" and cand.schedule in ("zero_bubble", "zbv") and cand.dp * cand.cp > 1:
+        return ("a zero-bubble schedule with data parallelism (dp x cp > 1): torch's split backward gives wrong "
+                "gradients under DDP and FSDP2 (measured against one process); use interleaved_1f1b")
+    if backend == "torch" and cand.schedule in ("zero_bubble", "zbv") and cand.selective == "op":
+        return ("a zero-bubble schedule with the op selective policy (torch's split backward runs the "
+                "checkpointed graph twice: 'Trying to backward an extra time')")
     if cand.sequence_parallel and seq_len is not None and seq_len % cand.tp:
         return "sequence parallelism with a tp that does not divide the sequence length"
     if backend in ("torch", "any") and cand.pp > 1 and cand.schedule == "1f1b" and m < cand.pp:
@@ -312,28 +326,29 @@ def _with_knobs(base: list[Candidate], spec: ModelSpec, cluster: ClusterSpec, tr
                 if sp and cand.tp == 1 else None
             tried = [pol for pol in policies if pol is None or forced or sp_why or spec.family == "custom"
                      or saves_memory(dataclasses.replace(cand, sequence_parallel=sp, selective=pol))]
-            if not forced and any(pol is not None for pol in tried):
-                # The MILP of a selective setting may leave every stage's selective count at 0: it contains the
-                # setting without selective recomputation, which is then not solved separately.
-                tried = [pol for pol in tried if pol is not None]
-            for pol in tried:
-                first = dataclasses.replace(cand, sequence_parallel=sp, selective=pol)
-                why = sp_why
-                if pol is not None and why is None:
-                    if spec.family == "custom":
-                        why = "selective recomputation of a factory model (its blocks' operations are not known)"
-                    elif pol == "op" and not tf.op_policy_supported(spec):
-                        why = ("torchtitan's op-level selective policy for a block with biased projections or a "
-                               "non-Llama block (its matmuls are not the ones the policy saves)")
-                for sched, v in schedules:
-                    cand_s = dataclasses.replace(first, schedule=sched, vpp=v)
+
+            def rule(pol: str | None, sched: str, v: int) -> str | None:
+                c = dataclasses.replace(cand, sequence_parallel=sp, selective=pol, schedule=sched, vpp=v)
+                return backend_rejection(spec, c, train.global_batch, backend, train.seq_len, cluster.device.kind)
+
+            for sched, v in schedules:
+                here = tried
+                if not forced and any(pol is not None and rule(pol, sched, v) is None for pol in tried):
+                    # The MILP of a selective setting may leave every stage's selective count at 0: it contains
+                    # the setting without selective recomputation, which is then not solved separately.
+                    here = [pol for pol in tried if pol is not None]
+                for pol in here:
+                    why = sp_why
+                    if pol is not None and why is None:
+                        if spec.family == "custom":
+                            why = "selective recomputation of a factory model (its blocks' operations are not known)"
+                        elif pol == "op" and not tf.op_policy_supported(spec):
+                            why = ("torchtitan's op-level selective policy for a block with biased projections or "
+                                   "a non-Llama block (its matmuls are not the ones the policy saves)")
                     if why is None and cand.pp > 1 and override.schedule is None and \
-                            sched in _DOMINATED_BY_ZERO_BUBBLE:
-                        zb = dataclasses.replace(first, schedule="zero_bubble", vpp=v)
-                        if backend_rejection(spec, zb, train.global_batch, backend, train.seq_len,
-                                             cluster.device.kind) is None:
-                            continue
-                    yield cand_s, why
+                            sched in _DOMINATED_BY_ZERO_BUBBLE and rule(pol, "zero_bubble", v) is None:
+                        continue
+                    yield dataclasses.replace(cand, sequence_parallel=sp, selective=pol, schedule=sched, vpp=v), why
 
 
 def memory_lower_bound(costs: CandidateCosts, modes: list[Mode], recompute: str | None = None,
@@ -364,59 +379,116 @@ def memory_lower_bound(costs: CandidateCosts, modes: list[Mode], recompute: str 
     return best
 
 
-def _lower_bound(costs: CandidateCosts, modes: list[Mode] | None = None, capacity: float | None = None,
-                 selective: bool = False) -> float:
-    """A step time no assignment of this candidate beats (s).
+def _lower_bound(costs: CandidateCosts) -> float:
+    """A step time no assignment of this candidate beats (s), cheap enough for every candidate: perfectly balanced
+    stages, no recomputation, no DP communication: ``m max + w (sum - max) >= (m + w (p - 1)) sum / p`` (since
+    ``max >= sum / p`` and ``m >= w``), ``sum >= L t_block + sum_s fixed_s``. Candidates it does not prune get
+    :func:`partition_lower_bound`."""
+    L, p = costs.spec.n_layers or 0, costs.pp
+    total = L * costs.block.time_s + sum(costs.compute_terms(s).const for s in range(p))
+    return (costs.m + costs.bubble_weight() * (p - 1)) / p * total
 
-    Formula: the larger of
-        (1) perfectly balanced stages without recomputation: ``m max + w (sum - max) >= (m + w (p - 1)) sum / p``
-            (``max >= sum / p``, ``m >= w``), ``sum >= L t_block + sum_s fixed_s``;
-        (2) with ``modes`` and ``capacity``: some stage holds ``k = ceil(L / p)`` blocks and so takes at least
-            ``T_k = min over modes and stage positions of t_s(k) + x``, where ``x`` is the least recomputation time
-            that brings its memory under the capacity (the LP relaxation over fully and selectively recomputed
-            blocks: :func:`_least_recompute_s`); then ``step >= (m - w) T_k + w (sum + x)``.
-    Only stages 0, p-2 and p-1 are evaluated (the argument of :func:`memory_lower_bound`); ``inf`` when no stage
-    of k blocks fits at all.
+
+def partition_lower_bound(costs: CandidateCosts, modes: list[Mode], capacity: float, selective: bool) -> float:
+    """A tighter step-time bound than :func:`_lower_bound`, worth its cost only for candidates about to be solved.
+
+    Formula: for each mode, every stage s and block count n, ``t_s(n) = compute_s(n) + x_s(n)`` with ``x_s`` the
+        least recomputation time that fits the stage in memory, by the LP relaxation ``min a_r r + a_q q`` s.t.
+        ``b_r r + b_q q >= over``, ``r + q <= n`` (a fully / selectively recomputed block saves ``b_r`` / ``b_q``
+        bytes for ``a_r`` / ``a_q`` seconds; ``over`` is the excess memory plus the working space recomputation
+        needs; the optimum is at a vertex: only r, only q, or ``r + q = n``; inf where nothing fits), nondecreasing
+        in n. Any assignment has ``max_s t_s >= T*``, the least T for which stages of
+        time <= T can hold all L blocks (``sum_s max{n : t_s(n) <= T} >= L``, each stage at least its
+        ``min_blocks``): the min-max partition bound, which counts the embedding and head, uneven splits and the
+        recomputation memory forces on every stage; ``t_s`` also counts the mode's per micro-batch ZeRO traffic
+        (its max with compute when they overlap). Then ``step >= (m - w) T* + w sum_s t_s + U`` with
+        ``sum_s t_s >= L t_block + sum_s fixed_s`` and ``U`` at least the least per-step extra of a stage holding
+        ceil(L/p) or more blocks (:func:`_least_step_extra_s`; the stage with the most blocks has that many),
+        minimized over modes.
     """
+    import numpy as np
+
     L, p, m = costs.spec.n_layers or 0, costs.pp, costs.m
     w = costs.bubble_weight()
-    total = L * costs.block.time_s + sum(costs.compute_terms(s).const for s in range(p))
-    balanced = (m + w * (p - 1)) / p * total
-    if modes is None or capacity is None:
-        return balanced
+    blk = costs.block
+    n = np.arange(L + 1, dtype=float)[None, :]
+    total = L * blk.time_s + sum(costs.compute_terms(s).const for s in range(p))
     k = -(-L // p)
-    busiest = float("inf")
-    for mode in modes:
-        for s in sorted({0, max(p - 2, 0), p - 1}):
-            x = _least_recompute_s(costs, s, k, mode, capacity, selective)
-            busiest = min(busiest, (m - w) * (costs.compute_terms(s)(k) + x) + w * (total + x))
-    return max(balanced, busiest)
-
-
-def _least_recompute_s(costs: CandidateCosts, stage: int, n: int, mode: Mode, capacity: float,
-                       selective: bool) -> float:
-    """Least recomputation time (s per micro-batch) that fits a stage of ``n`` blocks in ``capacity``: the LP
-    relaxation ``min a_r r + a_q q`` s.t. ``b_r r + b_q q >= over``, ``r + q <= n``, ``r, q >= 0``, where a fully
-    (selectively) recomputed block saves ``b_r`` (``b_q``) bytes for ``a_r`` (``a_q``) seconds and ``over`` is the
-    excess memory plus the working space any recomputation needs. Its optimum is at a vertex: only r, only q, or
-    ``r + q = n``. 0 when the stage fits without; ``inf`` when even the most saving choice does not fit."""
-    over = costs.stage_memory_bytes(stage, n, 0, mode) - capacity
-    if over <= 0:
-        return 0.0
-    over += costs.block.act_bytes
-    act = costs.activation_terms(stage)
-    a_r, b_r = costs.block.recompute_s, -act.per_recompute
-    a_q, b_q = (costs.block.selective_s, -act.per_selective) if selective else (0.0, 0.0)
+    inflight = np.array([costs.inflight(s) for s in range(p)], dtype=float)[:, None]
+    has_fixed = [bool(costs.fixed_layers(s)) for s in range(p)]
+    plain = next((s for s in range(p) if not has_fixed[s]), None)  # stages without embedding/head are alike
     best = float("inf")
-    if b_r > 0 and over / b_r <= n:
-        best = min(best, a_r * over / b_r)
-    if b_q > 0 and over / b_q <= n:
-        best = min(best, a_q * over / b_q)
-    if b_r != b_q:
-        r = (over - b_q * n) / (b_r - b_q)
-        if 0 <= r <= n:
-            best = min(best, a_r * r + a_q * (n - r))
+    for mode in modes:
+        # Per stage (rows): memory at n = 0 and its slope with no recomputation, compute and ZeRO traffic terms.
+        # Stages without a fixed layer differ only in their in-flight micro-batches, so one of them is evaluated
+        # and the activation part scaled (memory = states + other + inflight x activations).
+        cols = {name: np.empty((p, 1)) for name in ("m0", "slope", "c0", "z0", "z1")}
+        ref = None
+        for s in range(p):
+            if not has_fixed[s] and ref is not None:
+                k_s = inflight[s, 0]
+                cols["m0"][s], cols["slope"][s] = ref[0], ref[1] + k_s * blk.act_bytes
+                cols["c0"][s], cols["z0"][s], cols["z1"][s] = ref[2], ref[3], ref[4]
+                continue
+            m0 = costs.stage_memory_bytes(s, 0, 0, mode)
+            slope = costs.stage_memory_bytes(s, 1, 0, mode) - m0
+            zc = costs.mode_terms(s, mode).zero_comm
+            row = (m0, slope, costs.compute_terms(s).const, zc.const, zc.per_block)
+            for name, value in zip(cols, row):
+                cols[name][s] = value
+            if s == plain:
+                ref = (m0, slope - inflight[s, 0] * blk.act_bytes, *row[2:])
+        over = cols["m0"] + cols["slope"] * n - capacity
+        need = np.where(over > 0, over + blk.act_bytes, 0.0)
+        b_r = inflight * (blk.act_bytes - blk.ckpt_bytes)
+        b_q = inflight * (blk.act_bytes - blk.sel_act_bytes) if selective else np.zeros_like(inflight)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            x = np.where(need > 0, np.inf, 0.0)
+            r_only = need / b_r
+            x = np.where((need > 0) & (b_r > 0) & (r_only <= n), np.minimum(x, blk.recompute_s * r_only), x)
+            q_only = need / b_q
+            x = np.where((need > 0) & (b_q > 0) & (q_only <= n), np.minimum(x, blk.selective_s * q_only), x)
+            r = (need - b_q * n) / (b_r - b_q)
+            ok = (need > 0) & (b_r != b_q) & (r >= 0) & (r <= n)
+            x = np.where(ok, np.minimum(x, blk.recompute_s * r + blk.selective_s * (n - r)), x)
+        compute = cols["c0"] + blk.time_s * n + x
+        zero_comm = cols["z0"] + cols["z1"] * n
+        times = np.maximum(compute, zero_comm) if costs.options.overlap_dp else compute + zero_comm
+        times = np.maximum.accumulate(times, axis=1)  # nondecreasing in n; guards rounding
+        # T must let every stage hold its least blocks; stages of time <= T hold max{n : t_s(n) <= T} (a prefix of
+        # the nondecreasing row), so the blocks they can hold in all are sum_s count(t_s <= T) - p.
+        floor = max(float(times[s, costs.min_blocks(s)]) for s in range(p))
+        values = np.unique(times[np.isfinite(times) & (times >= floor)])
+        if len(values) == 0 or (times <= values[-1]).sum() - p < L:
+            continue  # nothing fits in this mode
+        lo, hi = 0, len(values) - 1
+        while lo < hi:  # the least such T
+            mid = (lo + hi) // 2
+            if (times <= values[mid]).sum() - p >= L:
+                hi = mid
+            else:
+                lo = mid + 1
+        extra = min(float(_least_step_extra_s(costs, s, mode, selective)[k:].min())
+                    for s in {0, max(p - 2, 0), p - 1})
+        best = min(best, (m - w) * float(values[lo]) + w * total + extra)
     return best
+
+
+def _least_step_extra_s(costs: CandidateCosts, stage: int, mode: Mode, selective: bool):
+    """Per block count n = 0..L, the least per-step extra (optimizer, offload, exposed DP/ZeRO traffic) of a stage:
+    ``stage_cost``'s formula with the largest overlap window recomputation allows (every block recomputed, fully
+    or selectively, whichever lengthens the backward more)."""
+    import numpy as np
+
+    n = np.arange((costs.spec.n_layers or 0) + 1, dtype=float)
+    terms = costs.mode_terms(stage, mode)
+    extra = terms.optimizer_s(n) + terms.offload_s(n)
+    grad, gather = terms.grad_reduce(n), terms.param_gather(n)
+    if not costs.options.overlap_dp:
+        return extra + grad + gather
+    bwd = costs.backward_terms(stage)
+    window = np.maximum(bwd(n, n, 0), bwd(n, 0, n) if selective else 0)
+    return extra + np.maximum(0.0, grad - window) + np.maximum(0.0, gather - costs.forward_terms(stage)(n))
 
 
 def split_chunks(n_blocks: int, vpp: int, embed: bool = False, head: bool = False) -> list[int] | None:
@@ -527,29 +599,31 @@ def search_plans(
                 might_fit[why_not] = might_fit.get(why_not, 0) + 1
             continue
         costs = costs_of(cand)
-        scored.append((_lower_bound(costs, modes, capacity, cand.selective is not None), cand, costs, modes))
+        scored.append((_lower_bound(costs), cand, costs, modes))
     scored.sort(key=lambda x: x[0])
     found: list[tuple[float, Candidate, CandidateCosts, MilpResult]] = []
     seen: set[tuple] = set()  # plans already found (knob settings that led to the same strategy)
     solved, pruned, status, gap = 0, 0, "optimal", 0.0
     unproven: list[float] = []  # lower bounds of candidates whose MILP stopped at the time limit
     for lb, cand, costs, modes in scored:
+        selective = cand.selective is not None
         if len(found) >= top_k and lb >= found[-1][0]:
             pruned += 1
-            need = None
-        else:
-            need = memory_lower_bound(costs, modes, milp_recompute, cand.selective is not None)
-        if need is not None and need > capacity:  # cannot fit whatever the MILP chooses: never solved
+        elif (need := memory_lower_bound(costs, modes, milp_recompute, selective)) > capacity \
+                or (tight := partition_lower_bound(costs, modes, capacity, selective)) == float("inf"):
+            # Cannot fit whatever the MILP chooses (the second test: no stage split fits by the LP relaxation).
             cannot_fit += 1
             if least_mem is None or need < least_mem[0]:
                 least_mem = (need, cand)
-        elif need is not None:
-            res = solve_stage_milp(costs, modes, milp_recompute, time_limit_s, cand.selective is not None)
+        elif len(found) >= top_k and tight >= found[-1][0]:
+            pruned += 1  # the tighter bound, computed only for candidates the first one did not prune
+        else:
+            res = solve_stage_milp(costs, modes, milp_recompute, time_limit_s, selective)
             solved += 1
             if res is not None and res.status != "optimal":
                 # Not proven: its optimum may lie anywhere above this bound (the step-time bound when unknown).
                 bound = res.bound_s
-                unproven.append(bound if bound == bound else lb)
+                unproven.append(bound if bound == bound else max(lb, tight))
             if res is None:
                 if least_mem is None or need < least_mem[0]:
                     least_mem = (need, cand)

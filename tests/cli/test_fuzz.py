@@ -135,7 +135,9 @@ def test_plan_fuzz(inputs, data):
     args += data.draw(_opt("--dtype", st.sampled_from(["auto", "fp32", "bf16", "int8"])))
     args += data.draw(_opt("--strategy", st.sampled_from(["dp=2", "tp=2", "pp=2,mb=1", "zero=3", "offload=true",
                                                           "recompute=full", "dp=2,dp=1", "zero=9", "dp=", "=", ",",
-                                                          "mb=0", "offload=maybe"])))
+                                                          "mb=0", "offload=maybe", "cp=2", "cp=3", "vpp=2",
+                                                          "pp=2,schedule=zbv", "schedule=zbv,vpp=3", "recompute=op",
+                                                          "schedule=gpipe", "vpp=0", "pp=1,vpp=2"])))
     args += data.draw(_opt("--backend", st.sampled_from(["any", "deepspeed", "torch", "unconstrained", "jax"])))
     args += data.draw(_opt("--top", NUM)) + data.draw(_opt("--lr", FLOAT)) + data.draw(_opt("--time-limit", FLOAT))
     args += data.draw(_opt("--memory-fraction", st.sampled_from(["0.95", "0", "1.5", "0.5", "x"])))
@@ -155,8 +157,12 @@ def test_estimate_fuzz(inputs, data):
     for name in ("--global-batch", "--seq-len", "--tp", "--pp", "--dp", "--micro-batch"):
         args += data.draw(_opt(name, NUM))
     args += data.draw(_opt("--vpp", NUM)) + data.draw(_opt("--zero", st.sampled_from(["0", "1", "3", "4", "-1"])))
-    args += data.draw(_opt("--schedule", st.sampled_from(["1f1b", "gpipe", "zb"])))
-    args += data.draw(_opt("--recompute", st.sampled_from(["none", "selective", "full", "half"])))
+    args += data.draw(_opt("--cp", NUM))
+    args += data.draw(_opt("--schedule", st.sampled_from(["1f1b", "gpipe", "zb", "zero_bubble", "zbv",
+                                                          "interleaved_1f1b"])))
+    args += data.draw(_opt("--recompute", st.sampled_from(["none", "selective", "op", "full", "half"])))
+    args += data.draw(_opt("--strategy", st.sampled_from(["dp=1,tp=1,pp=1,mb=1", "cp=2", "vpp=2,pp=2", "x=1"])))
+    args += data.draw(_opt("--stage-blocks", st.sampled_from(["1,1", "0,3,3,0", "a", "6"])))
     args += data.draw(_opt("--attention", st.sampled_from(["flash2", "flash1", "unfused", "magic"])))
     args += data.draw(_opt("--dtype", st.sampled_from(["auto", "fp16", "fp8"])))
     args += data.draw(_opt("--profile", _paths(inputs, "profile_ok.json", "binary.json", "folder")))

@@ -60,9 +60,12 @@ def _check_against_reference(losses: list[float], reference: list[float]) -> Non
         pytest.param(dict(dp=2, zero_stage=0), id="dp2"),
         pytest.param(dict(dp=2, zero_stage=3, recompute_blocks=2), id="dp2-zero3-recompute"),
         pytest.param(dict(tp=2, recompute_blocks=2), id="tp2-autotp-recompute"),
-        # torch's selective checkpointing (matmul outputs kept) on the blocks not fully recomputed, under ZeRO-3.
+        # The torch backend's selective recomputation on the blocks not fully recomputed, under ZeRO-3: the
+        # attention policy (the SDPA call re-run in backward) and torchtitan's op policy.
         pytest.param(dict(dp=2, zero_stage=3, recompute_blocks=1, selective_recompute=True),
                      id="dp2-zero3-selective"),
+        pytest.param(dict(dp=2, zero_stage=3, recompute_blocks=1, selective_recompute=True, selective_policy="op"),
+                     id="dp2-zero3-selective-op"),
     ],
 )
 def test_two_process_run_matches_single_process(tmp_path, reference_losses, strategy):

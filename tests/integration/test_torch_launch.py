@@ -44,25 +44,36 @@ def reference(tmp_path_factory) -> list[dict]:
 
 
 @pytest.mark.parametrize(
-    ("name", "kwargs", "wrapper"),
+    ("name", "kwargs", "wrapper", "schedule"),
     [
-        ("dp2_ddp", dict(dp=2), "DDP"),
-        ("dp2_zero3_fsdp2", dict(dp=2, zero_stage=3), "FSDP2"),
-        ("tp2", dict(tp=2), "none"),
-        ("pp2_1f1b", dict(pp=2), "none"),
-        ("dp2_zero1_recompute", dict(dp=2, zero_stage=1, recompute_blocks=2), "DDP+ZeroRedundancyOptimizer"),
+        ("dp2_ddp", dict(dp=2), "DDP", None),
+        ("dp2_zero3_fsdp2", dict(dp=2, zero_stage=3), "FSDP2", None),
+        ("tp2", dict(tp=2), "none", None),
+        ("pp2_1f1b", dict(pp=2), "none", "Schedule1F1B"),
+        ("dp2_zero1_recompute", dict(dp=2, zero_stage=1, recompute_blocks=2), "DDP+ZeroRedundancyOptimizer", None),
         # Sequence parallelism: norms and residual stream on sequence shards, norm-weight gradients summed over tp.
-        ("tp2_sequence_parallel", dict(tp=2, sequence_parallel=True), "none"),
-        # Selective recomputation of every block (attention recomputed, projections saved) under DDP.
-        ("dp2_selective_recompute", dict(dp=2, selective_recompute=True), "DDP"),
+        ("tp2_sequence_parallel", dict(tp=2, sequence_parallel=True), "none", None),
+        # Selective recomputation of every block, attention policy (the SDPA call re-run in backward), under DDP.
+        ("dp2_selective_recompute", dict(dp=2, selective_recompute=True), "DDP", None),
+        # The op policy (torchtitan's: every other mm and the attention output kept, the rest recomputed).
+        ("dp2_selective_op", dict(dp=2, selective_recompute=True, selective_policy="op"), "DDP", None),
         # Both knobs, with blocks 0-1 fully and 2-5 selectively recomputed around sequence-sharded activations.
         ("tp2_sp_full_and_selective_recompute",
-         dict(tp=2, sequence_parallel=True, recompute_blocks=2, selective_recompute=True), "none"),
+         dict(tp=2, sequence_parallel=True, recompute_blocks=2, selective_recompute=True), "none", None),
+        # Two chunks per rank, loop placement: rank 0 runs chain 0..2 and 5, rank 1 chain 3..4 and 6..7.
+        ("pp2_interleaved_vpp2", dict(pp=2, vpp=2), "none", "ScheduleInterleaved1F1B"),
+        # Zero bubble (ZB-H1) with one chunk per rank: backward split into input- and weight-gradient passes.
+        ("pp2_zero_bubble", dict(pp=2, schedule="zero_bubble"), "none", "ScheduleInterleavedZeroBubble"),
+        # ZB-V: rank 0 holds the first and the last chunk; the first block of each rank fully recomputed, the others
+        # with the attention policy, so both checkpoint kinds go through the split backward.
+        ("pp2_zbv_recompute", dict(pp=2, schedule="zbv", vpp=2, recompute_blocks=1, selective_recompute=True),
+         "none", "ScheduleZBVZeroBubble"),
     ],
 )
-def test_two_process_strategy_matches_single_process(tmp_path_factory, reference, name, kwargs, wrapper):
+def test_two_process_strategy_matches_single_process(tmp_path_factory, reference, name, kwargs, wrapper, schedule):
     run_dir, rows = _run(tmp_path_factory, name, cluster="cpu:2", **kwargs)
-    assert json.loads((run_dir / "torch_parallel.json").read_text())["data_parallel"]["wrapper"] == wrapper
+    recipe = json.loads((run_dir / "torch_parallel.json").read_text())
+    assert (recipe["data_parallel"]["wrapper"], recipe["pipeline"]["schedule"]) == (wrapper, schedule)
     for got, want in zip(rows, reference):
         assert got["loss"] == pytest.approx(want["loss"], rel=REL), f"step {got['step']}"
         assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=REL), f"step {got['step']}"

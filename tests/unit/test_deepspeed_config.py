@@ -22,10 +22,11 @@ from conftest import make_plan
 
 
 def _with_stages(plan, cuts: list[tuple[int, int, int]]):
-    """``plan`` with its stages replaced by ``(first_layer, last_layer, recompute_blocks)`` triples."""
+    """``plan`` with its stages replaced by ``(first_layer, last_layer, recompute_blocks)`` triples; each stage's
+    ``n_blocks`` counts the blocks (chain layers 1..6) between its boundaries."""
     stages = [
-        StagePlan(index=i, first_layer=f, last_layer=last, n_blocks=0, recompute_blocks=r,
-                  time_per_micro_batch_s=0.0, memory_bytes=0.0)
+        StagePlan(index=i, first_layer=f, last_layer=last, n_blocks=len(range(max(f, 1), min(last, 6) + 1)),
+                  recompute_blocks=r, time_per_micro_batch_s=0.0, memory_bytes=0.0)
         for i, (f, last, r) in enumerate(cuts)
     ]
     return plan.model_copy(update={"strategy": plan.strategy.model_copy(update={"stages": stages})})
@@ -121,6 +122,13 @@ def test_tensor_parallel_uses_autotp_llama_preset_without_train_batch_size():
         (dict(cluster="cpu:4", tp=4, global_batch=8), "n_kv_heads=2"),
         # AutoTP shards only linears: no sequence-sharded norms or residual stream; the torch backend has them.
         (dict(tp=2, sequence_parallel=True), "--backend torch"),
+        # The PipelineEngine runs its own 1F1B over one stage per rank: no chunks, no other schedule.
+        (dict(pp=2, zero_stage=1, vpp=2), "schedule interleaved_1f1b and vpp=2"),
+        (dict(pp=2, zero_stage=1, schedule="zero_bubble"), "schedule zero_bubble and vpp=1"),
+        (dict(pp=2, zero_stage=1, schedule="zbv", vpp=2), "runs only its own 1F1B"),
+        # Ring attention over sequence shards; DeepSpeed's Ulysses is another method.
+        (dict(cluster="2xH100-80GB", cp=2), "Ulysses"),
+        (dict(cp=2), "cp=2"),
     ],
 )
 def test_plans_deepspeed_cannot_run_are_refused_with_a_fix(kwargs, says):
@@ -220,11 +228,16 @@ def test_selective_recompute_covers_the_blocks_not_recomputed_in_full():
     assert selective_layers(make_plan(pp=2, recompute_blocks=1)) == []
 
 
-def test_apply_ac_wraps_selective_layers_with_the_torch_policy():
+@pytest.mark.parametrize(("policy", "wrapper"), [("attention", "AttentionRecomputeWrapper"),
+                                                  ("op", "CheckpointWrapper")])
+def test_selective_policy_reaches_the_config_and_the_trainer(policy, wrapper):
+    plan = make_plan(dp=2, recompute_blocks=1, selective_recompute=True, selective_policy=policy)
+    selective = build_ds_config(plan)[PARAPLAN_KEY]["activation_checkpointing"]["selective"]
+    assert selective["policy"] == policy and selective["chain_layers"] == [2, 3, 4, 5, 6]
     layers = [nn.Linear(4, 4) for _ in range(4)]
-    wrapped = apply_ac(layers, [1], [2])
+    wrapped = apply_ac(layers, [1], [2], policy)
     assert wrapped[0] is layers[0] and wrapped[3] is layers[3]
     assert type(wrapped[1]).__name__ == "CheckpointedLayer"
-    assert "context_fn" in wrapped[2].checkpoint_fn.keywords  # torch's selective checkpoint, not the full one
+    assert type(wrapped[2]).__name__ == wrapper  # the torch backend's selective recomputation, not a full one
     x = torch.randn(3, 4, requires_grad=True)
     torch.testing.assert_close(wrapped[2](x), layers[2](x), rtol=0, atol=0)

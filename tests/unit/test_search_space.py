@@ -154,7 +154,8 @@ def test_a_candidate_stopped_by_the_time_limit_makes_the_plan_feasible_not_optim
     def first_times_out(costs, *args, **kwargs):
         if not stopped:
             modes, selective = args[0], args[3]
-            stopped.append(search._lower_bound(costs, modes, FRACTION * costs.capacity_bytes, selective))
+            stopped.append(max(search._lower_bound(costs), search.partition_lower_bound(
+                costs, modes, 0.95 * costs.capacity_bytes, selective)))
             return MilpResult([], [], [], Mode(0, False), float("nan"), "timeout", float("nan"), 10.0)
         return real(costs, *args, **kwargs)
 
@@ -170,26 +171,27 @@ def test_a_candidate_stopped_by_the_time_limit_makes_the_plan_feasible_not_optim
 
 
 @pytest.mark.parametrize("memory_gib", [12, 6])
-def test_step_lower_bound_never_exceeds_a_candidates_optimum(memory_gib):
-    # The search prunes a candidate when its lower bound cannot beat the K-th best plan: a bound above the
-    # candidate's true optimum (brute force) would drop plans silently. Checked on every pipelined candidate of
-    # the tight instances, where the bound's forced-recomputation term is active.
-    from paraplan.planner.search import _lower_bound
+def test_step_lower_bounds_never_exceed_a_candidates_optimum(memory_gib):
+    # The search prunes a candidate when a lower bound cannot beat the K-th best plan, and drops it as unable to fit
+    # when the partition bound is infinite: a bound above the candidate's true optimum (brute force) would drop
+    # plans silently. Checked on every pipelined candidate of the tight instances, where the partition bound's
+    # recomputation and ZeRO terms are active.
+    from paraplan.planner.search import _lower_bound, partition_lower_bound
 
     cluster, train = _cluster(memory_gib), TrainSpec(global_batch=8, seq_len=4096)
     capacity = FRACTION * cluster.device.memory_bytes
-    checked = active = 0
-    for tp, pp, b in itertools.product((1, 2), (2, 4), (1, 2)):
-        dp = cluster.world_size // (tp * pp)
-        if dp < 1 or cluster.world_size % (tp * pp):
+    checked = tighter = 0
+    for tp, pp, b, cp in itertools.product((1, 2), (2, 4), (1, 2), (1, 2)):
+        dp = cluster.world_size // (tp * pp * cp)
+        if dp < 1 or cluster.world_size % (tp * pp * cp):
             continue
         for pol, (sched, v) in itertools.product([None, "attention", "op"], _schedules(pp)):
-            cand = Candidate(dp, tp, pp, b, tp > 1, pol, 1, v, sched)
+            cand = Candidate(dp, tp, pp, b, tp > 1, pol, cp, v, sched)
             costs = CandidateCosts(SPEC, cluster, train, dp, tp, pp, b, options=cand.options())
             modes = [m for m, why in mode_rules(cluster, cand, StrategyOverride(), "unconstrained") if why is None]
             ref = best_assignment(costs, modes, capacity, pol is not None)
-            lb = _lower_bound(costs, modes, capacity, pol is not None)
-            assert lb <= ref * (1 + 1e-9), (cand, lb, ref)
+            tight = partition_lower_bound(costs, modes, capacity, pol is not None)
+            assert _lower_bound(costs) <= ref * (1 + 1e-9) and tight <= ref * (1 + 1e-9), (cand, tight, ref)
             checked += 1
-            active += lb > _lower_bound(costs) * (1 + 1e-9)
-    assert checked > 20 and (active > 0 or memory_gib > 6)  # at 6 GiB the memory term raised some bounds
+            tighter += tight > _lower_bound(costs) * 1.01
+    assert checked > 40 and tighter > checked // 4  # the partition bound is tighter on many

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
-from functools import partial
+from collections import Counter
 
 import pytest
 import torch
@@ -16,7 +16,6 @@ from conftest import make_plan
 
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from paraplan.backends import train_common
 from paraplan.backends.torch_native import (
@@ -28,7 +27,7 @@ from paraplan.models.build import build_model
 
 def test_dp2_zero0_is_ddp_over_whole_chain():
     cfg = build_torch_config(make_plan(dp=2))
-    assert cfg.mesh.shape == [1, 2, 1] and cfg.mesh.dim_names == ["pp", "dp", "tp"]
+    assert cfg.mesh.shape == [1, 2, 1, 1] and cfg.mesh.dim_names == ["pp", "dp", "cp", "tp"]
     assert cfg.data_parallel.wrapper == "DDP" and cfg.data_parallel.reshard_after_forward is None
     assert cfg.tensor_parallel.plan == {}
     # 8 sequences / (dp 2 x micro-batch 2) = 2 micro-batches per rank, no pipeline schedule.
@@ -41,7 +40,7 @@ def test_dp2_zero0_is_ddp_over_whole_chain():
 
 def test_single_process_has_no_wrapper():
     cfg = build_torch_config(make_plan(cluster="cpu:1", dp=1))
-    assert cfg.mesh.shape == [1, 1, 1]
+    assert cfg.mesh.shape == [1, 1, 1, 1]
     assert cfg.data_parallel.wrapper == "none"
     assert cfg.pipeline.n_microbatches == 4  # 8 / (1 x 2)
 
@@ -62,7 +61,7 @@ def test_zero_stage_picks_wrapper(zero, wrapper, reshard):
 
 def test_tp2_shards_llama_projections_megatron_style():
     cfg = build_torch_config(make_plan(tp=2))
-    assert cfg.mesh.shape == [1, 1, 2]
+    assert cfg.mesh.shape == [1, 1, 1, 2]
     col, row = "ColwiseParallel", "RowwiseParallel"
     assert cfg.tensor_parallel.plan == {
         "layer.self_attn.q_proj": col, "layer.self_attn.k_proj": col, "layer.self_attn.v_proj": col,
@@ -74,14 +73,84 @@ def test_tp2_shards_llama_projections_megatron_style():
 
 def test_pp2_stages_schedule_and_checkpointed_blocks():
     cfg = build_torch_config(make_plan(pp=2, recompute_blocks=2))
-    assert cfg.mesh.shape == [2, 1, 1]
-    assert cfg.pipeline.schedule == "1F1B" and cfg.pipeline.n_microbatches == 4  # 8 / (1 x 2)
+    assert cfg.mesh.shape == [2, 1, 1, 1]
+    assert cfg.pipeline.schedule == "Schedule1F1B" and cfg.pipeline.n_microbatches == 4  # 8 / (1 x 2)
+    assert cfg.pipeline.chunks_per_rank == 1 and [(s.rank, s.chunk) for s in cfg.pipeline.stages] == [(0, 0), (1, 0)]
     # 6 blocks over 2 stages: embed + blocks 0-2 (chain 0..3), blocks 3-5 + head (chain 4..7).
     s0, s1 = cfg.pipeline.stages
     assert (s0.first_layer, s0.last_layer, s0.blocks) == (0, 3, [0, 1, 2])
     assert (s1.first_layer, s1.last_layer, s1.blocks) == (4, 7, [3, 4, 5])
     # The first 2 blocks of each stage are checkpointed.
     assert cfg.checkpointed_blocks == [0, 1, 3, 4]
+
+
+def _chunks(cfg) -> list[tuple[int, int, int, int, list[int]]]:
+    return [(c.rank, c.chunk, c.first_layer, c.last_layer, c.blocks) for c in cfg.pipeline.stages]
+
+
+def test_interleaved_chunks_follow_the_loop_placement():
+    # pp=2 over 6 blocks: 3 per rank, split over vpp=2 chunks as [2, 1]. Loop placement (virtual stage k on rank
+    # k mod 2): v0 = rank 0 chunk 0 = embed + blocks 0-1 (chain 0..2), v1 = rank 1 chunk 0 = blocks 2-3 (chain
+    # 3..4), v2 = rank 0 chunk 1 = block 4 (chain 5), v3 = rank 1 chunk 1 = block 5 + head (chain 6..7).
+    cfg = build_torch_config(make_plan(pp=2, vpp=2))
+    assert cfg.pipeline.schedule == "ScheduleInterleaved1F1B" and cfg.pipeline.chunks_per_rank == 2
+    assert [c.index for c in cfg.pipeline.stages] == [0, 1, 2, 3]
+    assert _chunks(cfg) == [(0, 0, 0, 2, [0, 1]), (1, 0, 3, 4, [2, 3]), (0, 1, 5, 5, [4]), (1, 1, 6, 7, [5])]
+    zb = build_torch_config(make_plan(pp=2, vpp=2, schedule="zero_bubble"))
+    assert zb.pipeline.schedule == "ScheduleInterleavedZeroBubble" and _chunks(zb) == _chunks(cfg)
+
+
+def test_zbv_chunks_follow_the_v_placement():
+    # V placement: v0 on rank 0, v1 on rank 1, v2 back on rank 1, v3 on rank 0 (rank 0 holds embedding and head).
+    cfg = build_torch_config(make_plan(pp=2, vpp=2, schedule="zbv"))
+    assert cfg.pipeline.schedule == "ScheduleZBVZeroBubble"
+    assert _chunks(cfg) == [(0, 0, 0, 2, [0, 1]), (1, 0, 3, 4, [2, 3]), (1, 1, 5, 5, [4]), (0, 1, 6, 7, [5])]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "full", "selective"),
+    [
+        # A rank's blocks in chunk order: rank 0 = 0, 1 | 4 and rank 1 = 2, 3 | 5 (loop placement, chunks [2, 1]).
+        (dict(vpp=2, recompute_blocks=1), [0, 2], [1, 3, 4, 5]),
+        (dict(vpp=2, recompute_blocks=2), [0, 1, 2, 3], [4, 5]),
+        # V placement: rank 0 = 0, 1 | 5 and rank 1 = 2, 3 | 4.
+        (dict(vpp=2, schedule="zbv", recompute_blocks=1), [0, 2], [1, 3, 4, 5]),
+        (dict(vpp=2, schedule="zbv", recompute_blocks=3), [0, 1, 2, 3, 4, 5], []),
+    ],
+)
+def test_recomputed_blocks_are_counted_in_each_ranks_chunk_order(kwargs, full, selective):
+    cfg = build_torch_config(make_plan(pp=2, selective_recompute=True, **kwargs))
+    assert cfg.checkpointed_blocks == full and cfg.selective_checkpointed_blocks == selective
+
+
+def test_selective_blocks_beyond_the_plans_count_run_plainly():
+    # selective_blocks = 1 on each stage: of blocks 0-2 (stage 0) block 0 is full, block 1 selective, block 2 plain.
+    plan = make_plan(pp=2, recompute_blocks=1, selective_recompute=True)
+    st = plan.strategy
+    stages = [s.model_copy(update={"selective_blocks": 1}) for s in st.stages]
+    plan = plan.model_copy(update={"strategy": st.model_copy(update={"stages": stages})})
+    cfg = build_torch_config(plan)
+    assert cfg.checkpointed_blocks == [0, 3] and cfg.selective_checkpointed_blocks == [1, 4]
+
+
+def _with_stages(plan, **updates):
+    """``plan`` with every stage's fields replaced (skipping validation, as a hand edit of plan.json would not)."""
+    st = plan.strategy
+    stages = [s.model_copy(update={k: v[s.index] for k, v in updates.items()}) for s in st.stages]
+    return plan.model_copy(update={"strategy": st.model_copy(update={"stages": stages})})
+
+
+def test_chunk_tiling_is_checked_against_the_chunk_counts():
+    plan = make_plan(pp=2, vpp=2)
+    # Rank 0's span is chain 0..5 (chunks 0..2 and 5); a hand edit to 0..4 disagrees with its chunk_blocks [2, 1].
+    with pytest.raises(LaunchError, match="says chain layers 0..4 but its chunk_blocks"):
+        build_torch_config(_with_stages(plan, last_layer=[4, 7]))
+    # chunk_blocks that do not sum to the stage's blocks.
+    with pytest.raises(LaunchError, match=r"chunk_blocks \[2, 2\] for vpp=2 and 3 blocks"):
+        build_torch_config(_with_stages(plan, chunk_blocks=[[2, 2], [2, 1]]))
+    # A middle chunk with no block is an empty pipeline stage: rank 0 as [3, 0] leaves virtual stage 2 empty.
+    with pytest.raises(LaunchError, match="virtual stage 2 .rank 0, chunk 1. holds no layer"):
+        build_torch_config(_with_stages(plan, chunk_blocks=[[3, 0], [2, 1]], last_layer=[4, 7]))
 
 
 def test_sequence_parallel_and_selective_recompute_reach_the_recipe():
@@ -119,6 +188,15 @@ def test_bf16_uses_autocast_with_ddp_and_fsdp2_policy_with_fsdp():
         (dict(model="gpt3-175b", tp=2), "fuse q, k, v"),
         (dict(cluster="cpu:4", tp=4), "n_kv_heads=2"),  # 6 heads, 2 kv heads: 4 divides neither
         (dict(pp=2, micro_batch_size=8), "1 micro-batches for pp=2"),  # 8 / 8 = 1 micro-batch < 2 stages
+        # 10 / 2 = 5 micro-batches: max(1, 5 // 2) = 2 rounds, and 5 is not a multiple of 2.
+        (dict(pp=2, vpp=2, global_batch=10), "ScheduleInterleaved1F1B runs the micro-batches in max.1, m // pp. = 2"),
+        (dict(pp=2, schedule="zero_bubble", global_batch=14), "= 3 rounds"),  # 7 micro-batches, 7 // 2 = 3
+        # Split backward (input, then weight gradients) twice through one selectively checkpointed region.
+        (dict(pp=2, schedule="zbv", vpp=2, selective_recompute=True, selective_policy="op"), "selective_policy op"),
+        (dict(cluster="cpu:4", dp=2, pp=2, schedule="zero_bubble", zero_stage=3), "dp=2 x cp=1 data-parallel"),
+        (dict(cp=2), "context parallelism needs CUDA"),
+        (dict(cluster="2xH100-80GB", model="gpt3-175b", cp=2), "only Llama blocks use"),
+        (dict(cluster="2xH100-80GB", cp=2, seq_len=66), "seq_len=66 must be a multiple of 4"),
         (dict(model="gpt3-175b", pp=2), "ties its embedding"),
         (dict(model="gpt3-175b", tp=2, sequence_parallel=True), "sequence-parallel plan covers Llama blocks only"),
         (dict(tp=2, sequence_parallel=True, seq_len=63), "must divide seq_len=63"),
@@ -127,6 +205,43 @@ def test_bf16_uses_autocast_with_ddp_and_fsdp2_policy_with_fsdp():
 def test_unsupported_plans_say_what_to_change(kwargs, says):
     with pytest.raises(LaunchError, match=says):
         build_torch_config(make_plan(**kwargs))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(pp=2, schedule="zbv", vpp=2, global_batch=2),  # ZB-V runs any micro-batch count, even 1 < pp
+        dict(pp=2, schedule="zbv", vpp=2, global_batch=10),  # 5 micro-batches
+        dict(pp=2, vpp=2, global_batch=2),  # interleaved: 1 micro-batch, one round
+        dict(pp=2, vpp=2, global_batch=12),  # 6 micro-batches: 3 rounds of 2
+        dict(pp=2, schedule="zbv", vpp=2, selective_recompute=True),  # attention policy: a plain nested checkpoint
+        dict(cluster="cpu:4", dp=2, pp=2, vpp=2),  # interleaved 1F1B under DDP
+    ],
+)
+def test_schedules_accept_what_torch_runs(kwargs):
+    build_torch_config(make_plan(**kwargs))
+
+
+def test_context_parallel_recipe_on_gpus():
+    cfg = build_torch_config(make_plan(cluster="2xH100-80GB", cp=2))
+    assert cfg.mesh.shape == [1, 1, 2, 1]
+    # Gradients are averaged over dp x cp (torchtitan's dp_shard_cp): with dp=1 that is still 2 ranks, so DDP.
+    assert cfg.data_parallel.wrapper == "DDP" and cfg.data_parallel.mesh_dims == ["dp", "cp"]
+    assert cfg.context_parallel.degree == 2
+    assert cfg.context_parallel.sdpa_backends == ["FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"]
+    plain = build_torch_config(make_plan(cluster="2xH100-80GB", dp=2))
+    assert plain.context_parallel.degree == 1 and plain.data_parallel.mesh_dims == ["dp"]
+
+
+def test_stage_module_hands_position_ids_to_its_blocks(tiny_chain):
+    cfg = build_torch_config(make_plan(cluster="2xH100-80GB", cp=2))
+    stage = build_stage_module(tiny_chain, cfg.pipeline.stages[0], cfg)
+    tokens = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(1))
+    assert stage.position_ids.tolist() == [list(range(64))]
+    with torch.no_grad():
+        torch.testing.assert_close(stage(tokens), tiny_chain(tokens), rtol=0, atol=0)  # positions 0..s-1 as default
+        stage.position_ids += 5  # a sequence shard that starts at token 5: rotary sees other angles
+        assert not torch.allclose(stage(tokens), tiny_chain(tokens))
 
 
 def test_emit_writes_config_file(tmp_path):
@@ -229,51 +344,114 @@ class _RetainedBytes(TorchDispatchMode):
         return sum(n for ptr, (ref, n) in self.refs.items() if not ref.expired() and ptr != out_ptr)
 
 
-def _retained(block, x: torch.Tensor, policy=None) -> tuple[int, torch.Tensor]:
-    """Forward ``block`` on ``x`` (plain, or under selective checkpointing with ``policy``); bytes kept, output."""
-    fn = block if policy is None else (lambda t: checkpoint(
-        block, t, use_reentrant=False, context_fn=partial(create_selective_checkpoint_contexts, policy)))
+def _retained(block, x: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """Forward ``block`` (plain or wrapped for recomputation) on ``x``; bytes kept for backward, output."""
     mode = _RetainedBytes(exclude=[p for p in block.parameters()])
     with mode:
-        y = fn(x)
+        y = block(x)
     return mode.alive_bytes(y), y
 
 
-def test_selective_checkpoint_keeps_only_projection_outputs_not_attention(tiny_chain):
-    """llama-tiny block, b=2, s=64, fp32: h=384, 6 heads of 64, 2 key/value heads (k, v are 128 wide), MLP 1024."""
+# llama-tiny block at b=2, s=64, fp32: h=384, 6 heads of d=64, 2 key/value heads (k, v are 128 wide), MLP 1024.
+B, S, H, HEADS, D, KV, F = 2, 64, 384, 6, 64, 128, 1024
+FP32 = 4
+SDPA_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+
+
+def _packed_shapes(module, x: torch.Tensor) -> Counter:
+    """Shapes of the tensors autograd saves (``saved_tensors_hooks`` pack calls) in one forward of ``module``."""
+    shapes: list[tuple[int, ...]] = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    return Counter(shapes)
+
+
+class _CountOp(TorchDispatchMode):
+    def __init__(self, op) -> None:
+        super().__init__()
+        self.op, self.calls = op, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += func is self.op
+        return func(*args, **(kwargs or {}))
+
+
+def _forward_backward(module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Output, input gradient, and how often the SDPA kernel ran in forward + backward."""
+    counter = _CountOp(SDPA_CPU)
+    with counter:
+        y = module(x)
+        (gx,) = torch.autograd.grad(y.square().mean(), x)
+    return y, gx, counter.calls
+
+
+def test_attention_policy_drops_only_what_the_attention_core_saves(tiny_chain):
+    """Korthikanti et al. sec. 4.3 on an SDPA block. By hand: the SDPA op saves q, k, v, its output and its
+    log-sum-exp for backward; recomputing it keeps q, k, v (the recomputation's inputs) and drops output and
+    log-sum-exp, everything else autograd keeps as without recomputation. In bytes only the log-sum-exp
+    (b, heads, s) goes: the SDPA output's storage is also the o projection's saved input (transformers' transpose +
+    contiguous is a no-op on the CPU kernel's (b, s, heads, d) layout)."""
     block = copy.deepcopy(tiny_chain.blocks[0])
-    b, s, h, kv, f, heads = 2, 64, 384, 128, 1024, 6
-    x = torch.randn(b, s, h, requires_grad=True)
-    policy = train_common._matmul_save_policy
-    kept_sel, y_sel = _retained(block, x, policy)
-    # Selective keeps exactly the outputs of the 7 projections: q, k, v, o, gate, up, down (4 bytes each).
-    assert kept_sel == b * s * (h + kv + kv + h + f + f + h) * 4
-    # The same policy but saving the attention op too keeps its output (b, heads, s, 64) = (b, s, h) and its
-    # log-sum-exp (b, heads, s) on top: the attention core is what selective recomputation drops.
-    attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
-
-    def save_attention_too(ctx, func, *args, **kwargs):
-        return CheckpointPolicy.MUST_SAVE if func is attention else policy(ctx, func, *args, **kwargs)
-
-    kept_with_attention, _ = _retained(block, x, save_attention_too)
-    assert kept_with_attention - kept_sel == (b * s * h + b * heads * s) * 4
-    # And it keeps less than no checkpointing (autograd also keeps norms, rotary and activation inputs).
-    kept_plain, y_plain = _retained(block, x)
-    assert kept_sel < kept_plain
-    # Recomputation replays the same ops: output and gradients are bit-identical to the plain block's.
+    x = torch.randn(B, S, H, requires_grad=True)
+    selective = train_common.selective_checkpoint(copy.deepcopy(block), "attention")
+    plain_saved, sel_saved = _packed_shapes(block, x), _packed_shapes(selective, x)
+    assert plain_saved - sel_saved == Counter({(B, HEADS, S, D): 1, (B, HEADS, S): 1})  # output, log-sum-exp
+    assert sel_saved - plain_saved == Counter()  # q, k, v now saved as the recomputation's inputs
+    kept_plain, _ = _retained(block, x)
+    kept_sel, _ = _retained(selective, x)
+    assert kept_plain - kept_sel == B * HEADS * S * FP32
+    # The attention kernel runs again in backward, and the numbers are the plain block's bit for bit.
+    y_plain, g_plain, calls_plain = _forward_backward(block, x)
+    y_sel, g_sel, calls_sel = _forward_backward(selective, x)
+    assert (calls_plain, calls_sel) == (1, 2)
     torch.testing.assert_close(y_sel, y_plain, rtol=0, atol=0)
-    (g_sel,) = torch.autograd.grad(y_sel.square().mean(), x)
-    (g_plain,) = torch.autograd.grad(y_plain.square().mean(), x)
     torch.testing.assert_close(g_sel, g_plain, rtol=0, atol=0)
 
 
-def test_apply_ac_wraps_full_and_selective_blocks(tiny_chain):
-    cfg = build_torch_config(make_plan(cluster="cpu:1", recompute_blocks=2, selective_recompute=True))
+def test_op_policy_keeps_every_other_matmul_and_the_attention_output(tiny_chain):
+    """torchtitan's op policy on a Llama block. By hand, the block's matmuls in forward order are q, k, v, o, gate,
+    up, down (7 aten.mm); the policy keeps the outputs of the odd ones (q (b s, h), v (b s, kv), gate (b s, f),
+    down (b s, h)) and of the SDPA op (output (b, heads, s, d) and log-sum-exp (b, heads, s)), and recomputes the
+    rest from the block input, the only tensor autograd itself saves."""
+    block = copy.deepcopy(tiny_chain.blocks[0])
+    x = torch.randn(B, S, H, requires_grad=True)
+    selective = train_common.selective_checkpoint(copy.deepcopy(block), "op")
+    assert _packed_shapes(selective, x) == Counter({(B, S, H): 1})
+    kept, _ = _retained(selective, x)
+    assert kept == (B * S * (H + KV + F + H) + B * S * H + B * HEADS * S) * FP32
+    kept_plain, _ = _retained(block, x)
+    assert kept < kept_plain / 3  # 1.1 MiB against 3.5 MiB
+    # The attention output is kept, so the kernel is not run again; the numbers are the plain block's.
+    y_plain, g_plain, _ = _forward_backward(block, x)
+    y_sel, g_sel, calls = _forward_backward(selective, x)
+    assert calls == 1
+    torch.testing.assert_close(y_sel, y_plain, rtol=0, atol=0)
+    torch.testing.assert_close(g_sel, g_plain, rtol=0, atol=0)
+
+
+def test_unknown_selective_policy_is_refused(tiny_chain):
+    with pytest.raises(ValueError, match="use one of attention, op"):
+        train_common.selective_checkpoint(tiny_chain.blocks[0], "matmul")
+
+
+@pytest.mark.parametrize("policy", ["attention", "op"])
+def test_apply_ac_wraps_full_and_selective_blocks(tiny_chain, policy):
+    cfg = build_torch_config(make_plan(cluster="cpu:1", recompute_blocks=2, selective_recompute=True,
+                                       selective_policy=policy))
+    assert cfg.selective_policy == policy
     stage = build_stage_module(copy.deepcopy(tiny_chain), cfg.pipeline.stages[0], cfg)
-    apply_ac(stage, cfg.checkpointed_blocks, cfg.selective_checkpointed_blocks)
-    wrapped = [stage.block(i) for i in range(6)]
-    # Full checkpointing passes no context_fn; selective passes the policy's contexts.
-    kinds = ["context_fn" in getattr(w, "checkpoint_fn").keywords for w in wrapped]
-    assert kinds == [False, False, True, True, True, True]
+    apply_ac(stage, cfg.checkpointed_blocks, cfg.selective_checkpointed_blocks, cfg.selective_policy)
+    kinds = [type(stage.block(i)).__name__ for i in range(6)]
+    selective = "AttentionRecomputeWrapper" if policy == "attention" else "CheckpointWrapper"
+    assert kinds == ["CheckpointWrapper"] * 2 + [selective] * 4
+    # Full checkpointing passes no context_fn; the op policy passes its selective-checkpoint contexts.
+    assert "context_fn" not in stage.block(0).checkpoint_fn.keywords
+    if policy == "op":
+        assert "context_fn" in stage.block(2).checkpoint_fn.keywords
     tokens = _tokens()
     torch.testing.assert_close(stage(tokens), tiny_chain(tokens), rtol=0, atol=0)
