@@ -275,6 +275,7 @@ class CandidateCosts:
         self.cp_spans = dp_spans_nodes(cluster, tp, opts.cp)  # cp ranks sit next to the tp ranks (mesh .., cp, tp)
         key = (tp, opts.cp, micro_batch_size, self.sp, opts.selective_policy, opts.attention, opts.overlap_tp,
                opts.framework_efficiency, dp * tp * pp * opts.cp)
+        self.layer_key = key  # what the layer costs depend on (a search shares work between equal keys)
         cache = layer_cache if layer_cache is not None else {}
         if key not in cache:
             cache[key] = (self._layer("block"), self._layer("embed"), self._layer("head"))
@@ -293,6 +294,8 @@ class CandidateCosts:
         self.usable_capacity_bytes = self.capacity_bytes
         self.host_capacity_bytes = cluster.host_memory_bytes / cluster.devices_per_node
         self.overhead_bytes = OVERHEAD_BYTES[cluster.device.kind]
+        # Shared with the search's other candidates (layer_cache): the terms depend only on the key's fields.
+        self._mode_terms: dict = layer_cache if layer_cache is not None else {}
 
     # ---- layers -------------------------------------------------------------------------------------------------
     def _tp_collective_s(self, n_bytes: float) -> float:
@@ -583,7 +586,14 @@ class CandidateCosts:
 
     def mode_terms(self, stage: int, mode: Mode) -> ModeTerms:
         """The mode-dependent terms of a stage, affine in its block count (each quantity is linear in the stage's
-        parameters ``n * block.params + fixed``, so two evaluations fix it exactly)."""
+        parameters ``n * block.params + fixed``, so two evaluations fix it exactly). Memoized: they depend only on
+        the stage's fixed parameters and the mode."""
+        key = ("mode", self.tp, self.dp_shard, self.stage_params(stage, 0), mode)
+        if key not in self._mode_terms:
+            self._mode_terms[key] = self._compute_mode_terms(stage, mode)
+        return self._mode_terms[key]
+
+    def _compute_mode_terms(self, stage: int, mode: Mode) -> ModeTerms:
         fixed = self.stage_params(stage, 0)
         slope = self.block.params
 

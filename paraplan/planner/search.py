@@ -8,6 +8,7 @@ found so far (FORMULAS.md, "Outer loop").
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -385,8 +386,42 @@ def _lower_bound(costs: CandidateCosts) -> float:
     ``max >= sum / p`` and ``m >= w``), ``sum >= L t_block + sum_s fixed_s``. Candidates it does not prune get
     :func:`partition_lower_bound`."""
     L, p = costs.spec.n_layers or 0, costs.pp
-    total = L * costs.block.time_s + sum(costs.compute_terms(s).const for s in range(p))
+    # sum_s compute_terms(s).const: the embedding and head once each, the point-to-point transfers on every stage.
+    total = L * costs.block.time_s + costs.embed.time_s + costs.head.time_s + p * costs.p2p_s
     return (costs.m + costs.bubble_weight() * (p - 1)) / p * total
+
+
+def busiest_lower_bound(costs: CandidateCosts, modes: list[Mode], capacity: float, selective: bool) -> float:
+    """A step-time bound between :func:`_lower_bound` and :func:`partition_lower_bound` in cost and strength.
+
+    Formula: some stage holds ``k = ceil(L / p)`` blocks and so takes at least ``T_k = min over modes and stage
+        positions (0, p-2, p-1: the argument of :func:`memory_lower_bound`) of compute_s(k) + x``, with ``x`` the
+        least recomputation that fits it in memory (the LP relaxation of :func:`partition_lower_bound`, one n);
+        then ``step >= (m - w) T_k + w (sum + x)``, ``sum >= L t_block + fixed``.
+    """
+    L, p, m = costs.spec.n_layers or 0, costs.pp, costs.m
+    w, blk, k = costs.bubble_weight(), costs.block, -(-L // p)
+    total = L * blk.time_s + costs.embed.time_s + costs.head.time_s + p * costs.p2p_s
+    best = float("inf")
+    for s in sorted({0, max(p - 2, 0), p - 1}):
+        act = costs.activation_terms(s)
+        a_k = act(k)
+        b_r, b_q = -act.per_recompute, (-act.per_selective if selective else 0.0)
+        compute = costs.compute_terms(s)(k)
+        for mode in modes:
+            t = costs.mode_terms(s, mode)
+            over = t.params(k) + t.grads(k) + t.optimizer(k) + t.other(k) + a_k - capacity
+            x = 0.0
+            if over > 0:
+                need, x = over + blk.act_bytes, float("inf")
+                if b_r > 0 and need / b_r <= k:
+                    x = min(x, blk.recompute_s * need / b_r)
+                if b_q > 0 and need / b_q <= k:
+                    x = min(x, blk.selective_s * need / b_q)
+                if b_r != b_q and 0 <= (r := (need - b_q * k) / (b_r - b_q)) <= k:
+                    x = min(x, blk.recompute_s * r + blk.selective_s * (k - r))
+            best = min(best, (m - w) * (compute + x) + w * (total + x))
+    return best
 
 
 def partition_lower_bound(costs: CandidateCosts, modes: list[Mode], capacity: float, selective: bool) -> float:
@@ -412,36 +447,31 @@ def partition_lower_bound(costs: CandidateCosts, modes: list[Mode], capacity: fl
     w = costs.bubble_weight()
     blk = costs.block
     n = np.arange(L + 1, dtype=float)[None, :]
-    total = L * blk.time_s + sum(costs.compute_terms(s).const for s in range(p))
     k = -(-L // p)
     inflight = np.array([costs.inflight(s) for s in range(p)], dtype=float)[:, None]
-    has_fixed = [bool(costs.fixed_layers(s)) for s in range(p)]
-    plain = next((s for s in range(p) if not has_fixed[s]), None)  # stages without embedding/head are alike
-    best = float("inf")
-    for mode in modes:
-        # Per stage (rows): memory at n = 0 and its slope with no recomputation, compute and ZeRO traffic terms.
-        # Stages without a fixed layer differ only in their in-flight micro-batches, so one of them is evaluated
-        # and the activation part scaled (memory = states + other + inflight x activations).
-        cols = {name: np.empty((p, 1)) for name in ("m0", "slope", "c0", "z0", "z1")}
-        ref = None
-        for s in range(p):
-            if not has_fixed[s] and ref is not None:
-                k_s = inflight[s, 0]
-                cols["m0"][s], cols["slope"][s] = ref[0], ref[1] + k_s * blk.act_bytes
-                cols["c0"][s], cols["z0"][s], cols["z1"][s] = ref[2], ref[3], ref[4]
-                continue
-            m0 = costs.stage_memory_bytes(s, 0, 0, mode)
-            slope = costs.stage_memory_bytes(s, 1, 0, mode) - m0
-            zc = costs.mode_terms(s, mode).zero_comm
-            row = (m0, slope, costs.compute_terms(s).const, zc.const, zc.per_block)
-            for name, value in zip(cols, row):
-                cols[name][s] = value
-            if s == plain:
-                ref = (m0, slope - inflight[s, 0] * blk.act_bytes, *row[2:])
-        over = cols["m0"] + cols["slope"] * n - capacity
+    # Activations per stage: a_s(n) = a0_s + a1_s n with no recomputation (mode-independent); stages without the
+    # embedding or head differ only in their in-flight micro-batches, so one is evaluated and the rest scaled.
+    act0, act1 = np.zeros((p, 1)), inflight * blk.act_bytes
+    c0 = np.empty((p, 1))
+    kinds: dict[int, int] = {}  # stage -> the stage whose mode terms it shares (same fixed layers)
+    plain = None
+    for s in range(p):
+        if costs.fixed_layers(s):
+            terms = costs.activation_terms(s)
+            act0[s], act1[s] = terms.const, terms.per_block
+            c0[s], kinds[s] = costs.compute_terms(s).const, s
+        else:
+            plain = s if plain is None else plain
+            c0[s], kinds[s] = (costs.compute_terms(s).const if plain == s else c0[plain]), plain
+    total = L * blk.time_s + float(c0.sum())
+    b_r = inflight * (blk.act_bytes - blk.ckpt_bytes)
+    b_q = inflight * (blk.act_bytes - blk.sel_act_bytes) if selective else np.zeros_like(inflight)
+    floor_n = np.array([costs.min_blocks(s) for s in range(p)])
+
+    def bound(states, zero_comm, extra: float) -> float:
+        """The bound for per-stage states + other and ZeRO traffic arrays (p x L+1) and a least per-step extra."""
+        over = states + act0 + act1 * n - capacity
         need = np.where(over > 0, over + blk.act_bytes, 0.0)
-        b_r = inflight * (blk.act_bytes - blk.ckpt_bytes)
-        b_q = inflight * (blk.act_bytes - blk.sel_act_bytes) if selective else np.zeros_like(inflight)
         with np.errstate(divide="ignore", invalid="ignore"):
             x = np.where(need > 0, np.inf, 0.0)
             r_only = need / b_r
@@ -451,16 +481,15 @@ def partition_lower_bound(costs: CandidateCosts, modes: list[Mode], capacity: fl
             r = (need - b_q * n) / (b_r - b_q)
             ok = (need > 0) & (b_r != b_q) & (r >= 0) & (r <= n)
             x = np.where(ok, np.minimum(x, blk.recompute_s * r + blk.selective_s * (n - r)), x)
-        compute = cols["c0"] + blk.time_s * n + x
-        zero_comm = cols["z0"] + cols["z1"] * n
+        compute = c0 + blk.time_s * n + x
         times = np.maximum(compute, zero_comm) if costs.options.overlap_dp else compute + zero_comm
         times = np.maximum.accumulate(times, axis=1)  # nondecreasing in n; guards rounding
-        # T must let every stage hold its least blocks; stages of time <= T hold max{n : t_s(n) <= T} (a prefix of
-        # the nondecreasing row), so the blocks they can hold in all are sum_s count(t_s <= T) - p.
-        floor = max(float(times[s, costs.min_blocks(s)]) for s in range(p))
+        # T must let every stage hold its least blocks; stages of time <= T hold max{n : t_s(n) <= T} (a prefix
+        # of the nondecreasing row), so the blocks they can hold in all are sum_s count(t_s <= T) - p.
+        floor = float(times[np.arange(p), floor_n].max())
         values = np.unique(times[np.isfinite(times) & (times >= floor)])
         if len(values) == 0 or (times <= values[-1]).sum() - p < L:
-            continue  # nothing fits in this mode
+            return float("inf")  # nothing fits
         lo, hi = 0, len(values) - 1
         while lo < hi:  # the least such T
             mid = (lo + hi) // 2
@@ -468,10 +497,34 @@ def partition_lower_bound(costs: CandidateCosts, modes: list[Mode], capacity: fl
                 hi = mid
             else:
                 lo = mid + 1
-        extra = min(float(_least_step_extra_s(costs, s, mode, selective)[k:].min())
-                    for s in {0, max(p - 2, 0), p - 1})
-        best = min(best, (m - w) * float(values[lo]) + w * total + extra)
-    return best
+        return (m - w) * float(values[lo]) + w * total + extra
+
+    per_mode = []
+    for mode in modes:
+        # Model states + other, and the per micro-batch ZeRO traffic, of each stage (affine in n; memoized).
+        cols = np.empty((4, p, 1))
+        for s in range(p):
+            if kinds[s] != s:
+                cols[:, s] = cols[:, kinds[s]]
+                continue
+            t = costs.mode_terms(s, mode)
+            states = (t.params, t.grads, t.optimizer, t.other)
+            cols[:, s, 0] = (sum(a.const for a in states), sum(a.per_block for a in states), t.zero_comm.const,
+                             t.zero_comm.per_block)
+        extra = min(_least_step_extra_from(costs, s, mode, selective, k) for s in {0, max(p - 2, 0), p - 1})
+        per_mode.append((cols[0] + cols[1] * n, cols[2] + cols[3] * n, extra))
+    return min((bound(*pm) for pm in per_mode), default=float("inf"))
+
+
+def _least_step_extra_from(costs: CandidateCosts, stage: int, mode: Mode, selective: bool, k: int) -> float:
+    """``min over n >= k`` of :func:`_least_step_extra_s`, memoized in the search's shared cache (it depends only on
+    the layer costs, the dp x cp group, the stage's fixed layers, the mode, k and the window's options)."""
+    fixed = tuple(lc.params for lc in costs.fixed_layers(stage))
+    key = ("extra", costs.layer_key, costs.dp_shard, fixed, mode, k, selective, costs.options.overlap_dp)
+    cache = costs._mode_terms
+    if key not in cache:
+        cache[key] = float(_least_step_extra_s(costs, stage, mode, selective)[k:].min())
+    return cache[key]
 
 
 def _least_step_extra_s(costs: CandidateCosts, stage: int, mode: Mode, selective: bool):
@@ -600,31 +653,56 @@ def search_plans(
             continue
         costs = costs_of(cand)
         scored.append((_lower_bound(costs), cand, costs, modes))
-    scored.sort(key=lambda x: x[0])
+    # Best-first: a heap keyed by the cheap balanced bound; a candidate popped the first time gets the busiest-stage
+    # bound, the second time the partition bound, going back keyed by each; popped a third time, it is solved. Candidates are thus solved in the order of their
+    # tight bounds, so the incumbent is good early, and once the least key reaches the K-th best plan every
+    # remaining candidate is pruned.
+    heap = [(lb, i, 0) for i, (lb, *_rest) in enumerate(scored)]
+    heapq.heapify(heap)
     found: list[tuple[float, Candidate, CandidateCosts, MilpResult]] = []
     seen: set[tuple] = set()  # plans already found (knob settings that led to the same strategy)
     solved, pruned, status, gap = 0, 0, "optimal", 0.0
     unproven: list[float] = []  # lower bounds of candidates whose MILP stopped at the time limit
-    for lb, cand, costs, modes in scored:
+
+    def report() -> None:
+        if progress is not None:
+            best = found[0] if found else None
+            progress(SearchProgress(
+                total=len(scored), solved=solved, pruned=pruned, rejected=n_cands - len(scored),
+                cannot_fit=cannot_fit, best_step_time_s=best[0] if best else None, best=best[1] if best else None))
+
+    while heap:
+        key, i, tightened = heapq.heappop(heap)
+        lb, cand, costs, modes = scored[i]
         selective = cand.selective is not None
-        if len(found) >= top_k and lb >= found[-1][0]:
-            pruned += 1
-        elif (need := memory_lower_bound(costs, modes, milp_recompute, selective)) > capacity \
-                or (tight := partition_lower_bound(costs, modes, capacity, selective)) == float("inf"):
-            # Cannot fit whatever the MILP chooses (the second test: no stage split fits by the LP relaxation).
-            cannot_fit += 1
-            if least_mem is None or need < least_mem[0]:
-                least_mem = (need, cand)
-        elif len(found) >= top_k and tight >= found[-1][0]:
-            pruned += 1  # the tighter bound, computed only for candidates the first one did not prune
+        if len(found) >= top_k and key >= found[-1][0]:
+            pruned += 1 + len(heap)  # this and every later key: none can beat the K-th best plan
+            heap.clear()
+        elif tightened == 0:
+            heapq.heappush(heap, (max(lb, busiest_lower_bound(costs, modes, capacity, selective)), i, 1))
+            continue
+        elif tightened == 1:
+            tight = partition_lower_bound(costs, modes, capacity, selective)
+            if tight == float("inf") or (milp_recompute is not None and memory_lower_bound(
+                    costs, modes, milp_recompute, selective) > capacity):
+                # Cannot fit whatever the MILP chooses: no stage split fits by the LP relaxation of recomputation,
+                # or the leanest stage does not under the forced recomputation.
+                need = memory_lower_bound(costs, modes, milp_recompute, selective)
+                cannot_fit += 1
+                if least_mem is None or need < least_mem[0]:
+                    least_mem = (need, cand)
+            else:
+                heapq.heappush(heap, (max(key, tight), i, 2))
+                continue
         else:
             res = solve_stage_milp(costs, modes, milp_recompute, time_limit_s, selective)
             solved += 1
             if res is not None and res.status != "optimal":
                 # Not proven: its optimum may lie anywhere above this bound (the step-time bound when unknown).
                 bound = res.bound_s
-                unproven.append(bound if bound == bound else max(lb, tight))
+                unproven.append(bound if bound == bound else key)
             if res is None:
+                need = memory_lower_bound(costs, modes, milp_recompute, selective)
                 if least_mem is None or need < least_mem[0]:
                     least_mem = (need, cand)
             elif res.status != "timeout" and _plan_key(cand, res) not in seen:  # a timed-out MILP has no solution
@@ -632,12 +710,7 @@ def search_plans(
                 found.append((res.objective_s, cand, costs, res))
                 found.sort(key=lambda x: x[0])
                 found = found[:top_k]
-        if progress is not None:
-            best = found[0] if found else None
-            progress(SearchProgress(
-                total=len(scored), solved=solved, pruned=pruned, rejected=n_cands - len(scored),
-                cannot_fit=cannot_fit,
-                best_step_time_s=best[0] if best else None, best=best[1] if best else None))
+        report()
     if not found:
         _raise_infeasible(cluster, least_mem, memory_fraction, override, rejected, n_cands, might_fit)
     elapsed = time.perf_counter() - start

@@ -172,11 +172,11 @@ def test_a_candidate_stopped_by_the_time_limit_makes_the_plan_feasible_not_optim
 
 @pytest.mark.parametrize("memory_gib", [12, 6])
 def test_step_lower_bounds_never_exceed_a_candidates_optimum(memory_gib):
-    # The search prunes a candidate when a lower bound cannot beat the K-th best plan, and drops it as unable to fit
-    # when the partition bound is infinite: a bound above the candidate's true optimum (brute force) would drop
+    # The search prunes a candidate when a lower bound (balanced, busiest stage, partition) cannot beat the K-th
+    # best plan, and drops it as unable to fit when the partition bound is infinite: a bound above the candidate's true optimum (brute force) would drop
     # plans silently. Checked on every pipelined candidate of the tight instances, where the partition bound's
     # recomputation and ZeRO terms are active.
-    from paraplan.planner.search import _lower_bound, partition_lower_bound
+    from paraplan.planner.search import _lower_bound, busiest_lower_bound, partition_lower_bound
 
     cluster, train = _cluster(memory_gib), TrainSpec(global_batch=8, seq_len=4096)
     capacity = FRACTION * cluster.device.memory_bytes
@@ -191,7 +191,9 @@ def test_step_lower_bounds_never_exceed_a_candidates_optimum(memory_gib):
             modes = [m for m, why in mode_rules(cluster, cand, StrategyOverride(), "unconstrained") if why is None]
             ref = best_assignment(costs, modes, capacity, pol is not None)
             tight = partition_lower_bound(costs, modes, capacity, pol is not None)
-            assert _lower_bound(costs) <= ref * (1 + 1e-9) and tight <= ref * (1 + 1e-9), (cand, tight, ref)
+            busiest = busiest_lower_bound(costs, modes, capacity, pol is not None)
+            assert _lower_bound(costs) <= ref * (1 + 1e-9), (cand, ref)
+            assert tight <= ref * (1 + 1e-9) and busiest <= ref * (1 + 1e-9), (cand, tight, busiest, ref)
             checked += 1
             tighter += tight > _lower_bound(costs) * 1.01
     assert checked > 40 and tighter > checked // 4  # the partition bound is tighter on many
