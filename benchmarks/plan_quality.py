@@ -228,7 +228,7 @@ def render_summary(results: list[QualityRow]) -> list[str]:
         lines.append(f"not compared (expert does not fit by our model): {', '.join(r.id for r in not_cmp)}")
     checked = [r for r in results if not math.isnan(r.repriced_s)]
     agree = sum(abs(r.repriced_s - r.plan_s) <= 1e-9 * r.plan_s for r in checked)
-    lines.append(f"plans estimate_strategy can express (even split, all-or-nothing full recomputation): "
+    lines.append(f"plans estimate_strategy can express (each kind of recomputation on all blocks or none): "
                  f"{len(checked)}, re-priced to the same step time: {agree}")
     total = sum(r.plan_time_s for r in results)
     slow = max(results, key=lambda r: r.plan_time_s)
