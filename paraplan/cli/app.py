@@ -353,9 +353,8 @@ class _SearchStatus:
         best = "none yet"
         if p.best is not None:
             b = p.best
-            best = (f"{p.best_step_time_s * 1e3:,.1f} ms/step at dp={b.dp} tp={b.tp} pp={b.pp} "
-                    f"mb={b.micro_batch_size}")
-        self._status.update(f"planning: {p.solved + p.pruned}/{p.total} candidates ({p.solved} MILPs solved, "
+            best = f"{p.best_step_time_s * 1e3:,.1f} ms/step at {b.label()}"
+        self._status.update(f"planning: {p.solved + p.pruned + p.cannot_fit}/{p.total} candidates ({p.solved} MILPs solved, "
                             f"{p.pruned} pruned by bound; {p.rejected} excluded by rules, {p.cannot_fit} cannot "
                             f"fit); best {best}")
 

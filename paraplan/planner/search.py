@@ -39,11 +39,11 @@ BackendChoice = str  # "any" | "deepspeed" | "torch" | "unconstrained"
 class SearchProgress:
     """Where a running search stands: candidates taken up so far and the incumbent (best plan found)."""
 
-    total: int  # candidates the backends allow, in lower-bound order
+    total: int  # candidates the backends allow; each ends solved, pruned or cannot_fit, one report each
     solved: int  # MILPs solved so far
-    pruned: int  # skipped because their lower bound cannot beat the K-th best plan
+    pruned: int  # skipped because a lower bound cannot beat the K-th best plan
     rejected: int  # excluded before the search by a backend or mode rule
-    cannot_fit: int  # dropped before the search: their memory lower bound exceeds the device
+    cannot_fit: int  # dropped unsolved: no stage split fits by the memory bounds
     best_step_time_s: float | None
     best: Candidate | None
 
@@ -676,8 +676,11 @@ def search_plans(
         lb, cand, costs, modes = scored[i]
         selective = cand.selective is not None
         if len(found) >= top_k and key >= found[-1][0]:
-            pruned += 1 + len(heap)  # this and every later key: none can beat the K-th best plan
+            for _ in range(1 + len(heap)):  # this and every later key: none can beat the K-th best plan
+                pruned += 1
+                report()
             heap.clear()
+            break
         elif tightened == 0:
             heapq.heappush(heap, (max(lb, busiest_lower_bound(costs, modes, capacity, selective)), i, 1))
             continue

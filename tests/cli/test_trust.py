@@ -330,8 +330,8 @@ def test_search_reports_progress_that_adds_up():
     plans = search_plans(load_model_spec("llama3-8b"), load_cluster_spec("8xH100-80GB"),
                          TrainSpec(global_batch=64, seq_len=4096), top_k=2, progress=seen.append)
     last = seen[-1]
-    # Every candidate the rules allow is either solved or pruned by its bound, one report each.
-    assert len(seen) == last.total == last.solved + last.pruned
+    # Every candidate the rules allow is solved, pruned by a bound or found unable to fit, one report each.
+    assert len(seen) == last.total == last.solved + last.pruned + last.cannot_fit
     assert last.solved == plans[0].solver.milps_solved
     assert last.best_step_time_s == pytest.approx(plans[0].predicted.step_time_s, rel=1e-6)
-    assert [p.solved + p.pruned for p in seen] == list(range(1, last.total + 1))
+    assert [p.solved + p.pruned + p.cannot_fit for p in seen] == list(range(1, last.total + 1))
