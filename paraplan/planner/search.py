@@ -126,6 +126,15 @@ def enumerate_candidates(
         )
     if o.pp is not None and o.pp > L:
         raise StrategyError(f"pp={o.pp} exceeds the model's {L} blocks")
+    sched, vpp = o.schedule, o.vpp
+    if sched == "zbv" and vpp not in (None, 2) or sched == "interleaved_1f1b" and vpp == 1:
+        raise StrategyError(f"--strategy schedule={sched} with vpp={vpp}: zbv runs 2 chunks per rank (vpp=2), "
+                            "interleaved_1f1b at least 2")
+    if o.pp == 1 and (sched not in (None, "1f1b") or (vpp or 1) > 1):
+        raise StrategyError("--strategy pp=1 has no pipeline: drop schedule/vpp or force pp > 1")
+    if (vpp or 1) > 1 and o.pp is not None and o.pp * vpp > L + 2:
+        raise StrategyError(f"--strategy pp={o.pp} x vpp={vpp} chunks exceed the model's {L} blocks plus the "
+                            "embedding's and head's chunks")
     out: list[Candidate] = []
     divisible_batch = False
     for tp in _divisors(cluster.devices_per_node):
@@ -265,8 +274,9 @@ def schedule_options(pp: int, n_layers: int, override: StrategyOverride) -> list
     ZB-V (vpp 2). pp = 1:
     no schedule. ``override`` may force the schedule, the vpp or both (1f1b with vpp > 1 means interleaved_1f1b).
     """
-    if pp == 1:
-        return [("1f1b", 1)]
+    if pp == 1:  # no pipeline: only when the override forces no schedule or vpp
+        plain = override.schedule in (None, "1f1b") and override.vpp in (None, 1)
+        return [("1f1b", 1)] if plain else []
     vmax = max(1, min((n_layers + 2) // pp, MAX_VPP))
     out = [("1f1b", 1)] + [("interleaved_1f1b", v) for v in range(2, vmax + 1)]
     out += [("zero_bubble", v) for v in range(1, vmax + 1)] + ([("zbv", 2)] if vmax >= 2 else [])

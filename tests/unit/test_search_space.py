@@ -197,3 +197,19 @@ def test_step_lower_bounds_never_exceed_a_candidates_optimum(memory_gib):
             checked += 1
             tighter += tight > _lower_bound(costs) * 1.01
     assert checked > 40 and tighter > checked // 4  # the partition bound is tighter on many
+
+
+def test_forced_schedule_and_vpp_are_honoured_or_refused():
+    from paraplan.errors import StrategyError
+
+    cluster, train = _cluster(80), TrainSpec(global_batch=8, seq_len=4096)
+    plan = search_plans(SPEC, cluster, train, override=StrategyOverride(vpp=2), top_k=1, backend="unconstrained")[0]
+    assert plan.strategy.vpp == 2 and plan.strategy.pp > 1  # never a pp=1 plan that drops the forced vpp
+    zbv = search_plans(SPEC, cluster, train, override=StrategyOverride(schedule="zbv"), top_k=1,
+                       backend="unconstrained")[0].strategy
+    assert (zbv.schedule, zbv.vpp) == ("zbv", 2)
+    for bad, says in [(StrategyOverride(schedule="zbv", vpp=3), "zbv runs 2 chunks"),
+                      (StrategyOverride(pp=1, schedule="zero_bubble"), "pp=1 has no pipeline"),
+                      (StrategyOverride(pp=4, vpp=2), "exceed the model's 4 blocks")]:
+        with pytest.raises(StrategyError, match=says):
+            search_plans(SPEC, cluster, train, override=bad, top_k=1, backend="unconstrained")
