@@ -664,9 +664,9 @@ def search_plans(
         costs = costs_of(cand)
         scored.append((_lower_bound(costs), cand, costs, modes))
     # Best-first: a heap keyed by the cheap balanced bound; a candidate popped the first time gets the busiest-stage
-    # bound, the second time the partition bound, going back keyed by each; popped a third time, it is solved. Candidates are thus solved in the order of their
-    # tight bounds, so the incumbent is good early, and once the least key reaches the K-th best plan every
-    # remaining candidate is pruned.
+    # bound, the second time the partition bound, going back keyed by each; popped a third time, it is solved.
+    # Candidates are thus solved in the order of their tight bounds, so the incumbent is good early, and once the
+    # least key reaches the K-th best plan every remaining candidate is pruned.
     heap = [(lb, i, 0) for i, (lb, *_rest) in enumerate(scored)]
     heapq.heapify(heap)
     found: list[tuple[float, Candidate, CandidateCosts, MilpResult]] = []
