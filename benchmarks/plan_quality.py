@@ -37,6 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # fidelity.py sits beside this script
 import fidelity  # noqa: E402
 
+from paraplan.cli.render import schedule_label  # noqa: E402
 from paraplan.cost_models.costs import CostOptions  # noqa: E402
 from paraplan.cost_models.estimate import StrategySpec, estimate_strategy, stage_blocks  # noqa: E402
 from paraplan.planner.search import MAX_VPP, search_plans  # noqa: E402
@@ -112,7 +113,7 @@ def plan_desc(plan: Plan) -> str:
     if sel:
         rc = policy if sel == blocks else (rc + " + " if full else "") + f"{sel}/{blocks} {policy}"
     uneven = [st.n_blocks for st in s.stages] != stage_blocks(blocks, s.pp)  # estimate_strategy's split
-    sched = f" {s.schedule}" + (f" vpp{s.vpp}" if s.vpp > 1 and s.schedule != "zbv" else "") if s.pp > 1 else ""
+    sched = f" {schedule_label(plan)}" if s.pp > 1 else ""
     return (f"tp{s.tp} pp{s.pp} dp{s.dp}" + (f" cp{s.cp}" if s.cp > 1 else "") + f" mb{s.micro_batch_size}"
             + sched + (" sp" if s.sequence_parallel else "")
             + f" z{s.zero_stage}" + (" offload" if s.offload_optimizer else "") + f" rc:{rc}"

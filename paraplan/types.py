@@ -456,41 +456,34 @@ class Strategy(_Frozen):
 
         Virtual stage 0 starts with the embedding (chain index 0) and the last one ends with the head.
         """
-        ranks = virtual_stage_ranks(self.pp, self.vpp, self.schedule)
-        next_chunk = [0] * self.pp
-        out, first, n_total = [], 0, len(ranks)
-        for k, rank in enumerate(ranks):
-            c = next_chunk[rank]
-            next_chunk[rank] += 1
-            st = self.stages[rank]
-            n = st.chunk_blocks[c] if st.chunk_blocks is not None else st.n_blocks
-            last = first + n - 1 + (1 if k == 0 else 0) + (1 if k == n_total - 1 else 0)
-            out.append(VirtualStage(k, rank, c, first, last, n))
-            first = last + 1
-        return out
+        return chunk_spans(self.stages, self.vpp, self.schedule)
+
+
+def chunk_spans(stages: list[StagePlan], vpp: int, schedule: str) -> list[VirtualStage]:
+    """The chunks of ``stages`` in model order, each with its rank and chain range, from the stages' block (and
+    chunk) counts in the schedule's placement (:func:`virtual_stage_ranks`); their first/last_layer are not read."""
+    ranks = virtual_stage_ranks(len(stages), vpp, schedule)
+    next_chunk = [0] * len(stages)
+    out, first = [], 0
+    for k, rank in enumerate(ranks):
+        c = next_chunk[rank]
+        next_chunk[rank] += 1
+        st = stages[rank]
+        n = st.chunk_blocks[c] if st.chunk_blocks is not None else st.n_blocks
+        last = first + n - 1 + (1 if k == 0 else 0) + (1 if k == len(ranks) - 1 else 0)
+        out.append(VirtualStage(k, rank, c, first, last, n))
+        first = last + 1
+    return out
 
 
 def place_stages(stages: list[StagePlan], vpp: int, schedule: str) -> list[StagePlan]:
     """``stages`` with ``first_layer``/``last_layer`` set from their block (and chunk) counts in the schedule's
-    placement (:func:`virtual_stage_ranks`); the other fields are kept."""
-    pp = len(stages)
-    ranks = virtual_stage_ranks(pp, vpp, schedule)
-    next_chunk = [0] * pp
-    span: dict[int, list[int]] = {}
-    first = 0
-    for k, rank in enumerate(ranks):
-        st = stages[rank]
-        c = next_chunk[rank]
-        next_chunk[rank] += 1
-        n = st.chunk_blocks[c] if st.chunk_blocks is not None else st.n_blocks
-        last = first + n - 1 + (1 if k == 0 else 0) + (1 if k == len(ranks) - 1 else 0)
-        lo_hi = span.setdefault(rank, [first, last])
-        if c == 0:
-            lo_hi[0] = first
-        lo_hi[1] = last
-        first = last + 1
-    return [st.model_copy(update={"first_layer": span[st.index][0], "last_layer": span[st.index][1]})
-            for st in stages]
+    placement (:func:`chunk_spans`): the first chain index of each rank's first chunk and the last of its last;
+    the other fields are kept."""
+    spans = chunk_spans(stages, vpp, schedule)
+    first = {v.rank: v.first_layer for v in spans if v.chunk == 0}
+    last = {v.rank: v.last_layer for v in spans}
+    return [st.model_copy(update={"first_layer": first[st.index], "last_layer": last[st.index]}) for st in stages]
 
 
 def check_schedule(pp: int, vpp: int, schedule: str) -> None:

@@ -276,10 +276,12 @@ class CandidateCosts:
         key = (tp, opts.cp, micro_batch_size, self.sp, opts.selective_policy, opts.attention, opts.overlap_tp,
                opts.framework_efficiency, dp * tp * pp * opts.cp)
         self.layer_key = key  # what the layer costs depend on (a search shares work between equal keys)
-        cache = layer_cache if layer_cache is not None else {}
-        if key not in cache:
-            cache[key] = (self._layer("block"), self._layer("embed"), self._layer("head"))
-        self.block, self.embed, self.head = cache[key]
+        # Work shared with the search's other candidates: layer costs, mode terms (and the planner's bounds' terms),
+        # each keyed by what it depends on.
+        self.shared: dict = layer_cache if layer_cache is not None else {}
+        if key not in self.shared:
+            self.shared[key] = (self._layer("block"), self._layer("embed"), self._layer("head"))
+        self.block, self.embed, self.head = self.shared[key]
         s, h = self.s_local, spec.hidden or 0
         # Megatron sends 1/t of the boundary activation per tp rank (scatter/gather optimization, Narayanan et al.
         # SC'21 sec. 4.1; sequence parallelism keeps it sharded anyway); forward activation out and gradient back,
@@ -294,8 +296,6 @@ class CandidateCosts:
         self.usable_capacity_bytes = self.capacity_bytes
         self.host_capacity_bytes = cluster.host_memory_bytes / cluster.devices_per_node
         self.overhead_bytes = OVERHEAD_BYTES[cluster.device.kind]
-        # Shared with the search's other candidates (layer_cache): the terms depend only on the key's fields.
-        self._mode_terms: dict = layer_cache if layer_cache is not None else {}
 
     # ---- layers -------------------------------------------------------------------------------------------------
     def _tp_collective_s(self, n_bytes: float) -> float:
@@ -589,9 +589,9 @@ class CandidateCosts:
         parameters ``n * block.params + fixed``, so two evaluations fix it exactly). Memoized: they depend only on
         the stage's fixed parameters and the mode."""
         key = ("mode", self.tp, self.dp_shard, self.stage_params(stage, 0), mode)
-        if key not in self._mode_terms:
-            self._mode_terms[key] = self._compute_mode_terms(stage, mode)
-        return self._mode_terms[key]
+        if key not in self.shared:
+            self.shared[key] = self._compute_mode_terms(stage, mode)
+        return self.shared[key]
 
     def _compute_mode_terms(self, stage: int, mode: Mode) -> ModeTerms:
         fixed = self.stage_params(stage, 0)

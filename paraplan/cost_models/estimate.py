@@ -98,8 +98,7 @@ def rank_blocks(st: StrategySpec, n_layers: int) -> list[int]:
     if len(sb) == st.pp:
         return sb
     out = [0] * st.pp
-    schedule = "interleaved_1f1b" if st.schedule == "1f1b" else st.schedule
-    for k, rank in enumerate(virtual_stage_ranks(st.pp, st.vpp, schedule)):
+    for k, rank in enumerate(virtual_stage_ranks(st.pp, st.vpp, st.schedule)):
         out[rank] += sb[k]
     return out
 
@@ -151,16 +150,10 @@ def validate_strategy(
         sb = list(st.stage_blocks)
         chunks = st.pp * st.vpp
         per_chunk = len(sb) == chunks and st.vpp > 1
-        fixed = [1 if k in (0, st.pp - 1) else 0 for k in range(st.pp)] if st.pp > 1 else [2]
-        if st.schedule == "zbv":
-            fixed = [2] + [0] * (st.pp - 1)
-        short = any(n < st.vpp - f for n, f in zip(sb, fixed)) if not per_chunk and st.vpp > 1 else False
         if len(sb) != st.pp and not per_chunk or sum(sb) != L or any(n < 0 for n in sb) or any(
-                n < 1 for n in sb[1:-1]) or short:
+                n < 1 for n in sb[1:-1]):
             raise StrategyError(
-                f"--stage-blocks {','.join(map(str, sb))}: give pp={st.pp} counts (one per rank"
-                + (f", each at least one per chunk of vpp={st.vpp} besides the embedding's and head's chunks"
-                   if st.vpp > 1 else "") + ")"
+                f"--stage-blocks {','.join(map(str, sb))}: give pp={st.pp} counts (one per rank)"
                 + (f" or pp x vpp = {chunks} (one per virtual stage, in model order)" if st.vpp > 1 else "")
                 + f" that add up to the model's {L} blocks (the first and last may hold 0 besides the embedding / "
                 "head; the others at least 1)")
@@ -197,6 +190,11 @@ def estimate_strategy(
     costs = CandidateCosts(spec, cluster, train, st.dp, st.tp, st.pp, st.micro_batch_size, profile,
                            st.cost_options())
     blocks = rank_blocks(st, spec.n_layers or 0)
+    short = [s for s, n in enumerate(blocks) if n < costs.min_blocks(s)]
+    if short:
+        raise StrategyError(
+            f"--stage-blocks: rank {short[0]} holds {blocks[short[0]]} blocks but its {st.vpp} chunks need at least "
+            f"{costs.min_blocks(short[0])} (one per chunk besides the embedding's and the head's)")
     mode = Mode(st.zero_stage, st.offload_optimizer)
     stages: list[StageCost] = [
         costs.stage_cost(s, n, n if st.recompute == "full" else 0, mode,

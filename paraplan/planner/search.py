@@ -395,10 +395,36 @@ def _lower_bound(costs: CandidateCosts) -> float:
     stages, no recomputation, no DP communication: ``m max + w (sum - max) >= (m + w (p - 1)) sum / p`` (since
     ``max >= sum / p`` and ``m >= w``), ``sum >= L t_block + sum_s fixed_s``. Candidates it does not prune get
     :func:`partition_lower_bound`."""
-    L, p = costs.spec.n_layers or 0, costs.pp
-    # sum_s compute_terms(s).const: the embedding and head once each, the point-to-point transfers on every stage.
-    total = L * costs.block.time_s + costs.embed.time_s + costs.head.time_s + p * costs.p2p_s
-    return (costs.m + costs.bubble_weight() * (p - 1)) / p * total
+    p = costs.pp
+    return (costs.m + costs.bubble_weight() * (p - 1)) / p * _least_time_sum(costs)
+
+
+def _least_time_sum(costs: CandidateCosts) -> float:
+    """``sum_s t_s`` without recomputation or ZeRO traffic: every block once, the embedding and head once each, the
+    point-to-point transfers on every stage (``sum_s compute_terms(s)(n_s)`` for any split)."""
+    L = costs.spec.n_layers or 0
+    return L * costs.block.time_s + costs.embed.time_s + costs.head.time_s + costs.pp * costs.p2p_s
+
+
+def _least_recompute_s(costs: CandidateCosts, over, n, b_r, b_q):
+    """Least recomputation time (s per micro-batch) that removes ``over`` bytes of excess memory from a stage of
+    ``n`` blocks (scalars or numpy arrays, broadcast): the LP relaxation ``min a_r r + a_q q`` s.t.
+    ``b_r r + b_q q >= over + working space``, ``r + q <= n``, ``r, q >= 0``, where a fully (selectively)
+    recomputed block saves ``b_r`` (``b_q``, 0 without selective recomputation) bytes for ``a_r`` (``a_q``) seconds.
+    Its optimum is at a vertex: only r, only q, or ``r + q = n``. 0 where ``over <= 0``, inf where nothing fits."""
+    import numpy as np
+
+    blk = costs.block
+    need = np.where(over > 0, over + blk.act_bytes, 0.0)  # recomputing needs one block's activations as working space
+    with np.errstate(divide="ignore", invalid="ignore"):
+        x = np.where(need > 0, np.inf, 0.0)
+        r_only = need / b_r
+        x = np.where((need > 0) & (b_r > 0) & (r_only <= n), np.minimum(x, blk.recompute_s * r_only), x)
+        q_only = need / b_q
+        x = np.where((need > 0) & (b_q > 0) & (q_only <= n), np.minimum(x, blk.selective_s * q_only), x)
+        r = (need - b_q * n) / (b_r - b_q)
+        ok = (need > 0) & (b_r != b_q) & (r >= 0) & (r <= n)
+        return np.where(ok, np.minimum(x, blk.recompute_s * r + blk.selective_s * (n - r)), x)
 
 
 def busiest_lower_bound(costs: CandidateCosts, modes: list[Mode], capacity: float, selective: bool) -> float:
@@ -406,31 +432,28 @@ def busiest_lower_bound(costs: CandidateCosts, modes: list[Mode], capacity: floa
 
     Formula: some stage holds ``k = ceil(L / p)`` blocks and so takes at least ``T_k = min over modes and stage
         positions (0, p-2, p-1: the argument of :func:`memory_lower_bound`) of compute_s(k) + x``, with ``x`` the
-        least recomputation that fits it in memory (the LP relaxation of :func:`partition_lower_bound`, one n);
+        least recomputation that fits it in memory (:func:`_least_recompute_s`);
         then ``step >= (m - w) T_k + w (sum + x)``, ``sum >= L t_block + fixed``.
     """
+    import numpy as np
+
     L, p, m = costs.spec.n_layers or 0, costs.pp, costs.m
-    w, blk, k = costs.bubble_weight(), costs.block, -(-L // p)
-    total = L * blk.time_s + costs.embed.time_s + costs.head.time_s + p * costs.p2p_s
+    w, k, total = costs.bubble_weight(), -(-L // p), _least_time_sum(costs)
     best = float("inf")
     for s in sorted({0, max(p - 2, 0), p - 1}):
         act = costs.activation_terms(s)
         a_k = act(k)
         b_r, b_q = -act.per_recompute, (-act.per_selective if selective else 0.0)
         compute = costs.compute_terms(s)(k)
-        for mode in modes:
-            t = costs.mode_terms(s, mode)
-            over = t.params(k) + t.grads(k) + t.optimizer(k) + t.other(k) + a_k - capacity
-            x = 0.0
-            if over > 0:
-                need, x = over + blk.act_bytes, float("inf")
-                if b_r > 0 and need / b_r <= k:
-                    x = min(x, blk.recompute_s * need / b_r)
-                if b_q > 0 and need / b_q <= k:
-                    x = min(x, blk.selective_s * need / b_q)
-                if b_r != b_q and 0 <= (r := (need - b_q * k) / (b_r - b_q)) <= k:
-                    x = min(x, blk.recompute_s * r + blk.selective_s * (k - r))
-            best = min(best, (m - w) * (compute + x) + w * (total + x))
+        over = [sum(a(k) for a in (t.params, t.grads, t.optimizer, t.other)) + a_k - capacity
+                for t in (costs.mode_terms(s, mode) for mode in modes)]
+        if max(over) <= 0:  # fits without recomputation in every mode
+            best = min(best, m * compute + w * (total - compute))
+            continue
+        x = _least_recompute_s(costs, np.array(over), k, b_r, b_q)  # one LP per mode, vectorized
+        x = x[np.isfinite(x)]  # modes where nothing fits bound nothing (and m = w would make 0 x inf a nan)
+        if x.size:
+            best = min(best, float(((m - w) * (compute + x) + w * (total + x)).min()))
     return best
 
 
@@ -438,11 +461,8 @@ def partition_lower_bound(costs: CandidateCosts, modes: list[Mode], capacity: fl
     """A tighter step-time bound than :func:`_lower_bound`, worth its cost only for candidates about to be solved.
 
     Formula: for each mode, every stage s and block count n, ``t_s(n) = compute_s(n) + x_s(n)`` with ``x_s`` the
-        least recomputation time that fits the stage in memory, by the LP relaxation ``min a_r r + a_q q`` s.t.
-        ``b_r r + b_q q >= over``, ``r + q <= n`` (a fully / selectively recomputed block saves ``b_r`` / ``b_q``
-        bytes for ``a_r`` / ``a_q`` seconds; ``over`` is the excess memory plus the working space recomputation
-        needs; the optimum is at a vertex: only r, only q, or ``r + q = n``; inf where nothing fits), nondecreasing
-        in n. Any assignment has ``max_s t_s >= T*``, the least T for which stages of
+        least recomputation time that fits the stage in memory (:func:`_least_recompute_s`, the LP relaxation; inf
+        where nothing fits), nondecreasing in n. Any assignment has ``max_s t_s >= T*``, the least T for which stages of
         time <= T can hold all L blocks (``sum_s max{n : t_s(n) <= T} >= L``, each stage at least its
         ``min_blocks``): the min-max partition bound, which counts the embedding and head, uneven splits and the
         recomputation memory forces on every stage; ``t_s`` also counts the mode's per micro-batch ZeRO traffic
@@ -473,24 +493,14 @@ def partition_lower_bound(costs: CandidateCosts, modes: list[Mode], capacity: fl
         else:
             plain = s if plain is None else plain
             c0[s], kinds[s] = (costs.compute_terms(s).const if plain == s else c0[plain]), plain
-    total = L * blk.time_s + float(c0.sum())
+    total = _least_time_sum(costs)
     b_r = inflight * (blk.act_bytes - blk.ckpt_bytes)
     b_q = inflight * (blk.act_bytes - blk.sel_act_bytes) if selective else np.zeros_like(inflight)
     floor_n = np.array([costs.min_blocks(s) for s in range(p)])
 
     def bound(states, zero_comm, extra: float) -> float:
         """The bound for per-stage states + other and ZeRO traffic arrays (p x L+1) and a least per-step extra."""
-        over = states + act0 + act1 * n - capacity
-        need = np.where(over > 0, over + blk.act_bytes, 0.0)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            x = np.where(need > 0, np.inf, 0.0)
-            r_only = need / b_r
-            x = np.where((need > 0) & (b_r > 0) & (r_only <= n), np.minimum(x, blk.recompute_s * r_only), x)
-            q_only = need / b_q
-            x = np.where((need > 0) & (b_q > 0) & (q_only <= n), np.minimum(x, blk.selective_s * q_only), x)
-            r = (need - b_q * n) / (b_r - b_q)
-            ok = (need > 0) & (b_r != b_q) & (r >= 0) & (r <= n)
-            x = np.where(ok, np.minimum(x, blk.recompute_s * r + blk.selective_s * (n - r)), x)
+        x = _least_recompute_s(costs, states + act0 + act1 * n - capacity, n, b_r, b_q)
         compute = c0 + blk.time_s * n + x
         times = np.maximum(compute, zero_comm) if costs.options.overlap_dp else compute + zero_comm
         times = np.maximum.accumulate(times, axis=1)  # nondecreasing in n; guards rounding
@@ -531,7 +541,7 @@ def _least_step_extra_from(costs: CandidateCosts, stage: int, mode: Mode, select
     the layer costs, the dp x cp group, the stage's fixed layers, the mode, k and the window's options)."""
     fixed = tuple(lc.params for lc in costs.fixed_layers(stage))
     key = ("extra", costs.layer_key, costs.dp_shard, fixed, mode, k, selective, costs.options.overlap_dp)
-    cache = costs._mode_terms
+    cache = costs.shared
     if key not in cache:
         cache[key] = float(_least_step_extra_s(costs, stage, mode, selective)[k:].min())
     return cache[key]
