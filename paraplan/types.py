@@ -22,6 +22,25 @@ LlamaModelType = Literal["llama", "mistral", "qwen2", "qwen3"]
 GELU_ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 Activation = Literal["silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast"]
 Backend = Literal["deepspeed", "torch"]
+# Where a model state lives (ZeRO-Infinity's memory tiers, Rajbhandari et al. 2021 sec. 5): on the device ("none":
+# not offloaded), in host memory ("cpu") or on NVMe ("nvme").
+Tier = Literal["none", "cpu", "nvme"]
+TIERS: tuple[str, ...] = ("none", "cpu", "nvme")
+
+
+def _tier(value: Any) -> Any:
+    """Accept the booleans of schema 1 plans and ``--strategy offload=true``: True is host memory, False none."""
+    if isinstance(value, bool):
+        return "cpu" if value else "none"
+    if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off"):
+        return "cpu" if value.lower() in ("true", "yes", "on") else "none"
+    return value
+
+
+def _coerce_tiers(data: Any) -> Any:
+    if isinstance(data, dict) and "offload_optimizer" in data:
+        return {**data, "offload_optimizer": _tier(data["offload_optimizer"])}
+    return data
 
 DTYPE_BYTES: dict[str, int] = {"bf16": 2, "fp16": 2, "fp32": 4}
 
@@ -196,7 +215,11 @@ class ClusterSpec(_Frozen):
     inter_node_latency_s: float = Field(default=1e-5, ge=0)
     host_memory_bytes: float = Field(gt=0, description="Host (CPU) memory per node, bytes.")
     pcie_bandwidth_bytes_per_s: float = Field(gt=0, description="Host<->device bandwidth per device.")
-    nvme_bandwidth_bytes_per_s: float = Field(gt=0, description="NVMe read bandwidth per node.")
+    nvme_bandwidth_bytes_per_s: float = Field(gt=0, description="NVMe bandwidth per node, read and write alike.")
+    nvme_capacity_bytes: float = Field(default=30.72e12, ge=0, description="NVMe capacity per node, bytes (default: "
+                                       "DGX H100's 8 x 3.84 TB U.2 data drives).")
+    nvme_path: str | None = Field(default=None, description="Directory on the nodes' NVMe for offloaded states "
+                                  "(launch --nvme-path overrides it).")
     cpu_adam_params_per_s: float = Field(
         default=1.0e9, gt=0, description="CPU Adam update rate per node for offloaded optimizer states (params/s)."
     )
@@ -311,7 +334,8 @@ class StrategyOverride(_Frozen):
     CLI_KEYS: ClassVar[dict[str, str]] = {
         "dp": "dp", "tp": "tp", "pp": "pp", "mb": "micro_batch_size", "micro_batch": "micro_batch_size",
         "zero": "zero_stage", "offload": "offload_optimizer", "recompute": "recompute", "sp": "sequence_parallel",
-        "cp": "cp", "vpp": "vpp", "schedule": "schedule",
+        "cp": "cp", "vpp": "vpp", "schedule": "schedule", "offload_param": "offload_param",
+        "offload_ratio": "offload_ratio", "offload_act": "offload_activations",
     }
 
     dp: int | None = Field(default=None, gt=0)
@@ -319,7 +343,13 @@ class StrategyOverride(_Frozen):
     pp: int | None = Field(default=None, gt=0)
     micro_batch_size: int | None = Field(default=None, gt=0)
     zero_stage: int | None = Field(default=None, ge=0, le=3)
-    offload_optimizer: bool | None = None
+    offload_optimizer: Tier | None = Field(default=None, description="Optimizer states (with fp32 master weights "
+                                           "and gradients) on the device (none), host memory (cpu) or NVMe.")
+    offload_param: Tier | None = Field(default=None, description="Parameters: none, cpu or nvme (ZeRO-3 only).")
+    offload_ratio: float | None = Field(default=None, gt=0, le=1, description="Share of the optimizer states "
+                                        "offloaded (DeepSpeed ZeRO-3 offload_optimizer.ratio); 1 = all.")
+    offload_activations: bool | None = Field(default=None, description="False forbids paging activations to the "
+                                             "host (or disk on CPU clusters); None lets the planner choose.")
     recompute: Literal["none", "selective", "op", "full"] | None = Field(
         default=None, description="none: no block recomputed; selective: every block recomputes its attention core; "
                                   "op: every block runs torchtitan's op-level selective policy; "
@@ -328,6 +358,11 @@ class StrategyOverride(_Frozen):
     cp: int | None = Field(default=None, gt=0)
     vpp: int | None = Field(default=None, gt=0)
     schedule: Schedule | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bool_tiers(cls, data: Any) -> Any:
+        return _coerce_tiers(data)
 
     def to_cli(self) -> str:
         """The forced parts as ``--strategy`` text, e.g. ``dp=2,zero=3,offload=true``."""
@@ -355,6 +390,10 @@ class StagePlan(_Frozen):
     selective_blocks: int = Field(
         default=0, ge=0, description="Blocks of this stage run with selective recomputation (Strategy.selective_policy); "
                                      "the first recompute_blocks blocks are full, the next selective_blocks selective.")
+    offload_blocks: int = Field(
+        default=0, ge=0, description="Blocks of this stage whose saved activations are paged out during the forward "
+                                     "and back in for the backward (Strategy.activation_tier), POET-style; they "
+                                     "follow the fully and selectively recomputed blocks and are not recomputed.")
     chunk_blocks: list[int] | None = Field(
         default=None, description="Blocks per virtual chunk (length vpp, chunk order) when vpp > 1; None for vpp 1.")
     time_per_micro_batch_s: float = Field(ge=0, description="Forward + backward (+ recompute, TP comm) per micro-batch.")
@@ -362,9 +401,10 @@ class StagePlan(_Frozen):
 
     @model_validator(mode="after")
     def _check_counts(self) -> StagePlan:
-        if self.recompute_blocks + self.selective_blocks > self.n_blocks:
+        if self.recompute_blocks + self.selective_blocks + self.offload_blocks > self.n_blocks:
             raise ValueError(f"stage {self.index} recomputes {self.recompute_blocks} blocks in full and "
-                             f"{self.selective_blocks} selectively but holds {self.n_blocks}")
+                             f"{self.selective_blocks} selectively and pages {self.offload_blocks} but holds "
+                             f"{self.n_blocks}")
         if self.chunk_blocks is not None and (sum(self.chunk_blocks) != self.n_blocks
                                               or min(self.chunk_blocks, default=0) < 0):
             raise ValueError(f"stage {self.index}: chunk_blocks {self.chunk_blocks} must be >= 0 and sum to its "
@@ -412,7 +452,19 @@ class Strategy(_Frozen):
     micro_batch_size: int = Field(gt=0)
     grad_accum: int = Field(gt=0, description="Micro-batches per step per data-parallel rank (m).")
     zero_stage: int = Field(ge=0, le=3)
-    offload_optimizer: bool = False
+    offload_optimizer: Tier = Field(
+        default="none", description="Where the optimizer states, fp32 master weights and fp32 gradient partitions "
+        "live: on the device (none), in host memory with CPU Adam (cpu; ZeRO-Offload, Ren et al. 2021) or on NVMe "
+        "swapped through host buffers (nvme; ZeRO-Infinity, Rajbhandari et al. 2021). A bool in older plans.")
+    offload_param: Tier = Field(
+        default="none", description="Where the (ZeRO-3 partitioned) parameters live between uses: device, host memory "
+                                    "or NVMe, fetched for each forward and backward (ZeRO-Infinity).")
+    offload_ratio: float = Field(
+        default=1.0, gt=0, le=1, description="Share of the optimizer states offloaded (DeepSpeed ZeRO-3 "
+                                            "offload_optimizer.ratio); the rest stays and is updated on the device.")
+    activation_tier: Literal["cpu", "nvme"] = Field(
+        default="cpu", description="Where paged activations (StagePlan.offload_blocks) go: host memory on GPUs, a "
+                                   "directory on disk on CPU clusters (whose device memory is host memory).")
     sequence_parallel: bool = Field(
         default=False, description="Megatron sequence parallelism: norms and residual activations sharded over the "
                                    "tp group along the sequence (Korthikanti et al. 2022 sec. 4.2.2); needs tp > 1.")
@@ -431,6 +483,11 @@ class Strategy(_Frozen):
     schedule: Schedule = Field(default="1f1b", description="Pipeline schedule; see SCHEDULE_CLASSES.")
     stages: list[StagePlan]
 
+    @model_validator(mode="before")
+    @classmethod
+    def _bool_tiers(cls, data: Any) -> Any:
+        return _coerce_tiers(data)
+
     @model_validator(mode="after")
     def _check(self) -> Strategy:
         if len(self.stages) != self.pp:
@@ -440,6 +497,12 @@ class Strategy(_Frozen):
         if not self.selective_recompute and any(st.selective_blocks for st in self.stages):
             raise ValueError("stages have selective_blocks but selective_recompute is false")
         check_schedule(self.pp, self.vpp, self.schedule)
+        if self.offload_param != "none" and self.zero_stage != 3:
+            raise ValueError(f"offload_param={self.offload_param} needs ZeRO stage 3 (only partitioned parameters are "
+                             f"offloaded), got stage {self.zero_stage}")
+        if self.offload_ratio < 1 and (self.offload_optimizer != "cpu" or self.zero_stage != 3):
+            raise ValueError(f"offload_ratio {self.offload_ratio} < 1 needs ZeRO stage 3 with the optimizer in host "
+                             "memory (DeepSpeed's partial offload)")
         for st in self.stages:
             if self.vpp > 1 and (st.chunk_blocks is None or len(st.chunk_blocks) != self.vpp):
                 raise ValueError(f"stage {st.index} needs chunk_blocks of length vpp={self.vpp}")
@@ -530,6 +593,11 @@ class Prediction(_Frozen):
     peak_memory_bytes: float
     memory_capacity_bytes: float
     memory_breakdown_bytes: MemoryBreakdown
+    host_bytes: float = Field(default=0.0, ge=0, description="Host memory per device for offloaded states and paged "
+                                                             "activations (most loaded stage).")
+    nvme_bytes: float = Field(default=0.0, ge=0, description="NVMe (or disk) bytes per device for offloaded states "
+                                                             "and paged activations (most loaded stage).")
+    binding: str = Field(default="", description="What limits the plan: the capacity or bandwidth that binds.")
     tokens_per_s: float
     model_flops_per_step: float
     mfu: float = Field(description="Model FLOPs per step / (step time x world size x peak).")

@@ -14,15 +14,18 @@ from paraplan.types import (
 def make_plan(
     model: str = "llama-tiny", cluster: str = "cpu:2", dp: int = 1, tp: int = 1, pp: int = 1,
     micro_batch_size: int = 2, global_batch: int = 8, seq_len: int = 64, zero_stage: int = 0,
-    offload_optimizer: bool = False, recompute_blocks: int = 0, dtype: str = "fp32", lr: float = 1e-3,
+    offload_optimizer: bool | str = False, recompute_blocks: int = 0, dtype: str = "fp32", lr: float = 1e-3,
     sequence_parallel: bool = False, selective_recompute: bool = False, selective_policy: str = "attention",
-    cp: int = 1, vpp: int = 1, schedule: str | None = None,
+    cp: int = 1, vpp: int = 1, schedule: str | None = None, offload_param: str = "none",
+    offload_ratio: float = 1.0, offload_blocks: int = 0, activation_tier: str | None = None,
 ) -> Plan:
     """A Plan with blocks split as evenly as possible over ``pp`` stages (earlier stages get the remainder).
 
     Predictions are zeros: these plans exercise backends, not cost models. With ``vpp`` > 1 each stage's blocks
     are split over its chunks as evenly as possible (earlier chunks get the remainder) and the schedule defaults to
-    interleaved_1f1b; ``selective_recompute`` selects every block not recomputed in full.
+    interleaved_1f1b; ``selective_recompute`` selects every block not recomputed in full; ``offload_blocks`` pages
+    that many blocks per stage (after the recomputed ones) to ``activation_tier`` (default: host memory on GPUs, disk
+    on CPU clusters).
     """
     schedule = schedule or ("interleaved_1f1b" if vpp > 1 else "1f1b")
     spec = load_model_spec(model)
@@ -34,14 +37,18 @@ def make_plan(
         n = n_layers // pp + (1 if s < n_layers % pp else 0)
         last = first + n + (1 if s == 0 else 0) + (1 if s == pp - 1 else 0) - 1
         r = min(recompute_blocks, n)
+        sel = n - r if selective_recompute else 0
         chunks = [n // vpp + (1 if c < n % vpp else 0) for c in range(vpp)] if vpp > 1 else None
         stages.append(StagePlan(index=s, first_layer=first, last_layer=last, n_blocks=n, recompute_blocks=r,
-                                selective_blocks=n - r if selective_recompute else 0, chunk_blocks=chunks,
+                                selective_blocks=sel, offload_blocks=min(offload_blocks, n - r - sel),
+                                chunk_blocks=chunks,
                                 time_per_micro_batch_s=0.0, memory_bytes=0.0))
         first = last + 1
     grad_accum = global_batch // (dp * micro_batch_size)
     strategy = Strategy(dp=dp, tp=tp, pp=pp, micro_batch_size=micro_batch_size, grad_accum=grad_accum,
-                        zero_stage=zero_stage, offload_optimizer=offload_optimizer,
+                        zero_stage=zero_stage, offload_optimizer=offload_optimizer, offload_param=offload_param,
+                        offload_ratio=offload_ratio,
+                        activation_tier=activation_tier or ("nvme" if clus.device.kind == "cpu" else "cpu"),
                         stages=place_stages(stages, vpp, schedule),
                         sequence_parallel=sequence_parallel, selective_recompute=selective_recompute,
                         selective_policy=selective_policy, cp=cp, vpp=vpp, schedule=schedule)

@@ -186,3 +186,13 @@ def selective_layers(plan: Plan) -> list[int]:
         c for stage, blocks in zip(plan.strategy.stages, stage_block_layers(plan))
         for c in blocks[stage.recompute_blocks: stage.recompute_blocks + stage.selective_blocks]
     )
+
+
+def paged_layers(plan: Plan) -> list[int]:
+    """Chain indices (ascending) of the blocks whose saved activations are paged out (``StagePlan.offload_blocks``):
+    on each rank the ``offload_blocks`` blocks after its fully and selectively recomputed ones, in its chunk order."""
+    out = []
+    for stage, blocks in zip(plan.strategy.stages, stage_block_layers(plan)):
+        start = stage.recompute_blocks + (stage.selective_blocks if plan.strategy.selective_recompute else 0)
+        out.extend(blocks[start: start + stage.offload_blocks])
+    return sorted(out)
