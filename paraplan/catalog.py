@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from paraplan.errors import ClusterSpecError, format_validation_error
 from paraplan.files import MAPPING_SUFFIXES, read_mapping
 from paraplan.types import ClusterSpec, DeviceSpec
-from paraplan.units import GB, GiB
+from paraplan.units import GB, GiB, format_bytes, parse_bytes
 
 T = 1e12
 
@@ -105,16 +105,20 @@ def host_memory_bytes() -> float:
     return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
-def cpu_cluster(n_procs: int) -> ClusterSpec:
+def cpu_cluster(n_procs: int, device_memory_bytes: float | None = None) -> ClusterSpec:
     """``cpu:N``: N processes on this machine talking gloo over loopback.
 
-    Memory per "device" is this machine's memory split evenly between the processes. The FLOP/s and link figures
-    are nominal placeholders (stated, not measured): plan a CPU cluster with ``--profile``, whose measured times
-    replace them.
+    Memory per "device" is this machine's memory split evenly between the processes, or ``device_memory_bytes``
+    (a budget, ``--device-memory``, so a plan can be forced to offload here). The NVMe tier is the free space of the
+    file system of the current directory (``shutil.disk_usage``). The FLOP/s, link and disk figures are nominal
+    placeholders (stated, not measured): plan a CPU cluster with ``--profile``, whose measured times replace the
+    compute and link ones.
     """
+    import shutil
+
     host = host_memory_bytes()
     dev = DeviceSpec(
-        name="cpu", kind="cpu", memory_bytes=host / n_procs,
+        name="cpu", kind="cpu", memory_bytes=device_memory_bytes or host / n_procs,
         peak_flops_per_s={"fp32": 100e9, "bf16": 100e9, "fp16": 100e9},
         memory_bandwidth_bytes_per_s=10 * GB,
         sources={"all": "nominal figures for one CPU process; memory from os.sysconf; use a profile for times"},
@@ -124,20 +128,36 @@ def cpu_cluster(n_procs: int) -> ClusterSpec:
         intra_node_bandwidth_bytes_per_s=2 * GB, inter_node_bandwidth_bytes_per_s=2 * GB,
         intra_node_latency_s=50e-6, inter_node_latency_s=50e-6, host_memory_bytes=host,
         pcie_bandwidth_bytes_per_s=10 * GB, nvme_bandwidth_bytes_per_s=1 * GB,
-        sources={"links": "nominal gloo-over-loopback figures; `paraplan profile` measures the real ones"},
+        nvme_capacity_bytes=float(shutil.disk_usage(".").free),
+        sources={"links": "nominal gloo-over-loopback figures; `paraplan profile` measures the real ones",
+                 "nvme": "free space of the current directory's file system; 1 GB/s nominal disk bandwidth"},
     )
 
 
+# Host memory, NVMe capacity and NVMe bandwidth per device of the catalog's node (a node's figures divided by its
+# 8 GPUs; a cluster of fewer devices per node gets that share per device), with sources.
+_DGX_HOST = (256 * GiB, 3.84e12, 25 * GB / 8,
+             "DGX H100/A100 datasheets: 2 TB host memory, 8 x 3.84 TB NVMe U.2 data drives per 8 GPUs; ~25 GB/s "
+             "aggregate NVMe read in RAID 0 (8 drives at ~3.5 GB/s, assumption: writes as fast)")
+_G6_HOST = (96 * GiB, 0.95e12, 0.75 * GB,
+            "AWS EC2 G6 (g6.48xlarge: 8 L4, 768 GiB memory, 2 x 3.8 TB NVMe); NVMe ~3 GB/s per drive (assumption)")
+_NODE_HOST = {"L4-24GB": _G6_HOST}
+
+
 def gpu_cluster(nodes: int, per_node: int, device_name: str) -> ClusterSpec:
-    """A homogeneous GPU cluster from the catalog (DGX-style node: 2 TiB host memory, 8 NVMe at ~3.5 GB/s each)."""
+    """A homogeneous GPU cluster from the catalog: DGX-style nodes (per 8 GPUs: 2 TiB host memory, 8 NVMe drives of
+    3.84 TB at ~3.5 GB/s each) for datacenter GPUs, AWS G6 nodes for L4; host memory and NVMe scale with the
+    devices per node."""
     dev = _device(device_name)
     intra, inter, pcie, src = _LINKS[dev.name]
+    host, nvme, nvme_bw, host_src = _NODE_HOST.get(dev.name, _DGX_HOST)
     return ClusterSpec(
         name=f"{nodes}x{per_node}x{dev.name}" if nodes > 1 else f"{per_node}x{dev.name}",
         nodes=nodes, devices_per_node=per_node, device=dev,
         intra_node_bandwidth_bytes_per_s=intra, inter_node_bandwidth_bytes_per_s=inter,
-        host_memory_bytes=2048 * GiB, pcie_bandwidth_bytes_per_s=pcie, nvme_bandwidth_bytes_per_s=25 * GB,
-        sources={"links": src, "host": "DGX A100/H100 system datasheets: 2 TB host memory, 8x NVMe U.2 in RAID 0"},
+        host_memory_bytes=host * per_node, pcie_bandwidth_bytes_per_s=pcie,
+        nvme_bandwidth_bytes_per_s=nvme_bw * per_node, nvme_capacity_bytes=nvme * per_node,
+        sources={"links": src, "host": host_src},
     )
 
 
@@ -151,12 +171,27 @@ def _catalog_node_defaults(data: dict) -> dict:
 _PRESET = re.compile(r"^(?:(\d+)x)?(\d+)x([A-Za-z0-9-]+)$")
 
 
-def load_cluster_spec(cluster: str) -> ClusterSpec:
-    """Resolve ``cpu:N``, ``8xH100-80GB``, ``4x8xA100-80GB`` (nodes x devices per node x device) or a YAML/JSON file.
+def load_cluster_spec(cluster: str, device_memory: str | None = None) -> ClusterSpec:
+    """Resolve ``cpu:N``, ``8xH100-80GB``, ``4x8xA100-80GB`` (nodes x devices per node x device) or a YAML/JSON file;
+    ``device_memory`` (``--device-memory``, e.g. ``1.5GiB``) replaces the memory per device, a budget that makes
+    plans offload (on ``cpu:N`` it is the share of this machine's memory each process may use).
 
     Raises:
-        ClusterSpecError: unknown device or preset syntax, or a file that fails validation (errors listed).
+        ClusterSpecError: unknown device or preset syntax, a file that fails validation (errors listed), or a
+            device memory that is not a size.
     """
+    spec = _load_cluster_spec(cluster)
+    if device_memory is None:
+        return spec
+    try:
+        budget = parse_bytes(device_memory)
+    except ValueError as exc:
+        raise ClusterSpecError(f"--device-memory: {exc}") from None
+    device = spec.device.model_copy(update={"memory_bytes": budget})
+    return spec.model_copy(update={"device": device, "name": f"{spec.name} ({format_bytes(budget)} per device)"})
+
+
+def _load_cluster_spec(cluster: str) -> ClusterSpec:
     if cluster.startswith("cpu:"):
         n = cluster[4:]
         if not n.isdigit() or int(n) < 1:

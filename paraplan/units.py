@@ -36,3 +36,22 @@ def format_count(n: float) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.2f}{unit}"
     return f"{n:.0f}"
+
+
+_BYTE_UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": KiB, "mib": MiB, "gib": GiB,
+               "tib": TiB, "k": KiB, "m": MiB, "g": GiB, "t": TiB}
+
+
+def parse_bytes(text: str) -> float:
+    """Parse a size such as ``1.5GiB``, ``800MB``, ``2g`` (binary) or ``1000000`` (bytes).
+
+    Raises:
+        ValueError: not a positive number with one of the units B, KB, MB, GB, TB, KiB, MiB, GiB, TiB (K/M/G/T).
+    """
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).lower() if match else None
+    if not match or unit not in _BYTE_UNITS or float(match.group(1)) <= 0:
+        raise ValueError(f"size '{text}': write a positive number with a unit, e.g. 1.5GiB, 800MB or 2G")
+    return float(match.group(1)) * _BYTE_UNITS[unit]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,14 +26,15 @@ from pathlib import Path
 
 import torch
 
-from paraplan.backends.checks import check_stage_tiling
+from paraplan.backends.checks import check_stage_tiling, paged_layers
 from paraplan.backends.data import check_corpus, resolve_data_paths
-from paraplan.backends.deepspeed import DS_CONFIG_FILE, build_ds_config, emit_deepspeed
+from paraplan.backends.deepspeed import DS_CONFIG_FILE, build_ds_config, emit_deepspeed, resolve_nvme_path, uses_nvme
 from paraplan.backends.torch_native import CONFIG_FILE, build_torch_config, emit_torch
 from paraplan.backends.train_common import METRICS_FILE
 from paraplan.errors import LaunchError, LaunchInterrupted
 from paraplan.files import write_atomic
 from paraplan.types import Backend, LaunchSpec, ModelSpec, Plan
+from paraplan.units import format_bytes
 
 LOG_FILE = "train.log"
 # After forwarding SIGINT/SIGTERM, how long torchrun gets to stop its ranks before every process of the job is
@@ -77,7 +79,7 @@ def check_world_size(plan: Plan, local_devices: bool = True) -> None:
             )
 
 
-def check_plan(plan: Plan, backend: Backend, local_devices: bool = True) -> None:
+def check_plan(plan: Plan, backend: Backend, local_devices: bool = True, nvme_path: Path | None = None) -> None:
     """Everything about the plan itself that the training processes would otherwise fail on.
 
     Raises:
@@ -91,9 +93,60 @@ def check_plan(plan: Plan, backend: Backend, local_devices: bool = True) -> None
     plan.model.check_seq_len(plan.train.seq_len)
     # Built and dropped: what the backend refuses is refused before any file is written.
     if backend == "deepspeed":
-        build_ds_config(plan)
+        build_ds_config(plan, nvme_path)
     else:
         build_torch_config(plan)
+
+
+def check_nvme_dir(plan: Plan, nvme_path: Path | None, run_dir: Path) -> None:
+    """Refuse an NVMe directory the job could not swap into, before any process starts.
+
+    The directory is ``nvme_path`` (else the cluster's ``nvme_path``) when the plan puts states on NVMe or pages
+    activations to disk; activations paged to disk without one go under the run directory (checked at its nearest
+    existing parent, as the run directory may not exist yet). The space needed is the plan's
+    ``predicted.nvme_bytes`` (per device) times the processes on this node.
+
+    Raises:
+        LaunchError: the directory does not exist, is not a directory, is not writable, or its file system has less
+            free space than needed.
+    """
+    paged_to_disk = plan.strategy.activation_tier == "nvme" and bool(paged_layers(plan))
+    if not uses_nvme(plan) and not paged_to_disk:
+        return
+    directory = resolve_nvme_path(plan, nvme_path)
+    what = "--nvme-path" if nvme_path is not None else f"nvme_path of cluster {plan.cluster.name}"
+    if directory is None:  # only activations, under the run directory
+        directory, what = Path(run_dir).absolute(), "run directory"
+        while not directory.exists():
+            directory = directory.parent
+    elif not directory.exists():
+        raise LaunchError(f"{what} {directory} does not exist; create it (a directory on a local NVMe drive) or "
+                          "give another with --nvme-path")
+    if not directory.is_dir():
+        raise LaunchError(f"{what} {directory} is not a directory; give a directory with --nvme-path")
+    if not _writable(directory):
+        raise LaunchError(f"{what} {directory} is not writable by this user; give a writable directory with "
+                          "--nvme-path")
+    nproc = plan.cluster.devices_per_node
+    needed = plan.predicted.nvme_bytes * nproc
+    free = shutil.disk_usage(directory).free
+    if free < needed:
+        raise LaunchError(
+            f"{what} {directory} has {format_bytes(free)} free; the plan writes {format_bytes(needed)} there "
+            f"({format_bytes(plan.predicted.nvme_bytes)} per process x {nproc} processes on this node). Free space, "
+            "give a larger drive with --nvme-path, or re-plan with less offloaded to NVMe"
+        )
+
+
+def _writable(directory: Path) -> bool:
+    """Whether a file can be created in ``directory`` (tried, not just permission bits: root, read-only mounts)."""
+    import tempfile
+
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".paraplan-probe-"):
+            return True
+    except OSError:
+        return False
 
 
 def check_factory_importable(spec: ModelSpec, env: dict[str, str]) -> None:
@@ -146,17 +199,21 @@ def build_launch_spec(plan: Plan, backend: Backend, run_dir: Path, steps: int, d
     )
 
 
-def emit_run_dir(plan: Plan, backend: Backend, run_dir: Path, steps: int, data: list[str] | None) -> LaunchSpec:
+def emit_run_dir(plan: Plan, backend: Backend, run_dir: Path, steps: int, data: list[str] | None,
+                 nvme_path: Path | None = None) -> LaunchSpec:
     """Write every file of the run into ``run_dir`` (created if missing) and return the LaunchSpec."""
     spec = build_launch_spec(plan, backend, run_dir, steps, data)
-    _write_run_dir(plan, spec)
+    _write_run_dir(plan, spec, nvme_path)
     return spec
 
 
-def _write_run_dir(plan: Plan, spec: LaunchSpec) -> None:
+def _write_run_dir(plan: Plan, spec: LaunchSpec, nvme_path: Path | None = None) -> None:
     run_dir = Path(spec.run_dir)
-    emit = emit_deepspeed if spec.backend == "deepspeed" else emit_torch
-    emit(plan, run_dir)  # writes through write_atomic, which creates run_dir
+    # Both write through write_atomic, which creates run_dir.
+    if spec.backend == "deepspeed":
+        emit_deepspeed(plan, run_dir, nvme_path)
+    else:
+        emit_torch(plan, run_dir)
     write_atomic(run_dir / "plan.json", plan.model_dump_json(indent=2))
     write_atomic(run_dir / "launch.json", spec.model_dump_json(indent=2))
 
@@ -172,29 +229,35 @@ def job_env(nproc_per_node: int) -> dict[str, str]:
 
 def launch_plan(
     plan: Plan, backend: Backend, run_dir: Path, steps: int = 20, data: list[str] | None = None,
-    dry_run: bool = False, quiet: bool = False,
+    dry_run: bool = False, quiet: bool = False, nvme_path: Path | None = None,
 ) -> tuple[LaunchSpec, list[dict]]:
     """Check the plan, write the run directory and (unless ``dry_run``) run the job to completion.
 
-    Every check runs before the first file is written, for a dry run too (except the local CUDA device count: a
-    dry run prints the command for another machine).
+    Every check runs before the first file is written, for a dry run too (except what concerns this machine, the
+    local CUDA device count and the NVMe directory: a dry run prints the command for another machine).
+
+    Args:
+        nvme_path: directory for the states the plan puts on NVMe (deepspeed backend); None: the cluster file's
+            ``nvme_path``. Required when the plan puts optimizer states or parameters on NVMe.
 
     Returns:
         The LaunchSpec and the metrics rows (one dict per step; empty for a dry run).
 
     Raises:
-        LaunchError: a plan, data or factory model the job would fail on (see :func:`check_plan`,
-            ``data.check_corpus``, :func:`check_factory_importable`), or the job exited non-zero (the failing
-            rank's error line and the log's path are in the message).
+        LaunchError: a plan, data, factory model or NVMe directory the job would fail on (see :func:`check_plan`,
+            ``data.check_corpus``, :func:`check_factory_importable`, :func:`check_nvme_dir`), or the job exited
+            non-zero (the failing rank's error line and the log's path are in the message).
         LaunchInterrupted: SIGINT or SIGTERM stopped the job; ``exit_code`` is 130 or 143.
         TrainSpecError: a sequence length above the model's positions.
     """
-    check_plan(plan, backend, local_devices=not dry_run)
+    check_plan(plan, backend, local_devices=not dry_run, nvme_path=nvme_path)
+    if backend == "deepspeed" and not dry_run:
+        check_nvme_dir(plan, nvme_path, run_dir)
     spec = build_launch_spec(plan, backend, run_dir, steps, data)
     check_corpus([Path(p) for p in spec.data_paths], plan.train.seq_len)
     env = job_env(spec.nproc_per_node)
     check_factory_importable(plan.model, env)
-    _write_run_dir(plan, spec)
+    _write_run_dir(plan, spec, nvme_path)
     if dry_run:
         return spec, []
     log_path = run_dir / LOG_FILE

@@ -34,8 +34,12 @@ dp x cp == 1 and nothing is offloaded):
   gathered between forward and backward).
 - 3: FSDP2 ``fully_shard(reshard_after_forward=True)`` (parameters sharded too).
 
-Plans with optimizer offload are refused: the planner prices DeepSpeed's optimizer-only offload, while FSDP2's
-``CPUOffloadPolicy`` (CUDA only) keeps parameters and gradients on the host too.
+Memory tiers. Activation paging (``StagePlan.offload_blocks``, POET-style): each rank's paged blocks run under
+``train_common.paged_activations``, their saved tensors copied to host memory (tier cpu) or written to
+``<run_dir>/activations/rank<RANK>`` (tier nvme, CPU clusters) during forward and read back for backward. Offloading
+model states has one mode, FSDP2's ``CPUOffloadPolicy``: ZeRO-3 with parameters, gradients and optimizer states all
+in host memory and the optimizer stepping on the CPU, on GPUs only; :func:`torch_offload_rejection` refuses every
+other combination (they are DeepSpeed's).
 """
 
 from __future__ import annotations
@@ -51,13 +55,13 @@ from torch import nn
 
 from paraplan.backends.checks import (
     check_stage_tiling, check_tied_embeddings, check_tp, checkpointed_layers, chunk_block_layers, chunk_layers,
-    selective_layers,
+    paged_layers, selective_layers,
 )
 from paraplan.backends.torch_context_parallel import (
     CP_ROTATE_METHOD, CP_SDPA_BACKENDS, check_context_parallel, context_parallel_step,
 )
 from paraplan.backends.torch_pipeline import build_schedule, check_schedule_supported
-from paraplan.backends.train_common import selective_checkpoint
+from paraplan.backends.train_common import paged_activations, selective_checkpoint
 from paraplan.errors import LaunchError
 from paraplan.files import read_model, write_atomic
 from paraplan.models.build import LayerChain, torch_dtype
@@ -94,7 +98,8 @@ class DataParallelConfig(_Frozen):
     zero_stage: int = Field(ge=0, le=3)
     wrapper: Wrapper = Field(description="What wraps each chunk module over the data-parallel mesh (mesh_dims).")
     reshard_after_forward: bool | None = Field(description="FSDP2 only: free gathered parameters after forward.")
-    cpu_offload: bool = Field(description="FSDP2 CPUOffloadPolicy: params, grads, optimizer states on the host.")
+    cpu_offload: bool = Field(description="FSDP2 CPUOffloadPolicy: params, grads, optimizer states on the host, "
+                                          "the optimizer step on the CPU (ZeRO-3, CUDA only).")
     mesh_dims: list[str] = Field(
         description="Mesh dimensions gradients are averaged (and FSDP2 shards) over: dp, or dp and cp flattened "
                     "(torchtitan's dp_shard_cp) with context parallelism.",
@@ -168,6 +173,12 @@ class TorchParallelConfig(_Frozen):
     selective_policy: Literal["attention", "op"] = Field(
         description="attention: the SDPA call recomputed, everything else kept; op: torchtitan's op-level policy "
                     "(every other mm, SDPA, reduce-scatter kept).")
+    paged_blocks: list[int] = Field(
+        default_factory=list, description="Block indices whose saved activations are paged out in forward and back "
+                                          "in for backward (train_common.paged_activations).")
+    activation_tier: Literal["cpu", "nvme"] = Field(
+        default="cpu", description="Where paged_blocks page to: cpu, host memory; nvme, one file per saved storage "
+                                   "under <run_dir>/activations/rank<RANK>.")
     mixed_precision: MixedPrecisionConfig
 
 
@@ -209,15 +220,66 @@ def build_torch_config(plan: Plan) -> TorchParallelConfig:
         checkpointed_blocks=[c - 1 for c in checkpointed_layers(plan)],
         selective_checkpointed_blocks=[c - 1 for c in selective_layers(plan)],
         selective_policy=st.selective_policy,
+        paged_blocks=[c - 1 for c in paged_layers(plan)],
+        activation_tier=st.activation_tier,
         mixed_precision=mp,
     )
+
+
+def torch_offload_rejection(zero_stage: int, offload_param: str, offload_optimizer: str, offload_ratio: float,
+                            device_kind: str) -> str | None:
+    """Why the torch backend cannot run a plan's offload of model states, or None when it can.
+
+    The torch backend offloads model states one way only, FSDP2's ``CPUOffloadPolicy``: parameters, gradients and
+    optimizer states all in host memory, the optimizer stepping on the CPU. That is ZeRO-3 with ``offload_param`` and
+    ``offload_optimizer`` both ``cpu`` and ``offload_ratio`` 1 (no offload at all is fine too). It needs an
+    accelerator: on the CPU machine (torch 2.13) ``fully_shard(..., offload_policy=CPUOffloadPolicy())`` fails, with
+    ``pin_memory=False`` too (PLATFORM.md). NVMe tiers, optimizer-only or parameter-only offload and partial offload
+    are DeepSpeed's (ZeRO-Offload / ZeRO-Infinity). Pure, so the planner can mirror it.
+
+    Args:
+        zero_stage: the plan's ZeRO stage (0..3).
+        offload_param: ``none``, ``cpu`` or ``nvme``.
+        offload_optimizer: ``none``, ``cpu`` or ``nvme``.
+        offload_ratio: share of the optimizer states offloaded, in (0, 1].
+        device_kind: the cluster's device kind, ``cuda`` or ``cpu``.
+
+    Returns:
+        The reason, with what to change, or None.
+    """
+    if offload_param == "none" and offload_optimizer == "none":
+        return None
+    fixes = ("re-plan with --backend torch (it plans only FSDP2's offload: ZeRO-3 with parameters and optimizer "
+             "states in host memory, on GPUs) or launch with --backend deepspeed")
+    tiers = f"offload_param={offload_param}, offload_optimizer={offload_optimizer}"
+    if "nvme" in (offload_param, offload_optimizer):
+        why = f"{tiers}: the torch backend has no NVMe tier for model states (that is DeepSpeed's ZeRO-Infinity)"
+    elif offload_param == "none":
+        why = (f"{tiers}: the torch backend has no optimizer-only offload; FSDP2's CPUOffloadPolicy also keeps "
+               "parameters and gradients on the host, which this plan did not price")
+    elif offload_optimizer == "none":
+        why = (f"{tiers}: the torch backend has no parameter-only offload; FSDP2's CPUOffloadPolicy also keeps the "
+               "optimizer states on the host and steps on the CPU, which this plan did not price")
+    elif zero_stage != 3:
+        why = f"{tiers} at ZeRO stage {zero_stage}: FSDP2's CPUOffloadPolicy offloads sharded parameters (ZeRO-3)"
+    elif offload_ratio < 1:
+        why = (f"offload_ratio {offload_ratio}: FSDP2's CPUOffloadPolicy offloads all optimizer states; partial "
+               "offload is DeepSpeed's")
+    elif device_kind != "cuda":
+        return ("the plan offloads parameters and optimizer states to host memory (FSDP2 CPUOffloadPolicy), which "
+                "needs an accelerator: on a CPU cluster fully_shard with CPUOffloadPolicy fails (device memory is "
+                "host memory already). Re-plan with --backend torch, or launch with --backend deepspeed")
+    else:
+        return None
+    return f"{why}. Either {fixes}"
 
 
 def check_supported(plan: Plan) -> None:
     """Refuse plans the native torch backend cannot run, saying what to change.
 
     Raises:
-        LaunchError: optimizer offload (plans price optimizer-only offload), fp16, tensor parallelism for a
+        LaunchError: an offload of model states other than FSDP2's CPUOffloadPolicy mode on GPUs
+            (:func:`torch_offload_rejection`), fp16, tensor parallelism for a
             non-Llama model or a degree that does not divide the heads / key-value heads / MLP width, a pipeline
             schedule torch cannot run with the plan's micro-batches, recomputation or data parallelism
             (``torch_pipeline.check_schedule_supported``), pp > 1 without hidden/vocab in the spec, tied embeddings
@@ -226,14 +288,10 @@ def check_supported(plan: Plan) -> None:
             (``torch_context_parallel.check_context_parallel``).
     """
     st, spec = plan.strategy, plan.model
-    if st.offload_optimizer:
-        # FSDP2's CPUOffloadPolicy would keep parameters and gradients on the host too (copied in for every forward
-        # and backward), which the plan's cost model did not price: it prices DeepSpeed's optimizer-only offload.
-        raise LaunchError(
-            "the plan offloads optimizer states; the torch backend has no optimizer-only offload (FSDP2's "
-            "CPUOffloadPolicy also moves parameters and gradients to the host, which the plan did not price). "
-            "Launch with --backend deepspeed or re-plan with --backend torch"
-        )
+    offload = torch_offload_rejection(st.zero_stage, st.offload_param, st.offload_optimizer, st.offload_ratio,
+                                      plan.cluster.device.kind)
+    if offload is not None:
+        raise LaunchError(offload)
     if plan.train.dtype == "fp16":
         raise LaunchError(
             "the torch backend does not implement fp16 loss scaling; plan with dtype bf16 (same memory) or fp32, "
@@ -270,7 +328,10 @@ def _check_sequence_parallel(plan: Plan) -> None:
 
 def _data_parallel(plan: Plan) -> DataParallelConfig:
     st = plan.strategy
-    if st.offload_optimizer:  # CPUOffloadPolicy exists only in FSDP2, whatever the ZeRO stage
+    # check_supported let offload through only in CPUOffloadPolicy's mode (ZeRO-3, params and optimizer on the host),
+    # which needs FSDP2 even with one data-parallel rank.
+    cpu_offload = st.offload_param == "cpu" and st.offload_optimizer == "cpu"
+    if cpu_offload:
         wrapper: Wrapper = "FSDP2"
     elif st.dp * st.cp == 1:
         wrapper = "none"
@@ -279,7 +340,7 @@ def _data_parallel(plan: Plan) -> DataParallelConfig:
     return DataParallelConfig(
         zero_stage=st.zero_stage, wrapper=wrapper,
         reshard_after_forward=(st.zero_stage == 3) if wrapper == "FSDP2" else None,
-        cpu_offload=st.offload_optimizer, mesh_dims=["dp", "cp"] if st.cp > 1 else ["dp"],
+        cpu_offload=cpu_offload, mesh_dims=["dp", "cp"] if st.cp > 1 else ["dp"],
     )
 
 
@@ -520,6 +581,14 @@ def apply_ac(
             stage.set_block(block_id, selective_checkpoint(stage.block(block_id), selective_policy))
 
 
+def apply_paging(stage: StageModule, block_ids: list[int], tier: str, directory: Path | None) -> None:
+    """Page the saved activations of this chunk's ``block_ids`` (ids of other chunks' blocks are ignored) to
+    ``tier`` (``train_common.paged_activations``: host memory, or files under ``directory`` for nvme)."""
+    for block_id in block_ids:
+        if block_id in stage.block_position:
+            stage.set_block(block_id, paged_activations(stage.block(block_id), tier, directory))
+
+
 def apply_fsdp(stage: StageModule, dp_mesh, config: TorchParallelConfig) -> None:
     """FSDP2: shard each block, then the root (embedding, norm, head), over ``dp_mesh``."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
@@ -576,7 +645,8 @@ def data_parallel_mesh(mesh, cp: int):
     return mesh["dp", "cp"]._flatten("dp_cp") if cp > 1 else mesh["dp"]
 
 
-def parallelize(chain: LayerChain, plan: Plan, mesh, device: torch.device | None = None) -> ParallelModel:
+def parallelize(chain: LayerChain, plan: Plan, mesh, device: torch.device | None = None,
+                activation_dir: Path | None = None) -> ParallelModel:
     """Apply the plan's strategy to a freshly built chain, for the calling rank.
 
     Args:
@@ -584,12 +654,14 @@ def parallelize(chain: LayerChain, plan: Plan, mesh, device: torch.device | None
         plan: the plan (its recipe is ``build_torch_config(plan)``).
         mesh: a ``DeviceMesh`` of shape ``(pp, dp, cp, tp)`` named ``("pp", "dp", "cp", "tp")``.
         device: where the chain's parameters live (default: CPU).
+        activation_dir: this rank's directory for activations paged to disk (tier nvme); needed only then.
 
     Returns:
         The rank's chunk modules (wrapped) and, for pp > 1, the plan's pipeline schedule over them.
 
     Raises:
         LaunchError: a plan this backend cannot run.
+        ValueError: blocks paged to disk without ``activation_dir``.
     """
     config = build_torch_config(plan)
     device = device or torch.device("cpu")
@@ -606,9 +678,12 @@ def parallelize(chain: LayerChain, plan: Plan, mesh, device: torch.device | None
         # 2. TP before data parallelism: FSDP2 then shards the TP-local shards (2-D), DDP reduces them.
         if st.tp > 1:
             apply_tp(stage, mesh["tp"], config.tensor_parallel)
-        # 3. Activation checkpointing wraps the (TP-sharded) blocks, so recomputation replays the TP collectives.
+        # 3. Activation checkpointing wraps the (TP-sharded) blocks, so recomputation replays the TP collectives;
+        #    paging wraps other blocks the same way (a DTensor pages its local shard).
         apply_ac(stage, config.checkpointed_blocks, config.selective_checkpointed_blocks, config.selective_policy)
-        # 4. Data parallelism last: FSDP2 units are the (checkpoint-wrapped) blocks plus the chunk's root.
+        apply_paging(stage, config.paged_blocks, config.activation_tier, activation_dir)
+        # 4. Data parallelism last: FSDP2 units are the (checkpoint- or paging-wrapped) blocks plus the chunk's root,
+        #    so a paged block sees its unsharded parameters and keeps them in memory.
         module: nn.Module = stage
         wrapper = config.data_parallel.wrapper
         if wrapper == "FSDP2":

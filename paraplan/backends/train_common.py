@@ -5,22 +5,27 @@ backend's own files. Rank 0 appends one JSON line per step to ``metrics.jsonl``:
 ``{"step", "loss", "step_time_s", "tokens_per_s", "peak_memory_bytes": [per rank]}``.
 
 Also the selective recomputation both trainers apply to a plan's ``selective_blocks``, in either of its two policies
-(:func:`selective_checkpoint`).
+(:func:`selective_checkpoint`), and the activation paging they apply to its ``offload_blocks``
+(:func:`paged_activations`).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import resource
 import time
+import weakref
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import ActivationWrapper
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from paraplan.backends.data import ByteDataset
 from paraplan.types import LaunchSpec, Plan
@@ -222,3 +227,157 @@ class StepTimer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - self.t0
+
+
+# Activation paging (POET, Patil et al. ICML 2022, "POET: Training Neural Networks on Tiny Devices with Integrated
+# Rematerialization and Paging", sec. 3: a block's saved activations are paged out after its forward and paged back
+# in for its backward, instead of being kept or recomputed). Built on torch's saved-tensor hooks
+# (https://pytorch.org/docs/stable/autograd.html#hooks-for-saved-tensors, torch.autograd.graph.saved_tensors_hooks):
+# ``pack`` runs when autograd saves a tensor for backward and its result is what autograd keeps; ``unpack`` runs when
+# the backward needs the tensor. Tensors smaller than PAGE_MIN_BYTES stay in memory: a norm's per-token statistics
+# (b x s floats) would cost a file or a host copy each for little memory (PLATFORM.md: skip small tensors).
+ACTIVATION_TIERS = ("cpu", "nvme")
+PAGE_MIN_BYTES = 64 * 1024
+_PAGE_IDS = itertools.count()  # one counter for every block of the process: their files may share a directory
+
+
+class _Page:
+    """One storage paged out: a pinned host copy (tier cpu) or a file written with ``torch.save`` (tier nvme).
+
+    Paged per storage, not per tensor: a Llama block saves its normed input three times (views for q, k and v), and
+    a page per saved tensor would copy it three times. The file goes when autograd releases the last saved tensor on
+    it (right after the backward that used it, or with a graph dropped without backward, so an aborted step leaves no
+    file); a storage read back is shared by the saved tensors unpacked while it lives.
+    """
+
+    __slots__ = ("device", "host", "path", "restored", "__weakref__")
+
+    def __init__(self, storage: torch.UntypedStorage, device: torch.device, path: Path | None) -> None:
+        flat = torch.empty(0, dtype=torch.uint8, device=device).set_(storage)  # the storage's bytes
+        self.device, self.path, self.host, self.restored = device, path, None, None
+        if path is None:  # torch.autograd.graph.save_on_cpu's copy, pinned for an asynchronous copy back
+            self.host = torch.empty(flat.numel(), dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+            self.host.copy_(flat)
+        else:
+            torch.save(flat, path)
+            weakref.finalize(self, path.unlink, missing_ok=True)
+
+    def tensor(self, dtype: torch.dtype, size, stride, offset: int) -> torch.Tensor:
+        flat = self.restored() if self.restored is not None else None
+        if flat is None:
+            if self.host is not None:
+                flat = self.host.to(self.device, non_blocking=True)
+            else:
+                flat = torch.load(self.path, map_location=self.device, weights_only=True)
+            self.restored = weakref.ref(flat)  # alive while a view below is
+        return flat.view(dtype).as_strided(size, stride, offset)
+
+
+class _Pager:
+    """The pack/unpack pair of one tier. Pages are independent of each other, so any number of forwards
+    (micro-batches of a pipeline schedule) may be in flight and their backwards may run in any order."""
+
+    def __init__(self, tier: str, directory: Path | None, min_bytes: int) -> None:
+        if tier not in ACTIVATION_TIERS:
+            raise ValueError(f"activation tier '{tier}': use one of {', '.join(ACTIVATION_TIERS)}")
+        if tier == "nvme":
+            if directory is None:
+                raise ValueError("activation tier 'nvme' needs a directory for the paged tensors")
+            directory.mkdir(parents=True, exist_ok=True)
+        self.tier, self.directory, self.min_bytes = tier, directory, min_bytes
+        self.param_storages: set[int] = set()  # data_ptr of each parameter storage of the block, set per forward
+        # data_ptr -> (storage, its version, page) of the storages paged in this forward, all weak.
+        self.pages: dict[int, tuple[StorageWeakRef, int, weakref.ref]] = {}
+        self.paged_bytes = 0  # bytes paged out so far (tests and benchmarks read it)
+
+    def start_forward(self, module: torch.nn.Module) -> None:
+        # FSDP2 swaps in the unsharded parameters before each forward, so they are read here, not once.
+        self.param_storages = {p.untyped_storage().data_ptr() for p in module.parameters()
+                               if not is_traceable_wrapper_subclass(p)}
+        self.pages = {}
+
+    def _keep(self, t: torch.Tensor) -> bool:
+        """Parameters (and views of them, such as the transposed weight a linear saves) stay: they are alive anyway."""
+        if isinstance(t, torch.nn.Parameter) or isinstance(t._base, torch.nn.Parameter):
+            return True
+        if t.layout != torch.strided or t.numel() * t.element_size() < self.min_bytes:
+            return True
+        if self.tier == "cpu" and t.device.type == "cpu":  # host memory is the device's memory: nothing to gain
+            return True
+        return t.untyped_storage().data_ptr() in self.param_storages
+
+    def _page(self, t: torch.Tensor) -> _Page:
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        hit = self.pages.get(key)
+        page = hit[2]() if hit is not None and not hit[0].expired() and hit[1] == t._version else None
+        if page is None:
+            path = None if self.tier == "cpu" else self.directory / f"{os.getpid()}-{next(_PAGE_IDS)}.pt"
+            page = _Page(storage, t.device, path)
+            self.pages[key] = (StorageWeakRef(storage), t._version, weakref.ref(page))
+            self.paged_bytes += storage.nbytes()
+        return page
+
+    def pack(self, t: torch.Tensor):
+        # Nothing packed holds ``t`` itself: a saved output would hold its own grad_fn, a cycle autograd never frees
+        # (torch's saved_tensors_hooks warning), so kept tensors are detached.
+        if is_traceable_wrapper_subclass(t):  # DTensor (tensor parallelism): page its local shard
+            if isinstance(t, torch.nn.Parameter):
+                return ("keep", t.detach())
+            names, ctx = t.__tensor_flatten__()
+            inner = {n: self.pack(getattr(t, n)) for n in names}
+            return ("subclass", type(t), inner, ctx, t.size(), t.stride())
+        if self._keep(t):
+            return ("keep", t.detach())
+        return ("page", self._page(t), t.dtype, t.size(), t.stride(), t.storage_offset())
+
+    def unpack(self, packed) -> torch.Tensor:
+        if packed[0] == "keep":
+            return packed[1]
+        if packed[0] == "page":
+            return packed[1].tensor(*packed[2:])
+        _, cls, inner, ctx, size, stride = packed
+        return cls.__tensor_unflatten__({n: self.unpack(p) for n, p in inner.items()}, ctx, size, stride)
+
+
+class PagedActivationWrapper(ActivationWrapper):
+    """A block whose saved activations are paged out in forward and back in for backward (:func:`paged_activations`);
+    parameter names keep the ``_checkpoint_wrapped_module`` prefix of torch's checkpoint wrapper (stripped in
+    ``state_dict``)."""
+
+    def __init__(self, mod: torch.nn.Module, pager: _Pager) -> None:
+        super().__init__(mod)
+        self.pager = pager
+
+    def forward(self, *args, **kwargs):
+        self.pager.start_forward(self._checkpoint_wrapped_module)
+        with torch.autograd.graph.saved_tensors_hooks(self.pager.pack, self.pager.unpack):
+            return self._checkpoint_wrapped_module(*args, **kwargs)
+
+
+def paged_activations(module: torch.nn.Module, tier: str, directory: Path | None = None,
+                      min_bytes: int = PAGE_MIN_BYTES) -> torch.nn.Module:
+    """Wrap ``module`` (one block) so the tensors autograd saves for its backward are paged out (POET, Patil et al.
+    2022 sec. 3), with torch's saved-tensor hooks (``torch.autograd.graph.saved_tensors_hooks``).
+
+    Outputs and gradients are those of the unwrapped module: the paged tensors come back bit for bit. Parameters and
+    views of them, tensors under ``min_bytes`` and non-strided tensors stay in memory; a DTensor pages its local shard.
+
+    Args:
+        module: a block mapping hidden ``(b, s, h)`` to hidden ``(b, s, h)``.
+        tier: ``cpu``: copy each saved tensor to host memory (pinned when CUDA is present; the copy of
+            ``torch.autograd.graph.save_on_cpu``) and back to its device in backward; on a CPU device that would be
+            a copy within the same memory, so CPU tensors stay. ``nvme``: write each saved storage to its own file
+            under ``directory`` with ``torch.save``, read it back with ``torch.load`` in backward; the file is
+            deleted when autograd releases the tensors on it (right after the backward that used them).
+            Either tier pages a storage once per forward however many saved tensors view it.
+        directory: where tier ``nvme`` writes (created if missing); files are named ``<pid>-<n>.pt``.
+        min_bytes: tensors smaller than this many bytes stay in memory (default PAGE_MIN_BYTES, 64 KiB).
+
+    Returns:
+        The wrapped module; its parameters keep their names under ``_checkpoint_wrapped_module``.
+
+    Raises:
+        ValueError: an unknown tier, or tier ``nvme`` without a directory.
+    """
+    return PagedActivationWrapper(module, _Pager(tier, Path(directory) if directory else None, min_bytes))

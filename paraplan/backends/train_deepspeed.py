@@ -5,10 +5,15 @@ for ``launch.steps`` steps on byte-level data. Every rank builds the full model 
 strategy starts from identical weights and sees the same global batch each step (``data.sample_start``); the
 logged loss is the global-batch mean, so runs of different strategies can be compared step by step.
 
-- pp == 1: ``deepspeed.initialize`` on the whole chain (ZeRO 0-3, optional optimizer offload, AutoTP for
-  tp > 1); each step runs ``gradient_accumulation_steps`` micro-batches through ``engine.backward`` /
-  ``engine.step``.
+- pp == 1: ``deepspeed.initialize`` on the whole chain (ZeRO 0-3, optimizer offload to host memory or NVMe,
+  AutoTP for tp > 1); each step runs ``gradient_accumulation_steps`` micro-batches through ``engine.backward`` /
+  ``engine.step``. With parameters offloaded (ZeRO-3 ``offload_param``) the chain is built inside
+  ``deepspeed.zero.Init``, so each parameter is partitioned (and swapped out) as soon as its module is built and no
+  rank ever holds the whole model.
 - pp > 1: a ``PipelineModule`` cut at the plan's stage boundaries, trained with ``engine.train_batch`` (1F1B).
+
+Blocks the plan pages (``StagePlan.offload_blocks``) run inside ``train_common.paged_activations``: their saved
+activations go to host memory, or to files under ``<nvme_path or run dir>/activations/rank<R>``.
 """
 
 from __future__ import annotations
@@ -71,6 +76,39 @@ def apply_ac(
     ]
 
 
+def apply_paging(layers: list[nn.Module], chain_layers: list[int], tier: str,
+                 directory: Path | None) -> list[nn.Module]:
+    """Wrap the chain layers at indices ``chain_layers`` in ``train_common.paged_activations`` (their saved
+    activations paged to ``tier``: host memory, or files under ``directory`` for nvme); return the new list."""
+    if not chain_layers:
+        return list(layers)
+    from paraplan.backends.train_common import paged_activations
+
+    if directory is not None:
+        directory.mkdir(parents=True, exist_ok=True)
+    paged = set(chain_layers)
+    return [paged_activations(layer, tier, directory) if i in paged else layer for i, layer in enumerate(layers)]
+
+
+def paging_directory(ours: dict, run_dir: Path, rank: int) -> Path | None:
+    """Where rank ``rank`` pages activations to disk: ``<nvme_path or run_dir>/activations/rank<rank>``; None for
+    host memory."""
+    paging = ours.get("activation_paging") or {}
+    if paging.get("tier") != "nvme":
+        return None
+    base = Path(paging["nvme_path"]) if paging.get("nvme_path") else Path(run_dir)
+    return base / "activations" / f"rank{rank}"
+
+
+def wrap_layers(layers: list[nn.Module], ours: dict, run_dir: Path, rank: int) -> list[nn.Module]:
+    """The chain with the plan's recomputation (:func:`apply_ac`) and activation paging (:func:`apply_paging`),
+    from the ``paraplan`` section of ``ds_config.json``; the two never wrap the same layer."""
+    layers = apply_ac(layers, *_ac_layers(ours))
+    paging = ours.get("activation_paging") or {}
+    return apply_paging(layers, paging.get("chain_layers", []), paging.get("tier", "cpu"),
+                        paging_directory(ours, run_dir, rank))
+
+
 def _ac_layers(ours: dict) -> tuple[list[int], list[int], str]:
     """Fully and selectively checkpointed chain layers and the selective policy of the ``paraplan`` section of
     ``ds_config.json``."""
@@ -78,7 +116,7 @@ def _ac_layers(ours: dict) -> tuple[list[int], list[int], str]:
     return ac["chain_layers"], ac["selective"]["chain_layers"], ac["selective"]["policy"]
 
 
-def build_pipeline_module(plan: Plan, ours: dict) -> nn.Module:
+def build_pipeline_module(plan: Plan, ours: dict, run_dir: Path | None = None) -> nn.Module:
     """This rank's stage of the chain as a DeepSpeed ``PipelineModule`` cut at the plan's stage boundaries.
 
     DeepSpeed's ``partition_method`` offers 'uniform', 'parameters' and 'type:<regex>'; none reproduces an arbitrary
@@ -88,7 +126,9 @@ def build_pipeline_module(plan: Plan, ours: dict) -> nn.Module:
 
     Args:
         plan: the plan; ``plan.strategy.pp`` stages.
-        ours: the ``paraplan`` section of ``ds_config.json`` (stage boundaries, checkpointed chain layers).
+        ours: the ``paraplan`` section of ``ds_config.json`` (stage boundaries, checkpointed and paged chain
+            layers).
+        run_dir: the run directory (activations paged to disk go under it when no nvme_path is set).
 
     Raises:
         LaunchError: boundaries that do not cut this model's chain into pp stages.
@@ -115,7 +155,7 @@ def build_pipeline_module(plan: Plan, ours: dict) -> nn.Module:
             self._set_bounds(start=self.parts[stage_id], stop=self.parts[stage_id + 1])
 
     chain = build_model(plan.model, seed=plan.train.seed)
-    layers = apply_ac(chain.layers(), *_ac_layers(ours))
+    layers = wrap_layers(chain.layers(), ours, Path(run_dir or "."), dist.get_rank())
     with contextlib.redirect_stdout(io.StringIO()):  # PipelineModule prints its seed settings on rank 0
         return PlannedPipelineModule(
             layers, ours["stage_boundaries"], num_stages=plan.strategy.pp, loss_fn=lm_loss,
@@ -137,9 +177,16 @@ def train_flat(plan: Plan, ds_config: dict, dataset: ByteDataset, steps: int, ru
     from deepspeed.utils import groups
 
     device = device_for_rank()
-    chain = build_model(plan.model, seed=plan.train.seed)
-    layers = apply_ac(chain.layers(), *_ac_layers(ds_config[PARAPLAN_KEY]))
-    chain.blocks = nn.ModuleList(layers[1:-1])  # only blocks are ever checkpointed; embed and head stay as built
+    if plan.strategy.zero_stage == 3 and plan.strategy.offload_param != "none":
+        # Partitioned (and offloaded) as each module is built: the full model is never materialised on a rank.
+        # Every rank builds from the same seed, so the partitions match the single-process model's weights.
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
+            chain = build_model(plan.model, seed=plan.train.seed)
+    else:
+        chain = build_model(plan.model, seed=plan.train.seed)
+    layers = wrap_layers(chain.layers(), ds_config[PARAPLAN_KEY], run_dir, dist.get_rank())
+    # Only blocks are ever checkpointed or paged; embed and head stay as built.
+    chain.blocks = nn.ModuleList(layers[1:-1])
     if plan.strategy.tp > 1:
         chain.config = hf_config(plan.model)  # AutoTP reads head counts from model.config
     engine, _, _, _ = deepspeed.initialize(model=chain, model_parameters=chain.parameters(), config=ds_config)
@@ -167,7 +214,7 @@ def train_pipeline(plan: Plan, ds_config: dict, dataset: ByteDataset, steps: int
 
     device = device_for_rank()
     ours = ds_config[PARAPLAN_KEY]
-    module = build_pipeline_module(plan, ours)
+    module = build_pipeline_module(plan, ours, run_dir)
     params = [p for p in module.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=params, config=ds_config)
     dp_rank = engine.grid.get_data_parallel_rank()

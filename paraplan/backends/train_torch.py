@@ -13,6 +13,9 @@ sequences (with context parallelism each rank's loss is the mean over its share 
 over ``dp x cp`` ranks, the same mean). Each ``metrics.jsonl`` row adds ``grad_norm``, the L2 norm of that
 whole-model gradient before the optimizer step, so runs of different strategies can be compared gradient for
 gradient.
+
+Blocks the plan pages (``StagePlan.offload_blocks``) with ``activation_tier`` nvme write their saved activations
+under ``<run_dir>/activations/rank<RANK>``, one file per saved storage, each deleted once its backward has run.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from paraplan.backends.train_common import (
 )
 from paraplan.models.build import build_model, lm_loss
 from paraplan.types import Plan
+
+ACTIVATIONS_DIR = "activations"
 
 
 def rank_batch(
@@ -138,7 +143,9 @@ def train(run_dir: Path, device: torch.device) -> None:
     plan, spec = load_run(run_dir)
     config = load_torch_config(run_dir, plan)
     mesh = init_device_mesh(device.type, tuple(config.mesh.shape), mesh_dim_names=tuple(config.mesh.dim_names))
-    model = parallelize(build_model(plan.model, device=device, seed=plan.train.seed), plan, mesh, device)
+    activation_dir = run_dir / ACTIVATIONS_DIR / f"rank{dist.get_rank()}"  # used only for activations paged to disk
+    model = parallelize(build_model(plan.model, device=device, seed=plan.train.seed), plan, mesh, device,
+                        activation_dir)
     optimizer = build_optimizer(model, plan)
     dataset = build_dataset(plan, spec)
     dp_rank = mesh["dp"].get_local_rank()

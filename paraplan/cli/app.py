@@ -119,7 +119,9 @@ _STRATEGY_KEYS = StrategyOverride.CLI_KEYS
 STRATEGY_HELP = (
     "Force parts of the strategy, comma-separated key=value: dp, tp, pp, cp (context parallelism), vpp (model chunks "
     "per pipeline rank) (positive integers), mb or micro_batch (sequences per micro-batch), zero (ZeRO stage 0-3), "
-    "offload (optimizer states in host memory: true/false), recompute (none; selective = the attention core of "
+    "offload (optimizer states, fp32 master weights and gradients: none, cpu or nvme; true = cpu), offload_param "
+    "(ZeRO-3 parameters: none, cpu or nvme), offload_ratio (share of the optimizer offloaded, ZeRO-3 cpu), "
+    "offload_act (false forbids paging activations), recompute (none; selective = the attention core of "
     "every block; op = torchtitan's op-level selective policy on every block; full = every block), sp (Megatron "
     "sequence parallelism with tp > 1: true/false), schedule (1f1b, interleaved_1f1b, zero_bubble, zbv). "
     "Example: dp=2,tp=2,pp=2,mb=2,zero=1,sp=true,schedule=interleaved_1f1b,vpp=2"
@@ -305,6 +307,9 @@ def plan_cmd(
     time_limit: Annotated[float, typer.Option(help="MILP time limit per candidate (s, > 0).")] = 10.0,
     memory_fraction: Annotated[float, typer.Option(
         help="Share of device memory a plan may fill (headroom for fragmentation).", min=0.1, max=1.0)] = 0.95,
+    device_memory: Annotated[Optional[str], typer.Option(
+        help="Memory per device, e.g. 1.5GiB: a budget that replaces the cluster's (on cpu:N, this machine's memory "
+             "split between the processes), so a plan must offload to fit.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary instead of the table.")] = False,
     output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the best plan.")] = Path("plan.json"),
 ) -> None:
@@ -319,7 +324,7 @@ def plan_cmd(
     override = parse_strategy(strategy)
     check_output_path(output, "-o")
     spec = load_model_spec(model)
-    clus = load_cluster_spec(cluster)
+    clus = load_cluster_spec(cluster, device_memory)
     dtype = resolve_dtype(dtype, clus)
     train = TrainSpec(global_batch=global_batch, seq_len=seq_len, dtype=dtype, lr=lr)  # type: ignore[arg-type]
     prof = load_profile(profile)
@@ -369,7 +374,9 @@ def plan_summary(plan: Plan) -> dict:
         "model": plan.model.name, "cluster": plan.cluster.name,
         "strategy": {
             "dp": s.dp, "tp": s.tp, "pp": s.pp, "micro_batch_size": s.micro_batch_size, "grad_accum": s.grad_accum,
-            "zero_stage": s.zero_stage, "offload_optimizer": s.offload_optimizer,
+            "zero_stage": s.zero_stage, "offload_optimizer": s.offload_optimizer, "offload_param": s.offload_param,
+            "offload_ratio": s.offload_ratio, "activation_tier": s.activation_tier,
+            "offload_blocks": [st.offload_blocks for st in s.stages],
             "sequence_parallel": s.sequence_parallel, "selective_recompute": s.selective_recompute,
             "selective_policy": s.selective_policy, "cp": s.cp, "vpp": s.vpp, "schedule": s.schedule,
             "recompute_blocks": [st.recompute_blocks for st in s.stages],
@@ -424,6 +431,11 @@ def launch_cmd(
         help="Run directory (default runs/<plan>-<backend>, or runs/<plan>-<backend>-N when that holds a run).")
     ] = None,
     dry_run: Annotated[bool, typer.Option(help="Write the files and print the command only.")] = False,
+    nvme_path: Annotated[Optional[Path], typer.Option(
+        help="Directory on a local NVMe drive for the states the plan offloads to NVMe and activations paged to "
+             "disk (deepspeed backend; default: the cluster file's nvme_path, and the run directory for "
+             "activations). Required when the plan puts optimizer states or parameters on NVMe.")
+    ] = None,
 ) -> None:
     """Write DeepSpeed or native torch launch files for a plan and train with torchrun."""
     from paraplan.backends.launch import launch_plan
@@ -432,7 +444,8 @@ def launch_cmd(
         raise LaunchError(f"--backend {backend}: use deepspeed or torch")
     plan = read_model(plan_path, Plan, "plan", LaunchError, f"run `paraplan plan ... -o {plan_path}` first")
     run = _run_dir(plan_path, backend, run_dir)
-    spec, rows = launch_plan(plan, backend, run, steps=steps, data=data, dry_run=dry_run)  # type: ignore[arg-type]
+    spec, rows = launch_plan(plan, backend, run, steps=steps, data=data, dry_run=dry_run,  # type: ignore[arg-type]
+                             nvme_path=nvme_path)
     console.print(f"run directory: {run} ({', '.join(spec.files)})")
     console.print("command: " + " ".join(spec.command), highlight=False, soft_wrap=True)
     if not dry_run:

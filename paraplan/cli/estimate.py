@@ -30,6 +30,9 @@ def estimate_summary(est, cluster, compute_source: str) -> dict:
         "bubble_s": est.bubble_s,
         "dp_comm_s": est.dp_comm_s,
         "optimizer_s": est.optimizer_s,
+        "host_bytes": est.host_bytes,
+        "nvme_bytes": est.nvme_bytes,
+        "binding": est.binding,
         "peak_flops_per_s": cluster.device.peak_flops_per_s,
         "flop_count": est.flop_count,
         "compute_source": compute_source,
@@ -71,6 +74,10 @@ def _render(console, spec, cluster, train, st, est, compute_source: str) -> None
         f"peak memory per device (stage {est.most_loaded_stage}): {format_bytes(est.peak_memory_bytes)} of "
         f"{format_bytes(est.memory_capacity_bytes)} ({fit}): {format_memory_breakdown(est.memory_breakdown_bytes)}",
         highlight=False)
+    if est.host_bytes or est.nvme_bytes:
+        console.print(f"offloaded per device: host memory {format_bytes(est.host_bytes)}, NVMe "
+                      f"{format_bytes(est.nvme_bytes)}", highlight=False)
+    console.print(f"binding: {est.binding}", highlight=False)
     console.print(f"FLOP count: {est.flop_count}", highlight=False, soft_wrap=True)
 
 
@@ -104,8 +111,9 @@ def register(app: typer.Typer, guard) -> None:
             help="The strategy as plan's --strategy text (dp=8,tp=8,pp=16,cp=16,vpp=2,mb=1,sp=true,zero=1,"
                  "recompute=full,schedule=interleaved_1f1b); its keys replace the options above.")] = None,
         zero: Annotated[int, typer.Option(help="ZeRO stage 0-3 over the data-parallel group.")] = 0,
-        offload_optimizer: Annotated[bool, typer.Option("--offload-optimizer",
-                                                        help="Optimizer states in host memory.")] = False,
+        offload_optimizer: Annotated[bool, typer.Option(
+            "--offload-optimizer", help="Optimizer states in host memory (--strategy offload=nvme,offload_param=nvme,"
+                                        "offload_act=true for the other tiers).")] = False,
         attention: Annotated[str, typer.Option(help="flash2, flash1 or unfused.")] = "flash2",
         tp_comm_overlap: Annotated[bool, typer.Option("--tp-comm-overlap",
                                                       help="TP collectives overlap the GEMMs.")] = False,
@@ -117,6 +125,8 @@ def register(app: typer.Typer, guard) -> None:
             help="Blocks per pipeline stage (rank), comma-separated, e.g. 7,8,...,8,7 for Llama 3 405B's 126 blocks "
                  "on pp 16 (default: as even as possible, earlier stages take the remainder).")] = None,
         profile: Annotated[Optional[Path], typer.Option(help="Profile from `paraplan profile`.")] = None,
+        device_memory: Annotated[Optional[str], typer.Option(
+            help="Memory per device, e.g. 1.5GiB, replacing the cluster's (a budget).")] = None,
         as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of the table.")] = False,
     ) -> None:
         """Predict step time, TFLOP/s, MFU/HFU and peak memory per device of one fixed strategy."""
@@ -128,7 +138,7 @@ def register(app: typer.Typer, guard) -> None:
         from paraplan.types import TrainSpec
 
         spec = load_model_spec(model)
-        clus = load_cluster_spec(cluster)
+        clus = load_cluster_spec(cluster, device_memory)
         dtype = cli.resolve_dtype(dtype, clus)
         train = TrainSpec(global_batch=global_batch, seq_len=seq_len, dtype=dtype)  # type: ignore[arg-type]
         prof = cli.load_profile(profile)

@@ -31,6 +31,20 @@ def recompute_label(plan: Plan) -> str:
     return f"{full}/{L} full" + (f", {sel} {policy}" if sel else "")
 
 
+def offload_label(plan: Plan) -> str:
+    """Where states and activations go besides the device: ``opt:nvme params:nvme act:12/80`` or ``-``."""
+    s = plan.strategy
+    parts = []
+    if s.offload_optimizer != "none":
+        parts.append(f"opt:{s.offload_optimizer}" + (f" {s.offload_ratio:.0%}" if s.offload_ratio < 1 else ""))
+    if s.offload_param != "none":
+        parts.append(f"params:{s.offload_param}")
+    paged = sum(st.offload_blocks for st in s.stages)
+    if paged:
+        parts.append(f"act:{paged}/{sum(st.n_blocks for st in s.stages)}->{s.activation_tier}")
+    return " ".join(parts) or "-"
+
+
 def render_plans(console: Console, plans: list[Plan]) -> None:
     """Table of the best plans, then the stage assignment and cost breakdown of the best one."""
     best = plans[0]
@@ -45,14 +59,14 @@ def render_plans(console: Console, plans: list[Plan]) -> None:
         table.add_row(
             str(i), str(s.dp), str(s.tp), str(s.pp), str(s.cp), str(s.micro_batch_size), str(s.grad_accum),
             schedule_label(plan), str(s.zero_stage), "yes" if s.sequence_parallel else "-", recompute_label(plan),
-            "optimizer" if s.offload_optimizer else "-", format_seconds(p.step_time_s),
+            offload_label(plan), format_seconds(p.step_time_s),
             # A CPU's peak FLOP/s in the catalog is nominal, so its MFU would mean nothing.
             f"{p.tokens_per_s:,.0f}", f"{p.mfu:.1%}" if plan.cluster.device.kind == "cuda" else "n/a",
             f"{format_bytes(p.peak_memory_bytes)} / {format_bytes(p.memory_capacity_bytes)}",
         )
     console.print(table)
     stages = Table(title="best plan: pipeline stages")
-    for col in ("stage", "layers", "blocks", "full recompute", "selective", "time / micro-batch", "memory"):
+    for col in ("stage", "layers", "blocks", "full recompute", "selective", "paged", "time / micro-batch", "memory"):
         stages.add_column(col, justify="right")
     chunks: dict[int, list[str]] = {}
     for vs in best.strategy.virtual_stages():
@@ -61,7 +75,7 @@ def render_plans(console: Console, plans: list[Plan]) -> None:
         layers = ", ".join(chunks[st.index]) if len(chunks[st.index]) <= 4 else \
             f"{len(chunks[st.index])} chunks: {chunks[st.index][0]}, ..., {chunks[st.index][-1]}"
         stages.add_row(str(st.index), layers, str(st.n_blocks), str(st.recompute_blocks),
-                       str(st.selective_blocks), format_seconds(st.time_per_micro_batch_s),
+                       str(st.selective_blocks), str(st.offload_blocks), format_seconds(st.time_per_micro_batch_s),
                        format_bytes(st.memory_bytes))
     console.print(stages)
     p, m = best.predicted, best.predicted.memory_breakdown_bytes
@@ -70,6 +84,14 @@ def render_plans(console: Console, plans: list[Plan]) -> None:
         f"{format_seconds(p.bubble_s)}) + DP/ZeRO comm {format_seconds(p.dp_comm_s)} + optimizer "
         f"{format_seconds(p.optimizer_s)} + offload {format_seconds(p.offload_s)}", highlight=False)
     console.print(f"memory (most loaded stage): {format_memory_breakdown(m)}", highlight=False)
+    if p.host_bytes or p.nvme_bytes:
+        console.print(f"offloaded per device: host memory {format_bytes(p.host_bytes)} of "
+                      f"{format_bytes(best.cluster.host_memory_bytes / best.cluster.devices_per_node)}, NVMe "
+                      f"{format_bytes(p.nvme_bytes)} of "
+                      f"{format_bytes(best.cluster.nvme_capacity_bytes / best.cluster.devices_per_node)}",
+                      highlight=False)
+    if p.binding:
+        console.print(f"binding: {p.binding}", highlight=False)
     sol = best.solver
     gap = f", gap {sol.gap:.2%}" if sol.status == "feasible" else ""
     console.print(f"solver: {sol.solver}, {sol.status}{gap}; {sol.milps_solved} MILPs over {sol.candidates} "

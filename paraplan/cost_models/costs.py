@@ -43,6 +43,7 @@ from dataclasses import dataclass
 
 from paraplan.cost_models import compute
 from paraplan.cost_models import efficiency as eff
+from paraplan.cost_models import offload
 from paraplan.cost_models import transformer as tf
 from paraplan.cost_models.compute import KernelTimes
 from paraplan.cost_models.comm import collective_time_s, dp_per_node, dp_spans_nodes, pp_spans_nodes
@@ -68,10 +69,41 @@ FRAMEWORK_EFFICIENCY = 0.91
 
 @dataclass(frozen=True)
 class Mode:
-    """How model states are kept: ZeRO stage (Rajbhandari et al. 2020) and optimizer offload to host memory."""
+    """How model states are kept: ZeRO stage (Rajbhandari et al. 2020) and the tier of the optimizer states and of
+    the parameters ("none": on the device, "cpu": host memory, "nvme"; ZeRO-Infinity, Rajbhandari et al. 2021), with
+    ``ratio`` the share of the optimizer states offloaded (DeepSpeed ZeRO-3 partial offload). A bool
+    ``offload_optimizer`` means host memory (True) or none."""
 
     zero_stage: int
-    offload_optimizer: bool
+    offload_optimizer: str = "none"
+    offload_param: str = "none"
+    ratio: float = 1.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.offload_optimizer, bool):
+            object.__setattr__(self, "offload_optimizer", "cpu" if self.offload_optimizer else "none")
+
+    @property
+    def offloads(self) -> bool:
+        return self.offload_optimizer != "none" or self.offload_param != "none"
+
+    def label(self) -> str:
+        """``ZeRO-3, optimizer nvme, params nvme`` style text."""
+        out = f"ZeRO-{self.zero_stage}"
+        if self.offload_optimizer != "none":
+            share = f" {self.ratio:.0%} of" if self.ratio < 1 else ""
+            out += f",{share} optimizer on {self.offload_optimizer}"
+        if self.offload_param != "none":
+            out += f", params on {self.offload_param}"
+        return out
+
+
+# Host bytes per offloaded parameter of the optimizer tier: fp32 master weight, Adam momentum and variance, fp32
+# gradient partition (DeepSpeed stage3.py fp32_partitioned_groups_flat and their grads; stage_1_and_2.py
+# single_partition_of_fp32_groups with its CPU gradient accumulation). The first 12 go to NVMe with the optimizer
+# on NVMe, the gradient stays in host memory.
+OFFLOAD_MASTER_ADAM_BYTES = 12
+OFFLOAD_GRAD_BYTES = 4
 
 
 @dataclass(frozen=True)
@@ -115,16 +147,17 @@ SELECTIVE_POLICIES = ("attention", "op")
 
 @dataclass(frozen=True)
 class Affine:
-    """``const + per_block n + per_recompute r + per_selective q`` for a stage of n blocks, r of them fully and q
-    selectively recomputed."""
+    """``const + per_block n + per_recompute r + per_selective q + per_paged a`` for a stage of n blocks, r of them
+    fully and q selectively recomputed and a of them with their activations paged out."""
 
     const: float = 0.0
     per_block: float = 0.0
     per_recompute: float = 0.0
     per_selective: float = 0.0
+    per_paged: float = 0.0
 
-    def __call__(self, n: float, r: float = 0.0, q: float = 0.0) -> float:
-        return self.const + self.per_block * n + self.per_recompute * r + self.per_selective * q
+    def __call__(self, n: float, r: float = 0.0, q: float = 0.0, a: float = 0.0) -> float:
+        return self.const + self.per_block * n + self.per_recompute * r + self.per_selective * q + self.per_paged * a
 
 
 @dataclass(frozen=True)
@@ -163,12 +196,16 @@ class ModeTerms:
     grads: Affine
     optimizer: Affine
     host: Affine
+    nvme: Affine
     other: Affine
     zero_comm: Affine
     grad_reduce: Affine
     param_gather: Affine
     optimizer_s: Affine
     offload_s: Affine
+    h2d_s: Affine
+    d2h_s: Affine
+    disk_s: Affine
 
 
 @dataclass(frozen=True)
@@ -185,6 +222,9 @@ class StageCost:
     optimizer_bytes: float
     activation_bytes: float
     other_bytes: float
+    host_bytes: float = 0.0
+    nvme_bytes: float = 0.0
+    channels_s: tuple[tuple[str, float], ...] = ()  # (what, seconds per micro-batch) of each stage-time term
 
     def breakdown(self) -> MemoryBreakdown:
         return MemoryBreakdown(params=self.params_bytes, grads=self.grads_bytes, optimizer=self.optimizer_bytes,
@@ -294,7 +334,10 @@ class CandidateCosts:
         self.capacity_bytes = cluster.device.memory_bytes
         # What a plan may use: the planner lowers it to leave headroom for allocator fragmentation.
         self.usable_capacity_bytes = self.capacity_bytes
+        # Host memory and NVMe per node are shared by its devices; each device may use an even share (assumption:
+        # every device of a node runs a stage of the same load, exact when pp ranks do not share a node).
         self.host_capacity_bytes = cluster.host_memory_bytes / cluster.devices_per_node
+        self.nvme_capacity_bytes = cluster.nvme_capacity_bytes / cluster.devices_per_node
         self.overhead_bytes = OVERHEAD_BYTES[cluster.device.kind]
 
     # ---- layers -------------------------------------------------------------------------------------------------
@@ -512,29 +555,57 @@ class CandidateCosts:
         return Affine(fixed, self.block.fwd_s + self.block.tp_fwd_s)
 
     def activation_terms(self, stage: int) -> Affine:
-        """Activation bytes held at the peak, excluding the one-block working space of recomputation."""
+        """Activation bytes held at the peak, excluding the one-block working space of recomputation (a paged block
+        holds none on the device)."""
         k = self.inflight(stage)
         fixed = sum(lc.act_bytes for lc in self.fixed_layers(stage))
         blk = self.block
         return Affine(k * fixed, k * blk.act_bytes, k * (blk.ckpt_bytes - blk.act_bytes),
-                      k * (blk.sel_act_bytes - blk.act_bytes))
+                      k * (blk.sel_act_bytes - blk.act_bytes), -k * blk.act_bytes)
 
-    def state_memory(self, mode: Mode, n_params: float) -> tuple[float, float, float, float]:
-        """(params, grads, optimizer) bytes on the device and optimizer bytes on the host, per device.
+    def state_memory(self, mode: Mode, n_params: float) -> tuple[float, float, float, float, float]:
+        """(params, grads, optimizer) bytes on the device, then bytes in host memory and on NVMe, per device, of a
+        stage holding ``n_params`` parameters per device.
 
         Formula: ZeRO-1 divides optimizer states by d = dp x cp, ZeRO-2 also gradients, ZeRO-3 also parameters.
-            Offload moves the (sharded) optimizer states to host memory (ZeRO-Offload, Ren et al. 2021, sec. 4).
-        Source: Rajbhandari et al. 2020, sec. 5 and Figure 1; the dp x cp group as Megatron-Core and torchtitan
-            shard over it.
+            Optimizer offload (share ``ratio``) moves that share of the optimizer states and the gradient
+            partitions off the device: the host keeps :data:`OFFLOAD_MASTER_ADAM_BYTES` (fp32 master, momentum,
+            variance; on NVMe with the optimizer on NVMe) + :data:`OFFLOAD_GRAD_BYTES` (fp32 gradient) per
+            parameter of the partition. Parameter offload (ZeRO-3) keeps the parameter partition on the host or
+            NVMe (the device holds only the gathered layers, :meth:`zero3_working_bytes`). NVMe tiers need pinned
+            host swap buffers (:func:`offload.swap_buffer_bytes`).
+        Source: Rajbhandari et al. 2020, sec. 5 and Figure 1; ZeRO-Offload (Ren et al. 2021) sec. 4.1 (gradients
+            and optimizer states on the CPU, fp16 parameters on the GPU); ZeRO-Infinity (Rajbhandari et al. 2021)
+            sec. 5.1 (parameters and optimizer states on NVMe); DeepSpeed runtime/zero/stage3.py,
+            stage_1_and_2.py (CPU gradient partitions), swap_tensor/ (buffers).
         """
         p_b, g_b, o_b = self.state_bytes
         d = self.dp_shard
         params = n_params * p_b / (d if mode.zero_stage >= 3 else 1)
         grads = n_params * g_b / (d if mode.zero_stage >= 2 else 1)
-        optim = n_params * o_b / (d if mode.zero_stage >= 1 else 1)
-        if mode.offload_optimizer:
-            return params, grads, 0.0, optim
-        return params, grads, optim, 0.0
+        n_opt = n_params / (d if mode.zero_stage >= 1 else 1)
+        optim = n_opt * o_b
+        host = nvme = 0.0
+        if mode.offload_optimizer != "none":
+            share = mode.ratio
+            optim *= 1 - share
+            grads *= 1 - share
+            host += share * n_opt * OFFLOAD_GRAD_BYTES
+            master = share * n_opt * OFFLOAD_MASTER_ADAM_BYTES
+            if mode.offload_optimizer == "nvme":
+                nvme += master
+            else:
+                host += master
+        if mode.offload_param != "none":
+            if mode.offload_param == "nvme":
+                nvme += params
+            else:
+                host += params
+            params = 0.0
+        if mode.offload_optimizer == "nvme" or mode.offload_param == "nvme":
+            host += offload.swap_buffer_bytes(mode.offload_param, mode.offload_optimizer, self.spec, self.tp, d,
+                                              n_opt, p_b)
+        return params, grads, optim, host, nvme
 
     def zero3_working_bytes(self, mode: Mode) -> float:
         """ZeRO-3 gathers the current and the prefetched layer in full: ``2 x largest layer`` parameter bytes."""
@@ -569,20 +640,91 @@ class CandidateCosts:
         return 2 * ag + rs, 0.0, 0.0
 
     def optimizer_times(self, mode: Mode, n_params: float) -> tuple[float, float]:
-        """(device optimizer step, offload transfers + CPU Adam) per step.
+        """(device optimizer step, offload work) per step, seconds, of a stage holding ``n_params`` per device.
 
-        Formula: device: ``n_opt (param + grad + 2 x optimizer bytes) / (memory bandwidth x efficiency)`` (reads
-            and writes of every state); offload: gradients down and parameters up over PCIe,
-            ``n_opt (grad + param bytes) / pcie``, plus ``n_opt / (cpu_adam_rate / devices_per_node)``.
-        Source: ZeRO-Offload (Ren et al. 2021, sec. 4.1: CPU Adam, 2 Psi fp16 gradients down and parameters up).
+        Formula: device: ``n_dev (param + grad + 2 x optimizer bytes) / (memory bandwidth x efficiency)`` for the
+            ``n_dev`` parameters whose optimizer stays (reads and writes of every state). Offloaded share
+            ``n_off``: CPU Adam ``n_off / (cpu_adam_rate / devices per node)``; the updated parameters back to the
+            device, ``n_off x param bytes / PCIe`` (none when the parameters live on the host: they are updated in
+            place); with the optimizer on NVMe, its 12 bytes per parameter read and written,
+            ``2 x 12 n_off / (NVMe bandwidth / devices per node)``; with the parameters on NVMe, the updated
+            partition written back, ``param bytes x n_off / (NVMe / devices per node)``. Not overlapped with each
+            other (DeepSpeed's default ``pipeline_read/pipeline_write: false``) nor with compute (the step follows
+            the backward).
+        Source: ZeRO-Offload (Ren et al. 2021) sec. 4.1 (CPU Adam; fp16 parameters copied back); ZeRO-Infinity
+            (Rajbhandari et al. 2021) sec. 6.3 (optimizer states swapped from NVMe per step); the node's NVMe
+            and CPU are shared by its devices (assumption: evenly).
         """
         p_b, g_b, o_b = self.state_bytes
         n_opt = n_params / (self.dp_shard if mode.zero_stage >= 1 else 1)
         c = self.cluster
-        if mode.offload_optimizer:
-            pcie = n_opt * (g_b + p_b) / c.pcie_bandwidth_bytes_per_s
-            return 0.0, pcie + n_opt / (c.cpu_adam_params_per_s / c.devices_per_node)
-        return eff.memory_time_s(c.device, n_opt * (p_b + g_b + 2 * o_b)), 0.0
+        n_off = n_opt * mode.ratio if mode.offload_optimizer != "none" else 0.0
+        device = eff.memory_time_s(c.device, (n_opt - n_off) * (p_b + g_b + 2 * o_b)) if n_opt > n_off else 0.0
+        if not n_off:
+            return device, 0.0
+        per_dev = c.devices_per_node
+        off = n_off / (c.cpu_adam_params_per_s / per_dev)
+        if mode.offload_param == "none":
+            off += self._pcie_s(n_off * p_b)
+        nvme_bw = c.nvme_bandwidth_bytes_per_s / per_dev
+        if mode.offload_optimizer == "nvme":
+            off += 2 * OFFLOAD_MASTER_ADAM_BYTES * n_off / nvme_bw
+        if mode.offload_param == "nvme":
+            off += n_off * p_b / nvme_bw
+        return device, off
+
+    def _pcie_s(self, n_bytes: float) -> float:
+        """Host<->device copy time of ``n_bytes`` over one device's PCIe link, one direction; 0 on a CPU cluster
+        (the device is the host). Assumption: each GPU has its own x16 link to the host (DGX H100: one PCIe Gen5
+        switch port per GPU), at the datasheet rate."""
+        if self.cluster.device.kind == "cpu":
+            return 0.0
+        return n_bytes / self.cluster.pcie_bandwidth_bytes_per_s
+
+    def transfer_times(self, mode: Mode, n_params: float) -> tuple[float, float, float]:
+        """(host->device, device->host, NVMe) seconds per micro-batch of the offloaded model states of a stage
+        holding ``n_params`` per device.
+
+        Formula: parameters off the device (ZeRO-3) are fetched for the forward and again for the backward:
+            ``2 x param bytes x n / d`` host->device per micro-batch, and read from NVMe as often when they live
+            there (``/ (NVMe bandwidth / devices per node)``); with the optimizer offloaded, each micro-batch's
+            reduced gradient partition goes device->host (``ratio x grad bytes x n / d``) to be accumulated there.
+            These transfers run beside compute (the stage time is the max; module docstring).
+        Source: ZeRO-Infinity (Rajbhandari et al. 2021) sec. 6 (overlap-centric design: NVMe->CPU, CPU->GPU and
+            GPU compute overlapped by prefetching) and sec. 5.1; ZeRO-Offload sec. 4.1 (gradients offloaded in the
+            backward, overlapped with it); FORMULAS.md on ZeRO-3 re-gathering every micro-batch.
+        """
+        p_b, g_b, _ = self.state_bytes
+        d = self.dp_shard
+        h2d = d2h = disk = 0.0
+        if mode.offload_param != "none":
+            fetch = 2 * n_params * p_b / d
+            h2d += self._pcie_s(fetch)
+            if mode.offload_param == "nvme":
+                disk += fetch / (self.cluster.nvme_bandwidth_bytes_per_s / self.cluster.devices_per_node)
+        if mode.offload_optimizer != "none":
+            d2h += self._pcie_s(mode.ratio * n_params * g_b / (d if mode.zero_stage >= 1 else 1))
+        return h2d, d2h, disk
+
+    def paging_costs(self) -> tuple[float, float, float, float, float]:
+        """Per paged block and micro-batch: (host->device s, device->host s, disk s) and the (host, NVMe) bytes it
+        occupies per micro-batch in flight.
+
+        Formula: a paged block's saved activations ``A`` (``block.act_bytes``) go out during its forward and come
+            back for its backward: on GPUs ``A / PCIe`` each way into host memory; on CPU clusters (the device is
+            host memory) to a file on disk, ``2 A / (NVMe bandwidth / processes per node)`` (write + read).
+            Overlapped with compute on GPUs (copies on their own stream, prefetched one block ahead: the stage's
+            recomputation working space holds it), synchronous on CPU clusters (the hooks run on the cores that
+            compute).
+        Source: POET (Patil et al. 2022) sec. 3 (paging costs a transfer each way per activation); torch
+            ``autograd.graph.save_on_cpu`` / ``saved_tensors_hooks``; ../shared/PLATFORM.md (paging to disk on this
+            machine: +15-30% time).
+        """
+        act = self.block.act_bytes
+        if self.cluster.device.kind == "cpu":
+            disk_bw = self.cluster.nvme_bandwidth_bytes_per_s / self.cluster.devices_per_node
+            return 0.0, 0.0, 2 * act / disk_bw, 0.0, act
+        return self._pcie_s(act), self._pcie_s(act), 0.0, act, 0.0
 
     def mode_terms(self, stage: int, mode: Mode) -> ModeTerms:
         """The mode-dependent terms of a stage, affine in its block count (each quantity is linear in the stage's
@@ -607,56 +749,72 @@ class CandidateCosts:
             grads=affine(lambda x: self.state_memory(mode, x)[1]),
             optimizer=affine(lambda x: self.state_memory(mode, x)[2]),
             host=affine(lambda x: self.state_memory(mode, x)[3]),
+            nvme=affine(lambda x: self.state_memory(mode, x)[4]),
             other=Affine(other),
             zero_comm=affine(lambda x: self.comm_times(mode, x)[0]),
             grad_reduce=affine(lambda x: self.comm_times(mode, x)[1]),
             param_gather=affine(lambda x: self.comm_times(mode, x)[2]),
             optimizer_s=affine(lambda x: self.optimizer_times(mode, x)[0]),
             offload_s=affine(lambda x: self.optimizer_times(mode, x)[1]),
+            h2d_s=affine(lambda x: self.transfer_times(mode, x)[0]),
+            d2h_s=affine(lambda x: self.transfer_times(mode, x)[1]),
+            disk_s=affine(lambda x: self.transfer_times(mode, x)[2]),
         )
 
     def stage_cost(self, stage: int, n_blocks: int, recompute_blocks: int, mode: Mode,
-                   selective_blocks: int = 0) -> StageCost:
+                   selective_blocks: int = 0, paged_blocks: int = 0) -> StageCost:
         """Time and memory of stage ``stage`` holding ``n_blocks`` blocks, ``recompute_blocks`` of them recomputed in
-        full and ``selective_blocks`` selectively."""
-        n, r, q = n_blocks, recompute_blocks, selective_blocks
+        full, ``selective_blocks`` selectively and ``paged_blocks`` with their activations paged out.
+
+        Stage time per micro-batch: with overlap the max of compute, ZeRO traffic, host->device, device->host and
+        NVMe transfers (:meth:`transfer_times`, :meth:`paging_costs`: ZeRO-Infinity's prefetching puts each on its
+        own channel), else their sum.
+        """
+        n, r, q, a = n_blocks, recompute_blocks, selective_blocks, paged_blocks
         terms = self.mode_terms(stage, mode)
-        compute = self.compute_terms(stage)(n, r, q)
-        zero_comm, grad_reduce, gather = terms.zero_comm(n), terms.grad_reduce(n), terms.param_gather(n)
+        h2d_a, d2h_a, disk_a, host_a, nvme_a = self.paging_costs()
+        channels = (("compute", self.compute_terms(stage)(n, r, q)), ("ZeRO traffic", terms.zero_comm(n)),
+                    ("host->device", terms.h2d_s(n) + a * h2d_a), ("device->host", terms.d2h_s(n) + a * d2h_a),
+                    ("NVMe", terms.disk_s(n) + a * disk_a))
+        grad_reduce, gather = terms.grad_reduce(n), terms.param_gather(n)
         if self.options.overlap_dp:
-            t = max(compute, zero_comm)
+            t = max(x for _, x in channels)
             dp_s = max(0.0, grad_reduce - self.backward_terms(stage)(n, r, q))
             dp_s += max(0.0, gather - self.forward_terms(stage)(n, r))
         else:
-            t = compute + zero_comm
+            t = sum(x for _, x in channels)
             dp_s = grad_reduce + gather
         opt_s, off_s = terms.optimizer_s(n), terms.offload_s(n)
-        act = self.stage_activation_bytes(stage, n, r, q)
+        act = self.stage_activation_bytes(stage, n, r, q, a)
+        k = self.inflight(stage)
         return StageCost(
             time_per_micro_batch_s=t, step_extra_s=dp_s + opt_s + off_s, dp_comm_s=dp_s, optimizer_s=opt_s,
             offload_s=off_s, params_bytes=terms.params(n), grads_bytes=terms.grads(n),
             optimizer_bytes=terms.optimizer(n), activation_bytes=act, other_bytes=terms.other(n),
+            host_bytes=terms.host(n) + a * k * host_a, nvme_bytes=terms.nvme(n) + a * k * nvme_a,
+            channels_s=channels,
         )
 
     def stage_memory_bytes(self, stage: int, n_blocks: int, recompute_blocks: int, mode: Mode,
-                           selective_blocks: int = 0) -> float:
+                           selective_blocks: int = 0, paged_blocks: int = 0) -> float:
         """Peak memory per device of a stage: ``stage_cost(...).memory_bytes`` without computing its times (the
         planner's memory lower bound evaluates it thousands of times).
 
         Formula: model states of the stage's parameters under the mode (:meth:`state_memory`) + activations
             (:meth:`stage_activation_bytes`) + overhead + ZeRO-3 gather buffers.
         """
-        params, grads, optim, _ = self.state_memory(mode, self.stage_params(stage, n_blocks))
-        act = self.stage_activation_bytes(stage, n_blocks, recompute_blocks, selective_blocks)
+        params, grads, optim, _, _ = self.state_memory(mode, self.stage_params(stage, n_blocks))
+        act = self.stage_activation_bytes(stage, n_blocks, recompute_blocks, selective_blocks, paged_blocks)
         return params + grads + optim + act + self.overhead_bytes + self.zero3_working_bytes(mode)
 
     def stage_activation_bytes(self, stage: int, n_blocks: int, recompute_blocks: int,
-                               selective_blocks: int = 0) -> float:
+                               selective_blocks: int = 0, paged_blocks: int = 0) -> float:
         """Activations held at the stage's peak: :meth:`activation_terms`, plus one block's full activations as
-        working space while any block is recomputed, fully or selectively (the MILP's recompute flag; an upper
-        bound for selective blocks, which rebuild only part of it)."""
-        return (self.activation_terms(stage)(n_blocks, recompute_blocks, selective_blocks)
-                + (self.block.act_bytes if recompute_blocks + selective_blocks > 0 else 0.0))
+        working space while any block is recomputed, fully or selectively, or paged back in (the MILP's flag; an
+        upper bound for selective blocks, which rebuild only part of it)."""
+        busy = recompute_blocks + selective_blocks + paged_blocks > 0
+        return (self.activation_terms(stage)(n_blocks, recompute_blocks, selective_blocks, paged_blocks)
+                + (self.block.act_bytes if busy else 0.0))
 
     def model_flops_per_step(self) -> float:
         """Model FLOPs of one step (Korthikanti et al. 2022 eq. 7 form; see transformer.model_flops_per_step).
@@ -697,6 +855,28 @@ def step_time_s(costs: CandidateCosts, stages: list[StageCost]) -> tuple[float, 
     return pipe + max(st.step_extra_s for st in stages), pipe, bubble
 
 
+def binding_limit(costs: CandidateCosts, stage_costs: list[StageCost]) -> str:
+    """What limits a plan: a capacity it fills to within 3% (device memory, host memory, NVMe), else the channel
+    that sets the slowest stage's time when it is not compute (host<->device, NVMe, ZeRO traffic), else offload
+    work that dominates the per-step extra; "compute" otherwise."""
+    usable = costs.usable_capacity_bytes
+    out = []
+    for what, used, cap in (("device memory", max(sc.memory_bytes for sc in stage_costs), usable),
+                            ("host memory", max(sc.host_bytes for sc in stage_costs), costs.host_capacity_bytes),
+                            ("NVMe capacity", max(sc.nvme_bytes for sc in stage_costs), costs.nvme_capacity_bytes)):
+        if cap > 0 and used >= 0.97 * cap:
+            out.append(f"{what} ({used / cap:.0%} of {cap / GiB:,.0f} GiB per device)")
+    slowest = max(stage_costs, key=lambda sc: sc.time_per_micro_batch_s)
+    if slowest.channels_s:
+        what, secs = max(slowest.channels_s, key=lambda kv: kv[1])
+        if what != "compute" and secs > 0:
+            out.append(f"{what} bandwidth (sets the stage time)")
+    extra = max(stage_costs, key=lambda sc: sc.step_extra_s)
+    if extra.offload_s > 0.5 * extra.step_extra_s and extra.offload_s > 0:
+        out.append(f"offloaded optimizer step ({extra.offload_s:.3g} s per step)")
+    return "; ".join(out) or "compute"
+
+
 def predict(costs: CandidateCosts, stage_costs: list[StageCost]) -> Prediction:
     """Assemble the Prediction of a strategy from its stage costs (the same numbers the MILP optimized).
 
@@ -713,7 +893,9 @@ def predict(costs: CandidateCosts, stage_costs: list[StageCost]) -> Prediction:
         step_time_s=step, compute_s=pipe, bubble_s=bubble, dp_comm_s=slowest_extra.dp_comm_s,
         offload_s=slowest_extra.offload_s, optimizer_s=slowest_extra.optimizer_s,
         peak_memory_bytes=worst.memory_bytes, memory_capacity_bytes=costs.capacity_bytes,
-        memory_breakdown_bytes=worst.breakdown(), tokens_per_s=costs.train.global_batch * costs.train.seq_len / step,
+        memory_breakdown_bytes=worst.breakdown(), host_bytes=max(sc.host_bytes for sc in stage_costs),
+        nvme_bytes=max(sc.nvme_bytes for sc in stage_costs), binding=binding_limit(costs, stage_costs),
+        tokens_per_s=costs.train.global_batch * costs.train.seq_len / step,
         model_flops_per_step=flops, mfu=flops / (step * world * peak),
         compute_source=costs.compute_source,  # type: ignore[arg-type]
     )

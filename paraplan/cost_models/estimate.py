@@ -20,7 +20,9 @@ from paraplan.cost_models import transformer as tf
 from paraplan.cost_models.costs import CandidateCosts, CostOptions, Mode, StageCost, predict
 from paraplan.cost_models.links import calibrate_cluster
 from paraplan.errors import StrategyError, TrainSpecError
-from paraplan.types import ClusterSpec, MemoryBreakdown, ModelProfile, ModelSpec, TrainSpec, virtual_stage_ranks
+from paraplan.types import (
+    TIERS, ClusterSpec, MemoryBreakdown, ModelProfile, ModelSpec, TrainSpec, virtual_stage_ranks,
+)
 
 Recompute = Literal["none", "selective", "op", "full"]
 
@@ -45,11 +47,17 @@ class StrategySpec(CostOptions):
     micro_batch_size: int
     recompute: Recompute = "none"
     zero_stage: int = 0
-    offload_optimizer: bool = False
+    offload_optimizer: str | bool = "none"
+    offload_param: str = "none"
+    offload_ratio: float = 1.0
+    offload_activations: bool = False
     stage_blocks: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "selective_policy", "op" if self.recompute == "op" else "attention")
+
+    def mode(self) -> Mode:
+        return Mode(self.zero_stage, self.offload_optimizer, self.offload_param, self.offload_ratio)
 
     def cost_options(self) -> CostOptions:
         return CostOptions(**{f.name: getattr(self, f.name) for f in fields(CostOptions)})
@@ -77,6 +85,9 @@ class StrategyEstimate:
     most_loaded_stage: int
     stage_blocks: list[int]
     grad_accum: int
+    host_bytes: float = 0.0
+    nvme_bytes: float = 0.0
+    binding: str = ""
     flop_count: str = FLOP_COUNT
 
     @property
@@ -159,6 +170,19 @@ def validate_strategy(
                 "head; the others at least 1)")
     if not 0 <= st.zero_stage <= 3:
         raise StrategyError(f"--zero {st.zero_stage}: use 0, 1, 2 or 3")
+    mode = st.mode()
+    if mode.offload_optimizer not in TIERS or mode.offload_param not in TIERS:
+        raise StrategyError(f"offload tiers must be one of {', '.join(TIERS)} (got optimizer "
+                            f"{mode.offload_optimizer}, params {mode.offload_param})")
+    if mode.offload_param != "none" and st.zero_stage != 3:
+        raise StrategyError("offload_param needs ZeRO-3 (only partitioned parameters are offloaded): add zero=3")
+    if mode.offload_optimizer != "none" and st.zero_stage == 0:
+        raise StrategyError("optimizer offload needs ZeRO >= 1 (DeepSpeed offloads partitioned states): add zero=1")
+    if not 0 < st.offload_ratio <= 1 or st.offload_ratio < 1 and mode.offload_optimizer == "none":
+        raise StrategyError(f"offload_ratio {st.offload_ratio}: give a share in (0, 1] of offloaded optimizer states")
+    if st.offload_activations and st.recompute != "none":
+        raise StrategyError("offload_act=true pages every block's activations; drop recompute (paged blocks are not "
+                            "recomputed)")
     if st.recompute not in ("none", "selective", "op", "full"):
         raise StrategyError(f"--recompute {st.recompute}: use none, selective, op or full")
     if st.recompute == "op" and not tf.op_policy_supported(spec):
@@ -195,10 +219,11 @@ def estimate_strategy(
         raise StrategyError(
             f"--stage-blocks: rank {short[0]} holds {blocks[short[0]]} blocks but its {st.vpp} chunks need at least "
             f"{costs.min_blocks(short[0])} (one per chunk besides the embedding's and the head's)")
-    mode = Mode(st.zero_stage, st.offload_optimizer)
+    mode = st.mode()
     stages: list[StageCost] = [
         costs.stage_cost(s, n, n if st.recompute == "full" else 0, mode,
-                         n if st.recompute in ("selective", "op") else 0) for s, n in enumerate(blocks)
+                         n if st.recompute in ("selective", "op") else 0, n if st.offload_activations else 0)
+        for s, n in enumerate(blocks)
     ]
     pred = predict(costs, stages)
     worst_i = max(range(st.pp), key=lambda s: stages[s].memory_bytes)
@@ -214,5 +239,6 @@ def estimate_strategy(
         hardware_tflops_per_device=hardware / step / world / 1e12, mfu=pred.mfu,
         hfu=hardware / (step * world * peak), peak_memory_bytes=pred.peak_memory_bytes,
         memory_capacity_bytes=pred.memory_capacity_bytes, memory_breakdown_bytes=pred.memory_breakdown_bytes,
-        most_loaded_stage=worst_i, stage_blocks=blocks, grad_accum=costs.m,
+        most_loaded_stage=worst_i, stage_blocks=blocks, grad_accum=costs.m, host_bytes=pred.host_bytes,
+        nvme_bytes=pred.nvme_bytes, binding=pred.binding,
     )

@@ -5,21 +5,26 @@ per layer):
     n_s  integer   blocks in stage s (the chain is embed, block_0..block_{L-1}, head: embed is in stage 0 and the
                    head in stage p-1 because stages are contiguous; every stage holds at least one layer)
     r_s  integer   blocks of stage s run with full activation checkpointing
-    q_s  integer   blocks of stage s run with selective recomputation (the candidate's policy), ``r_s + q_s <= n_s``;
-                   fixed to 0 when the candidate has no selective recomputation
-    z_s  binary    stage s recomputes at all (it then needs one block's activations as working space)
-    y_k  binary    state mode k (ZeRO stage 0-3 x optimizer offload), one for all stages, since DeepSpeed applies
-                   one ZeRO config to the whole engine
+    q_s  integer   blocks of stage s run with selective recomputation (the candidate's policy); fixed to 0 when the
+                   candidate has no selective recomputation
+    a_s  integer   blocks of stage s whose activations are paged out to host memory (disk on CPU clusters) and
+                   back, POET-style; ``r_s + q_s + a_s <= n_s``, so per stage the MILP trades recomputing against
+                   paging; fixed to 0 when paging is not allowed
+    z_s  binary    stage s recomputes or pages at all (it then needs one block's activations as working space)
+    y_k  binary    state mode k (ZeRO stage x tier of optimizer states and parameters, ZeRO-Infinity), one for all
+                   stages, since DeepSpeed applies one ZeRO config to the whole engine
     w_sk integer   blocks of stage s under mode k: ``w_sk <= L y_k``, ``sum_k w_sk = n_s`` (linearizes n_s y_k)
-    t_s            stage time per micro-batch: ``>= compute_s`` and ``>= ZeRO traffic_s`` when communication overlaps
-                   compute (their max), else ``>= compute_s + traffic_s``
+    t_s            stage time per micro-batch: ``>=`` each of compute, ZeRO traffic, host->device, device->host and
+                   NVMe transfers when they overlap compute (their max: ZeRO-Infinity's prefetching), else ``>=``
+                   their sum
     T, U           max stage time per micro-batch; max per-step extra (exposed DP communication + optimizer)
 
 Objective (step time, ms): ``(m - w) T + w sum_s t_s + U`` (``m max + w (sum - max)``, w the schedule's bubble
 weight, ``1/v`` for interleaving v; ``CandidateCosts.bubble_weight``); every stage holds at least
 ``CandidateCosts.min_blocks`` blocks (one per chunk when interleaved);
 constraints ``T >= t_s``, ``U >= e_s`` (four affine pieces of the overlapped extra), memory_s <= device capacity,
-offloaded optimizer bytes <= host memory per device. Every coefficient comes from CandidateCosts' affine terms,
+host bytes (offloaded states, swap buffers, paged activations) <= host memory per device, NVMe bytes <= NVMe per
+device. Every coefficient comes from CandidateCosts' affine terms,
 the same ones its evaluator ``stage_cost`` combines.
 Units are scaled to milliseconds and GiB so coefficients stay within about 1e-3..1e3 (FORMULAS.md pitfall).
 """
@@ -47,6 +52,7 @@ class MilpResult:
     recompute_blocks: list[int]
     selective_blocks: list[int]
     mode: Mode
+    paged_blocks: list[int]
     objective_s: float
     status: str  # "optimal" | "feasible" (stopped by the time limit with a solution) | "timeout" (with none)
     gap: float
@@ -98,7 +104,7 @@ def _solver(time_limit_s: float) -> pulp.LpSolver:
 
 def solve_stage_milp(
     costs: CandidateCosts, modes: list[Mode], recompute: str | None = None, time_limit_s: float = 10.0,
-    selective: bool = False,
+    selective: bool = False, paging: bool = False,
 ) -> MilpResult | None:
     """Assign blocks to stages and choose recomputation and the state mode, minimizing predicted step time.
 
@@ -108,6 +114,7 @@ def solve_stage_milp(
         recompute: None to search, "none" to forbid recomputation (selective too), "full" to force full
             recomputation of every block, "selective" to run every block selectively (needs ``selective``).
         selective: whether stages may run blocks with selective recomputation (``costs.options.selective_policy``).
+        paging: whether stages may page blocks' activations out (``CandidateCosts.paging_costs``).
         time_limit_s: solver time limit; a run stopped by it is reported as "feasible" with its gap, or as
             "timeout" (no solution, not proven infeasible) when it found none.
 
@@ -125,6 +132,7 @@ def solve_stage_milp(
         n=[var(f"n_{s}", costs.min_blocks(s), L, "Integer") for s in range(p)],
         r=[var(f"r_{s}", 0, L, "Integer") for s in range(p)],
         q=[var(f"q_{s}", 0, L if selective else 0, "Integer") for s in range(p)],
+        a=[var(f"a_{s}", 0, L if paging else 0, "Integer") for s in range(p)],
         z=[var(f"z_{s}", 0, 1, "Binary") for s in range(p)],
         y=[var(f"y_{k}", 0, 1, "Binary") for k in range(len(modes))],
         w=[[var(f"w_{s}_{k}", 0, L, "Integer") for k in range(len(modes))] for s in range(p)],
@@ -149,7 +157,7 @@ def solve_stage_milp(
             return None  # proven infeasible: no assignment fits
         # Stopped by the time limit before any solution: not proven infeasible, so the search may not call its
         # best plan optimal unless this candidate's lower bound is above it.
-        return MilpResult([], [], [], modes[0], float("nan"), "timeout", float("nan"), elapsed)
+        return MilpResult([], [], [], modes[0], [], float("nan"), "timeout", float("nan"), elapsed)
     status, gap = "optimal", 0.0
     if prob.sol_status == pulp.LpSolutionIntegerFeasible or elapsed >= time_limit_s:
         status = "feasible"
@@ -158,7 +166,7 @@ def solve_stage_milp(
     return MilpResult(
         n_blocks=[round(x.value()) for x in v.n], recompute_blocks=[round(x.value()) for x in v.r],
         selective_blocks=[round(x.value() or 0) for x in v.q],
-        mode=modes[k_best], objective_s=pulp.value(prob.objective) / MS, status=status, gap=gap,
+        mode=modes[k_best], paged_blocks=[round(x.value() or 0) for x in v.a], objective_s=pulp.value(prob.objective) / MS, status=status, gap=gap,
         solve_time_s=elapsed,
     )
 
@@ -170,6 +178,7 @@ class _Vars:
     n: list
     r: list
     q: list
+    a: list
     z: list
     y: list
     w: list
@@ -178,9 +187,9 @@ class _Vars:
     U: pulp.LpVariable
 
     def affine(self, a: Affine, s: int, scale: float = 1.0):
-        """A mode-independent term ``a0 + a1 n_s + a2 r_s + a3 q_s``."""
+        """A mode-independent term ``a0 + a1 n_s + a2 r_s + a3 q_s + a4 a_s``."""
         return scale * (a.const + a.per_block * self.n[s] + a.per_recompute * self.r[s]
-                        + a.per_selective * self.q[s])
+                        + a.per_selective * self.q[s] + a.per_paged * self.a[s])
 
     def by_mode(self, terms: list[ModeTerms], pick, s: int, scale: float = 1.0):
         """A mode term ``a0 + a1 n_s`` summed over modes as ``a0 y_k + a1 w_sk`` (exact: ``w_sk = n_s y_k``)."""
@@ -191,9 +200,9 @@ class _Vars:
 def _add_stage(prob: pulp.LpProblem, costs: CandidateCosts, modes: list[Mode], v: _Vars, s: int,
                recompute: str | None, L: int) -> None:
     """Constraint families of stage s: recomputation, mode split, stage time, step extra, memory."""
-    n, r, q = v.n[s], v.r[s], v.q[s]
-    prob += r + q <= n, f"recompute_within_stage_{s}"
-    prob += r + q <= L * v.z[s], f"recompute_flag_{s}"
+    n, r, q, a = v.n[s], v.r[s], v.q[s], v.a[s]
+    prob += r + q + a <= n, f"recompute_within_stage_{s}"
+    prob += r + q + a <= L * v.z[s], f"recompute_flag_{s}"
     if recompute == "none":
         prob += r + q == 0, f"forced_no_recompute_{s}"
     elif recompute == "full":
@@ -205,14 +214,17 @@ def _add_stage(prob: pulp.LpProblem, costs: CandidateCosts, modes: list[Mode], v
         prob += v.w[s][k] <= L * v.y[k], f"mode_link_{s}_{k}"
     terms = [costs.mode_terms(s, mode) for mode in modes]
     overlap = costs.options.overlap_dp
-    # Stage time per micro-batch: max(compute, ZeRO traffic) with overlap, else their sum.
-    compute = v.affine(costs.compute_terms(s), s, MS)
-    zero_comm = v.by_mode(terms, lambda t: t.zero_comm, s, MS)
+    # Stage time per micro-batch: the max of its channels with overlap, else their sum (CandidateCosts.stage_cost).
+    h2d_a, d2h_a, disk_a, host_a, nvme_a = costs.paging_costs()
+    channels = [v.affine(costs.compute_terms(s), s, MS), v.by_mode(terms, lambda t: t.zero_comm, s, MS),
+                v.by_mode(terms, lambda t: t.h2d_s, s, MS) + MS * h2d_a * a,
+                v.by_mode(terms, lambda t: t.d2h_s, s, MS) + MS * d2h_a * a,
+                v.by_mode(terms, lambda t: t.disk_s, s, MS) + MS * disk_a * a]
     if overlap:
-        prob += v.tau[s] >= compute, f"stage_compute_{s}"
-        prob += v.tau[s] >= zero_comm, f"stage_zero_comm_{s}"
+        for i, ch in enumerate(channels):
+            prob += v.tau[s] >= ch, f"stage_channel_{s}_{i}"
     else:
-        prob += v.tau[s] >= compute + zero_comm, f"stage_time_{s}"
+        prob += v.tau[s] >= pulp.lpSum(channels), f"stage_time_{s}"
     prob += v.T >= v.tau[s], f"max_stage_time_{s}"
     # Per-step extra: optimizer + gradient reduction + parameter gather; with overlap each exposed part is
     # max(0, comm - window), and max(0, a) + max(0, b) = max(0, a, b, a + b): four linear lower bounds on U.
@@ -230,7 +242,11 @@ def _add_stage(prob: pulp.LpProblem, costs: CandidateCosts, modes: list[Mode], v
                                                          lambda t: t.optimizer, lambda t: t.other))
     act = v.affine(costs.activation_terms(s), s) + costs.block.act_bytes * v.z[s]
     prob += (states + act) / GiB <= costs.usable_capacity_bytes / GiB, f"device_memory_{s}"
-    prob += v.by_mode(terms, lambda t: t.host, s) / GiB <= costs.host_capacity_bytes / GiB, f"host_memory_{s}"
+    k = costs.inflight(s)
+    prob += (v.by_mode(terms, lambda t: t.host, s) + host_a * k * a) / GiB <= costs.host_capacity_bytes / GiB, \
+        f"host_memory_{s}"
+    prob += (v.by_mode(terms, lambda t: t.nvme, s) + nvme_a * k * a) / GiB <= costs.nvme_capacity_bytes / GiB, \
+        f"nvme_capacity_{s}"
 
 
 def _gap(prob: pulp.LpProblem) -> float:

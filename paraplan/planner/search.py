@@ -170,35 +170,82 @@ def enumerate_candidates(
     return out
 
 
+# Shares of the optimizer states offloaded that are searched besides all of them (DeepSpeed ZeRO-3's
+# offload_optimizer.ratio, CPU only; Mist searches such ratios continuously, a few levels keep the MILP small).
+OFFLOAD_RATIOS = (0.25, 0.5, 0.75)
+
+
+def _tier_modes(zero: int) -> list[Mode]:
+    """The tier combinations of one ZeRO stage that are searched: the optimizer on the device, in host memory or on
+    NVMe; at ZeRO-3 also partial optimizer offload (:data:`OFFLOAD_RATIOS`) and the parameters in host memory or on
+    NVMe. Not searched: parameters offloaded with the optimizer on the device (ZeRO-Infinity offloads the
+    optimizer first: it is 6x the parameter bytes and needs no per micro-batch traffic), parameters on NVMe with
+    the optimizer in host memory (ZeRO-Infinity's configurations put both on NVMe), partial offload with
+    parameters offloaded."""
+    out = [Mode(zero)]
+    if zero == 0:
+        return out + [Mode(0, "cpu")]  # excluded by a rule, reported
+    out += [Mode(zero, "cpu"), Mode(zero, "nvme")]
+    if zero == 3:
+        out += [Mode(3, "cpu", ratio=r) for r in OFFLOAD_RATIOS]
+        out += [Mode(3, "cpu", "cpu"), Mode(3, "nvme", "cpu"), Mode(3, "nvme", "nvme")]
+    return out
+
+
+def _matches(mode: Mode, override: StrategyOverride) -> bool:
+    o = override
+    return ((o.zero_stage is None or mode.zero_stage == o.zero_stage)
+            and (o.offload_optimizer is None or mode.offload_optimizer == o.offload_optimizer)
+            and (o.offload_param is None or mode.offload_param == o.offload_param)
+            and (o.offload_ratio is None and mode.ratio in (1.0, *OFFLOAD_RATIOS) or mode.ratio == o.offload_ratio))
+
+
 def mode_rules(cluster: ClusterSpec, cand: Candidate, override: StrategyOverride, backend: str
                ) -> list[tuple[Mode, str | None]]:
-    """Every ZeRO stage x offload mode the override leaves, each with the rule that excludes it (None: allowed).
+    """Every ZeRO stage x memory-tier mode (:func:`_tier_modes`) the override leaves, each with the rule that
+    excludes it (None: allowed).
 
-    DeepSpeed's pipeline engine supports ZeRO 0-1 only; optimizer offload needs ZeRO >= 1 (DeepSpeed) and a GPU
-    (on a CPU cluster device memory is host memory). The torch backend has no optimizer-only offload.
+    DeepSpeed: its pipeline engine supports ZeRO 0-1 only; it offloads only partitioned optimizer states (ZeRO >= 1),
+    swaps them to NVMe only at ZeRO-3 (``runtime/zero/stage_1_and_2.py`` keeps "nvme" optimizer states in host
+    memory: no swapper), offloads parameters only at ZeRO-3, and partial offload (``ratio``) only at ZeRO-3. On a
+    CPU cluster the host tier is the device's own memory, so only NVMe counts. torch (FSDP2): ``CPUOffloadPolicy``
+    puts parameters, gradients and optimizer states on the host together, on CUDA only; nothing on NVMe.
     """
     out: list[tuple[Mode, str | None]] = []
-    for zero in range(4):
-        for offload in (False, True):
-            if override.zero_stage is not None and zero != override.zero_stage:
-                continue
-            if override.offload_optimizer is not None and offload != override.offload_optimizer:
-                continue
-            why = None
-            if offload and zero == 0:
-                why = "optimizer offload needs ZeRO >= 1 (DeepSpeed offloads the partitioned optimizer states)"
-            elif offload and cluster.device.kind == "cpu":
-                why = "optimizer offload on a CPU cluster (device memory is already host memory)"
-            elif offload and backend in ("torch", "any"):
-                why = (f"optimizer offload with --backend {backend} (the torch backend has no optimizer-only "
-                       "offload; use --backend deepspeed)")
-            elif cand.dp == 1 and zero > 0 and override.zero_stage is None:
-                why = "ZeRO with dp=1 (nothing to shard over)"
-            elif backend in ("deepspeed", "any") and cand.pp > 1 and zero > 1:
-                why = (f"ZeRO-2/3 with pp > 1 under --backend {backend} (DeepSpeed's pipeline engine runs ZeRO 0-1 "
-                       "only; --backend torch allows it)")
-            out.append((Mode(zero, offload), why))
+    forced_ratio = [Mode(3, "cpu", ratio=override.offload_ratio)] if override.offload_ratio not in (None, 1.0) \
+        and override.offload_ratio not in OFFLOAD_RATIOS else []
+    for mode in [m for zero in range(4) for m in _tier_modes(zero)] + forced_ratio:
+        if not _matches(mode, override):
+            continue
+        zero, opt, par = mode.zero_stage, mode.offload_optimizer, mode.offload_param
+        torch_ok = not mode.offloads or (zero, opt, par, mode.ratio) == (3, "cpu", "cpu", 1.0)
+        why = None
+        if opt != "none" and zero == 0:
+            why = "optimizer offload needs ZeRO >= 1 (DeepSpeed offloads the partitioned optimizer states)"
+        elif "cpu" in (opt, par) and cluster.device.kind == "cpu":
+            why = "offload to host memory on a CPU cluster (device memory is already host memory; NVMe is not)"
+        elif opt == "nvme" and zero < 3 and backend != "unconstrained":
+            why = ("optimizer on NVMe below ZeRO-3 (DeepSpeed's stage_1_and_2.py keeps it in host memory: only "
+                   "ZeRO-3 swaps to NVMe)")
+        elif backend in ("torch", "any") and not torch_ok:
+            why = (f"{mode.label()} with --backend {backend} (FSDP2 offloads parameters, gradients and optimizer "
+                   "states to the host together, and nothing to NVMe; use --backend deepspeed)")
+        elif backend in ("torch", "any") and mode.offloads and cluster.device.kind == "cpu":
+            why = f"offload with --backend {backend} on a CPU cluster (FSDP2's CPUOffloadPolicy needs CUDA)"
+        elif cand.dp * cand.cp == 1 and zero > 0 and override.zero_stage is None and not mode.offloads:
+            why = "ZeRO with dp=1 (nothing to shard over)"
+        elif backend in ("deepspeed", "any") and cand.pp > 1 and zero > 1:
+            why = (f"ZeRO-2/3 with pp > 1 under --backend {backend} (DeepSpeed's pipeline engine runs ZeRO 0-1 "
+                   "only; --backend torch allows it)")
+        out.append((mode, why))
     return out
+
+
+def paging_allowed(override: StrategyOverride) -> bool:
+    """Whether stages may page activations (both backends run it: ``train_common.paged_activations``): unless
+    ``--strategy offload_act=false`` forbids it, or ``recompute=full/selective/op`` gives every block another
+    treatment."""
+    return override.offload_activations is not False and override.recompute in (None, "none")
 
 
 def backend_rejection(spec: ModelSpec, cand: Candidate, global_batch: int, backend: str,
@@ -363,14 +410,15 @@ def _with_knobs(base: list[Candidate], spec: ModelSpec, cluster: ClusterSpec, tr
 
 
 def memory_lower_bound(costs: CandidateCosts, modes: list[Mode], recompute: str | None = None,
-                       selective: bool = False) -> float:
+                       selective: bool = False, paging: bool = False) -> float:
     """Least peak memory per device any stage assignment of this candidate can have (bytes).
 
     Formula: ``min over modes of max(max_s M_s(0, 0), min_s min_r M_s(k, r))`` with ``M_s(n, r)`` the MILP's stage
     memory (``CandidateCosts.stage_memory_bytes``), ``k = ceil(L / p)`` (some stage holds at least that many blocks) and
     ``(r, q)`` (fully, selectively recomputed blocks) in {(0, 0), (1, 0), (k, 0)} and, when ``selective``, also
     {(0, 1), (0, k)} (memory is affine in r and q plus the recompute flag's working space, so its minimum over
-    ``r + q <= k`` is at one of these; ``recompute`` none/full/selective fixes (r, q) to (0, 0)/(k, 0)/(0, k)).
+    ``r + q <= k`` is at one of these; ``recompute`` none/full/selective fixes (r, q) to (0, 0)/(k, 0)/(0, k));
+    with ``paging``, also every block paged (a = k: it holds the least).
     Every stage holds at least its fixed layers.
     Only stages 0, p-2 and p-1 are evaluated: the interior stages 1..p-2 hold no fixed layer and differ only in
     their in-flight micro-batches, which do not grow with the stage index (:meth:`CandidateCosts.inflight`), so
@@ -381,11 +429,12 @@ def memory_lower_bound(costs: CandidateCosts, modes: list[Mode], recompute: str 
     k = -(-L // p)
     vertices = {(0, 0), (min(1, k), 0), (k, 0)} | ({(0, min(1, k)), (0, k)} if selective else set())
     rq = {"none": [(0, 0)], "full": [(k, 0)], "selective": [(0, k)]}.get(recompute or "", sorted(vertices))
+    rqa = [(r, q, 0) for r, q in rq] + ([(0, 0, k)] if paging and recompute in (None, "none") else [])
     stages = sorted({0, max(p - 2, 0), p - 1})
     best = float("inf")
     for mode in modes:
         fixed = max(costs.stage_memory_bytes(s, 0, 0, mode) for s in (0, p - 1))
-        busiest = min(costs.stage_memory_bytes(s, k, r, mode, q) for s in stages for r, q in rq)
+        busiest = min(costs.stage_memory_bytes(s, k, r, mode, q, a) for s in stages for r, q, a in rqa)
         best = min(best, max(fixed, busiest))
     return best
 
@@ -427,12 +476,46 @@ def _least_recompute_s(costs: CandidateCosts, over, n, b_r, b_q):
         return np.where(ok, np.minimum(x, blk.recompute_s * r + blk.selective_s * (n - r)), x)
 
 
-def busiest_lower_bound(costs: CandidateCosts, modes: list[Mode], capacity: float, selective: bool) -> float:
+# Grid points of the paged-block count in the bounds' relaxation (:func:`_least_stage_time_s`).
+_PAGING_GRID = 8
+
+
+def _least_stage_time_s(costs: CandidateCosts, compute, over, n, b_r, b_q, b_a, paging: bool):
+    """Least time per micro-batch (s) of a stage of ``n`` blocks whose compute is ``compute`` and whose memory
+    exceeds the capacity by ``over`` bytes, when recomputation (:func:`_least_recompute_s`) and, with ``paging``,
+    paging ``a`` blocks (each removing ``b_a`` bytes, costing ``c`` seconds of transfer per micro-batch on its
+    channel: :meth:`CandidateCosts.paging_costs`) remove the excess. Arrays broadcast.
+
+    Formula: ``min over 0 <= a <= n of combine(compute + x(over - a b_a), a c)``, combine = max when transfers
+        overlap compute (the stage time is the max of its channels), + when they do not. The first term falls and
+        the second grows with a, so on each grid interval ``[a_i, a_i+1]`` the value is at least
+        ``combine(f(a_i+1), g(a_i))``: the minimum over intervals is a lower bound (the relaxation also lets
+        recomputation use all n blocks beside the paged ones and ignores host capacity).
+    """
+    import numpy as np
+
+    if not paging:
+        return compute + _least_recompute_s(costs, over, n, b_r, b_q)
+    h2d, d2h, disk, _, _ = costs.paging_costs()
+    overlap = costs.options.overlap_dp
+    c = max(h2d, d2h, disk) if overlap else h2d + d2h + disk
+    frac = np.linspace(0.0, 1.0, _PAGING_GRID + 1)
+    best = None
+    for lo, hi in zip(frac[:-1], frac[1:]):
+        f = compute + _least_recompute_s(costs, over - hi * n * b_a, n, b_r, b_q)
+        g = lo * n * c
+        val = np.maximum(f, g) if overlap else f + g
+        best = val if best is None else np.minimum(best, val)
+    return best
+
+
+def busiest_lower_bound(costs: CandidateCosts, modes: list[Mode], capacity: float, selective: bool,
+                        paging: bool = False) -> float:
     """A step-time bound between :func:`_lower_bound` and :func:`partition_lower_bound` in cost and strength.
 
     Formula: some stage holds ``k = ceil(L / p)`` blocks and so takes at least ``T_k = min over modes and stage
         positions (0, p-2, p-1: the argument of :func:`memory_lower_bound`) of compute_s(k) + x``, with ``x`` the
-        least recomputation that fits it in memory (:func:`_least_recompute_s`);
+        least recomputation (or paging time) that fits it in memory (:func:`_least_stage_time_s`);
         then ``step >= (m - w) T_k + w (sum + x)``, ``sum >= L t_block + fixed``.
     """
     import numpy as np
@@ -450,18 +533,19 @@ def busiest_lower_bound(costs: CandidateCosts, modes: list[Mode], capacity: floa
         if max(over) <= 0:  # fits without recomputation in every mode
             best = min(best, m * compute + w * (total - compute))
             continue
-        x = _least_recompute_s(costs, np.array(over), k, b_r, b_q)  # one LP per mode, vectorized
+        x = _least_stage_time_s(costs, compute, np.array(over), k, b_r, b_q, -act.per_paged, paging) - compute
         x = x[np.isfinite(x)]  # modes where nothing fits bound nothing (and m = w would make 0 x inf a nan)
         if x.size:
             best = min(best, float(((m - w) * (compute + x) + w * (total + x)).min()))
     return best
 
 
-def partition_lower_bound(costs: CandidateCosts, modes: list[Mode], capacity: float, selective: bool) -> float:
+def partition_lower_bound(costs: CandidateCosts, modes: list[Mode], capacity: float, selective: bool,
+                          paging: bool = False) -> float:
     """A tighter step-time bound than :func:`_lower_bound`, worth its cost only for candidates about to be solved.
 
     Formula: for each mode, every stage s and block count n, ``t_s(n) = compute_s(n) + x_s(n)`` with ``x_s`` the
-        least recomputation time that fits the stage in memory (:func:`_least_recompute_s`, the LP relaxation; inf
+        least recomputation (or paging) time that fits the stage in memory (:func:`_least_stage_time_s`; inf
         where nothing fits), nondecreasing in n. Any assignment has ``max_s t_s >= T*``, the least T for which stages of
         time <= T can hold all L blocks (``sum_s max{n : t_s(n) <= T} >= L``, each stage at least its
         ``min_blocks``): the min-max partition bound, which counts the embedding and head, uneven splits and the
@@ -500,8 +584,8 @@ def partition_lower_bound(costs: CandidateCosts, modes: list[Mode], capacity: fl
 
     def bound(states, zero_comm, extra: float) -> float:
         """The bound for per-stage states + other and ZeRO traffic arrays (p x L+1) and a least per-step extra."""
-        x = _least_recompute_s(costs, states + act0 + act1 * n - capacity, n, b_r, b_q)
-        compute = c0 + blk.time_s * n + x
+        compute = _least_stage_time_s(costs, c0 + blk.time_s * n, states + act0 + act1 * n - capacity, n, b_r, b_q,
+                                      inflight * blk.act_bytes, paging)
         times = np.maximum(compute, zero_comm) if costs.options.overlap_dp else compute + zero_comm
         times = np.maximum.accumulate(times, axis=1)  # nondecreasing in n; guards rounding
         # T must let every stage hold its least blocks; stages of time <= T hold max{n : t_s(n) <= T} (a prefix
@@ -584,16 +668,17 @@ def _plan_key(cand: Candidate, res: MilpResult) -> tuple:
     blocks the MILP left at 0 is the plan without selective recomputation)."""
     policy = cand.selective if any(res.selective_blocks) else None
     return (dataclasses.replace(cand, selective=policy), tuple(res.n_blocks), tuple(res.recompute_blocks),
-            tuple(res.selective_blocks), res.mode)
+            tuple(res.selective_blocks), tuple(res.paged_blocks), res.mode)
 
 
 def _stage_plans(costs: CandidateCosts, res: MilpResult) -> tuple[list[StagePlan], list[StageCost]]:
     stages, stage_costs = [], []
     head = 0 if costs.schedule == "zbv" else costs.pp - 1  # the rank whose last chunk holds the LM head
-    for s, (n, r, q) in enumerate(zip(res.n_blocks, res.recompute_blocks, res.selective_blocks)):
-        sc = costs.stage_cost(s, n, r, res.mode, q)
+    for s, (n, r, q, a) in enumerate(zip(res.n_blocks, res.recompute_blocks, res.selective_blocks,
+                                         res.paged_blocks)):
+        sc = costs.stage_cost(s, n, r, res.mode, q, a)
         stages.append(StagePlan(index=s, first_layer=0, last_layer=0, n_blocks=n, recompute_blocks=r,
-                                selective_blocks=q, chunk_blocks=split_chunks(n, costs.vpp, s == 0, s == head),
+                                selective_blocks=q, offload_blocks=a, chunk_blocks=split_chunks(n, costs.vpp, s == 0, s == head),
                                 time_per_micro_batch_s=sc.time_per_micro_batch_s, memory_bytes=sc.memory_bytes))
         stage_costs.append(sc)
     return place_stages(stages, costs.vpp, costs.schedule), stage_costs
@@ -648,6 +733,7 @@ def search_plans(
     capacity = memory_fraction * cluster.device.memory_bytes
 
     layer_cache: dict = {}
+    paging = paging_allowed(override)
 
     def costs_of(cand: Candidate) -> CandidateCosts:
         costs = CandidateCosts(spec, cluster, train, cand.dp, cand.tp, cand.pp, cand.micro_batch_size, profile,
@@ -702,15 +788,15 @@ def search_plans(
             heap.clear()
             break
         elif tightened == 0:
-            heapq.heappush(heap, (max(lb, busiest_lower_bound(costs, modes, capacity, selective)), i, 1))
+            heapq.heappush(heap, (max(lb, busiest_lower_bound(costs, modes, capacity, selective, paging)), i, 1))
             continue
         elif tightened == 1:
-            tight = partition_lower_bound(costs, modes, capacity, selective)
+            tight = partition_lower_bound(costs, modes, capacity, selective, paging)
             if tight == float("inf") or (milp_recompute is not None and memory_lower_bound(
-                    costs, modes, milp_recompute, selective) > capacity):
+                    costs, modes, milp_recompute, selective, paging) > capacity):
                 # Cannot fit whatever the MILP chooses: no stage split fits by the LP relaxation of recomputation,
                 # or the leanest stage does not under the forced recomputation.
-                need = memory_lower_bound(costs, modes, milp_recompute, selective)
+                need = memory_lower_bound(costs, modes, milp_recompute, selective, paging)
                 cannot_fit += 1
                 if least_mem is None or need < least_mem[0]:
                     least_mem = (need, cand)
@@ -718,14 +804,14 @@ def search_plans(
                 heapq.heappush(heap, (max(key, tight), i, 2))
                 continue
         else:
-            res = solve_stage_milp(costs, modes, milp_recompute, time_limit_s, selective)
+            res = solve_stage_milp(costs, modes, milp_recompute, time_limit_s, selective, paging)
             solved += 1
             if res is not None and res.status != "optimal":
                 # Not proven: its optimum may lie anywhere above this bound (the step-time bound when unknown).
                 bound = res.bound_s
                 unproven.append(bound if bound == bound else key)
             if res is None:
-                need = memory_lower_bound(costs, modes, milp_recompute, selective)
+                need = memory_lower_bound(costs, modes, milp_recompute, selective, paging)
                 if least_mem is None or need < least_mem[0]:
                     least_mem = (need, cand)
             elif res.status != "timeout" and _plan_key(cand, res) not in seen:  # a timed-out MILP has no solution
@@ -749,7 +835,9 @@ def search_plans(
         stages, stage_costs = _stage_plans(costs, res)
         strategy = Strategy(dp=cand.dp, tp=cand.tp, pp=cand.pp, micro_batch_size=cand.micro_batch_size,
                             grad_accum=costs.m, zero_stage=res.mode.zero_stage,
-                            offload_optimizer=res.mode.offload_optimizer, sequence_parallel=cand.sequence_parallel,
+                            offload_optimizer=res.mode.offload_optimizer, offload_param=res.mode.offload_param,
+                            offload_ratio=res.mode.ratio,
+                            activation_tier="nvme" if cluster.device.kind == "cpu" else "cpu", sequence_parallel=cand.sequence_parallel,
                             selective_recompute=any(st.selective_blocks for st in stages),
                             selective_policy=cand.selective or "attention", cp=cand.cp, vpp=cand.vpp,
                             schedule=cand.schedule, stages=stages)
@@ -778,8 +866,9 @@ def _raise_infeasible(cluster: ClusterSpec, least: tuple[float, Candidate] | Non
         tips.append("ZeRO-3 (--strategy zero=3)")
     if override.recompute == "none":
         tips.append("recomputation (drop recompute=none from --strategy)")
-    if cluster.device.kind == "cuda" and override.offload_optimizer is not True:
-        tips.append("optimizer offload on GPUs (--backend deepspeed)")
+    if override.offload_param is None or override.offload_optimizer is None:
+        tips.append("offload to host memory or NVMe (--backend deepspeed; a larger NVMe or host memory in the "
+                    "cluster file)")
     if might_fit:  # candidates a rule excluded that could fit by their memory bound: say which rules
         tips.append("lifting a rule that excluded candidates which may fit: " + "; ".join(
             f"{why} [{n}]" for why, n in sorted(might_fit.items(), key=lambda kv: -kv[1])))

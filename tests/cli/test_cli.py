@@ -87,7 +87,7 @@ def test_bad_strategy_key():
 
 
 @pytest.mark.parametrize("forced,fragment", [
-    ("offload=maybe", "valid boolean"),  # used to be read silently as offload=false
+    ("offload=maybe", "'none', 'cpu' or 'nvme'"),  # used to be read silently as offload=false
     ("recompute=some", "'none', 'selective', 'op' or 'full'"),
     ("dp=two", "valid integer"),
     ("mb=0", "greater than 0"),
@@ -102,8 +102,11 @@ def test_bad_strategy_values_name_what_was_written(forced, fragment):
 def test_strategy_values_are_converted():
     override = parse_strategy("dp=2,mb=4,zero=3,offload=true,recompute=full")
     assert (override.dp, override.micro_batch_size, override.zero_stage) == (2, 4, 3)
-    assert override.offload_optimizer is True and override.recompute == "full"
-    assert parse_strategy("offload=no").offload_optimizer is False
+    assert override.offload_optimizer == "cpu" and override.recompute == "full"
+    assert parse_strategy("offload=no").offload_optimizer == "none"
+    tiers = parse_strategy("zero=3,offload=nvme,offload_param=cpu,offload_ratio=0.5,offload_act=false")
+    assert (tiers.offload_optimizer, tiers.offload_param, tiers.offload_ratio, tiers.offload_activations) == (
+        "nvme", "cpu", 0.5, False)
 
 
 def test_launch_world_size_mismatch(tmp_path):

@@ -240,7 +240,7 @@ def test_bad_options_are_refused(tmp_path, options, fragment):
 
 def test_forced_strategy_names_the_rule_that_rejects_it(tmp_path):
     result = run(*PLAN_TINY, "--strategy", "offload=true", "-o", str(tmp_path / "p.json"))
-    assert_user_error(result, "offload on a CPU cluster")
+    assert_user_error(result, "host memory on a CPU cluster")
     result = run("plan", "gpt3-175b", "--cluster", "cpu:2", "--global-batch", "8", "--seq-len", "64",
                  "--strategy", "pp=2", "-o", str(tmp_path / "p.json"))
     assert_user_error(result, "tied embeddings")

@@ -55,11 +55,14 @@ def test_zero_memory_matches_rajbhandari_figure1():
     psi = 7.5e9
     expected = {0: 120e9, 1: 31.4e9, 2: 16.6e9, 3: 1.9e9}
     for zero, total in expected.items():
-        params, grads, optim, host = costs.state_memory(Mode(zero, False), psi)
+        params, grads, optim, host, nvme = costs.state_memory(Mode(zero, False), psi)
         assert params + grads + optim == pytest.approx(total, abs=0.05e9)  # paper rounds to 0.1 GB
-        assert host == 0
-    params, grads, optim, host = costs.state_memory(Mode(1, True), psi)
-    assert optim == 0 and host == pytest.approx(12 * psi / 64)
+        assert host == 0 and nvme == 0
+    # ZeRO-Offload (Ren et al. 2021 sec. 4.1): optimizer states and gradient partitions leave the device; the host
+    # keeps fp32 master + momentum + variance (12) and the fp32 gradient (4) of the rank's 1/64 partition.
+    params, grads, optim, host, nvme = costs.state_memory(Mode(1, True), psi)
+    assert (params, grads, optim, nvme) == (pytest.approx(2 * psi), 0, 0, 0)
+    assert host == pytest.approx(16 * psi / 64)
 
 
 def test_ring_all_reduce_time_uses_nccl_bus_bandwidth_factor():

@@ -7,6 +7,7 @@ Expected values are derived from the plan by hand: llama-tiny has 6 blocks, so i
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -15,7 +16,7 @@ from torch import nn
 
 from paraplan.backends.checks import checkpointed_layers, selective_layers
 from paraplan.backends.deepspeed import DS_CONFIG_FILE, PARAPLAN_KEY, build_ds_config, emit_deepspeed, stage_boundaries
-from paraplan.backends.train_deepspeed import apply_ac, micro_batches
+from paraplan.backends.train_deepspeed import apply_ac, apply_paging, micro_batches, paging_directory
 from paraplan.errors import LaunchError
 from paraplan.types import StagePlan
 from conftest import make_plan
@@ -241,3 +242,220 @@ def test_selective_policy_reaches_the_config_and_the_trainer(policy, wrapper):
     assert type(wrapped[2]).__name__ == wrapper  # the torch backend's selective recomputation, not a full one
     x = torch.randn(3, 4, requires_grad=True)
     torch.testing.assert_close(wrapped[2](x), layers[2](x), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Memory tiers: optimizer states and parameters in host memory or on NVMe, activation paging.
+# ---------------------------------------------------------------------------------------------------------------
+
+MiB_ELEMENTS = 1 << 20  # swap buffers are whole multiples of 2^20 elements (cost_models.offload, aio alignment)
+
+
+def _round_up_mib(n: float) -> int:
+    return max(MiB_ELEMENTS, math.ceil(n / MiB_ELEMENTS) * MiB_ELEMENTS)
+
+
+def _llama_params(h: int, ffn: int, n_heads: int, n_kv: int, layers: int, vocab: int) -> int:
+    """Llama parameters by hand: q, o (h x h), k, v (h x kv_dim), gate/up/down (h x ffn), two RMSNorm weights per
+    block; embedding, final norm and LM head (untied)."""
+    kv_dim = h // n_heads * n_kv
+    block = 2 * h * h + 2 * h * kv_dim + 3 * h * ffn + 2 * h
+    return vocab * h + layers * block + h + vocab * h
+
+
+def test_zero3_params_and_optimizer_on_nvme(tmp_path):
+    plan = make_plan(dp=2, zero_stage=3, offload_optimizer="nvme", offload_param="nvme")
+    cfg = build_ds_config(plan, nvme_path=tmp_path)
+    zero = cfg["zero_optimization"]
+    # llama-tiny (h 384, ffn 1024, 6 heads, 2 kv heads, 6 blocks, vocab 256): the largest tensor is an MLP weight,
+    # 384 x 1024 = 393,216 elements (the embedding is 256 x 384 = 98,304); split over dp 2 it is 196,608, which
+    # rounds up to one 2^20-element buffer.
+    assert zero["offload_param"] == {"device": "nvme", "pin_memory": False, "nvme_path": str(tmp_path),
+                                     "buffer_count": 5, "buffer_size": MiB_ELEMENTS}
+    assert zero["offload_optimizer"] == {"device": "nvme", "pin_memory": False, "nvme_path": str(tmp_path),
+                                         "buffer_count": 4}
+    # One optimizer sub-group holds the whole partition: 9,638,784 params / dp 2 = 4,819,392, rounded up to 5 x 2^20.
+    assert _llama_params(384, 1024, 6, 2, 6, 256) == 9_638_784
+    assert zero["sub_group_size"] == 5 * MiB_ELEMENTS == _round_up_mib(9_638_784 / 2)
+    assert zero["stage3_max_reuse_distance"] == 0  # else "Not enough buffers 0 for swapping 1" on step 2
+    assert cfg["aio"] == {"block_size": 1048576, "queue_depth": 8, "intra_op_parallelism": 1, "single_submit": False,
+                          "overlap_events": True}  # DeepSpeed's aio defaults, stated
+    assert "torch_adam" not in cfg["optimizer"]["params"]  # DeepSpeedCPUAdam runs the offloaded step
+
+
+def test_nvme_buffers_of_a_large_model_on_gpus(tmp_path):
+    # llama3-8b on 8 GPUs, dp 8: the largest tensor is the embedding (and head), vocab 128,256 (already a multiple
+    # of 128, so no padding) x 4096 = 525,336,576 elements; / 8 = 65,667,072 = 62.6 x 2^20 -> 63 x 2^20.
+    plan = make_plan(model="llama3-8b", cluster="8xH100-80GB", dp=8, micro_batch_size=1, global_batch=8,
+                     zero_stage=3, offload_optimizer="nvme", offload_param="nvme", dtype="bf16", seq_len=512)
+    zero = build_ds_config(plan, nvme_path=tmp_path)["zero_optimization"]
+    assert zero["offload_param"]["buffer_size"] == 63 * MiB_ELEMENTS == 66_060_288
+    assert zero["offload_param"]["pin_memory"] is True and zero["offload_optimizer"]["pin_memory"] is True
+    # ~8.0e9 params / 8 = ~1.0e9 per partition: capped at sub-groups of 1e8 (DeepSpeed's 1e9 default would pin
+    # 4 x 4 GB of host buffers per GPU).
+    assert _llama_params(4096, 14336, 32, 8, 32, 128256) / 8 > 1e8
+    assert zero["sub_group_size"] == 100_000_000
+
+
+def test_host_memory_tiers_have_no_nvme_settings():
+    cfg = build_ds_config(make_plan(dp=2, zero_stage=3, offload_optimizer="cpu", offload_param="cpu",
+                                    offload_ratio=0.25))
+    zero = cfg["zero_optimization"]
+    assert zero["offload_param"] == {"device": "cpu", "pin_memory": False}
+    # DeepSpeed's partial offload: a quarter of the optimizer states on the host, the rest updated on the device.
+    assert zero["offload_optimizer"] == {"device": "cpu", "pin_memory": False, "ratio": 0.25}
+    assert "aio" not in cfg and "sub_group_size" not in zero and "stage3_max_reuse_distance" not in zero
+    full = build_ds_config(make_plan(dp=2, zero_stage=3, offload_optimizer="cpu"))["zero_optimization"]
+    assert "ratio" not in full["offload_optimizer"]  # 1 is DeepSpeed's default
+
+
+def test_no_offload_means_no_offload_sections():
+    # "none" is a non-empty string: a truthiness test would emit an offload section for it.
+    cfg = build_ds_config(make_plan(dp=2, zero_stage=3))
+    assert cfg["zero_optimization"] == {"stage": 3}
+    assert cfg["optimizer"]["params"]["torch_adam"] is True
+
+
+def test_nvme_without_a_directory_is_refused_and_the_cluster_path_is_used(tmp_path):
+    plan = make_plan(dp=2, zero_stage=3, offload_param="nvme")
+    with pytest.raises(LaunchError, match="--nvme-path") as err:
+        build_ds_config(plan)
+    assert "the parameters on NVMe" in str(err.value)
+    cluster = plan.cluster.model_copy(update={"nvme_path": str(tmp_path / "cluster-nvme")})
+    on_cluster = plan.model_copy(update={"cluster": cluster})
+    assert build_ds_config(on_cluster)["zero_optimization"]["offload_param"]["nvme_path"] == str(tmp_path /
+                                                                                                  "cluster-nvme")
+    # --nvme-path wins over the cluster file.
+    assert build_ds_config(on_cluster, nvme_path=tmp_path)["zero_optimization"]["offload_param"]["nvme_path"] == \
+        str(tmp_path)
+
+
+@pytest.mark.parametrize("zero", [1, 2])
+def test_optimizer_on_nvme_below_zero3_is_refused(zero, tmp_path):
+    # DeepSpeed's ZeRO-1/2 optimizer would silently run device nvme as host-memory offload (no swapper).
+    with pytest.raises(LaunchError) as err:
+        build_ds_config(make_plan(dp=2, zero_stage=zero, offload_optimizer="nvme"), nvme_path=tmp_path)
+    assert "stage_1_and_2.py" in str(err.value) and "--strategy zero=3" in str(err.value)
+
+
+def test_optimizer_offload_with_pipeline_is_refused():
+    with pytest.raises(LaunchError, match="pp=1"):
+        build_ds_config(make_plan(pp=2, zero_stage=1, offload_optimizer="cpu"))
+
+
+def test_paged_blocks_and_their_tier_reach_the_trainer(tmp_path):
+    # pp=2 over 6 blocks: chain 1..3 and 4..6; 1 block per stage recomputed in full, the next one paged.
+    plan = make_plan(pp=2, zero_stage=1, recompute_blocks=1, offload_blocks=1)
+    ours = build_ds_config(plan)[PARAPLAN_KEY]
+    assert ours["activation_checkpointing"]["chain_layers"] == [1, 4]
+    assert ours["activation_paging"] == {"tier": "nvme", "chain_layers": [2, 5], "nvme_path": None}  # cpu cluster
+    assert paging_directory(ours, tmp_path, rank=1) == tmp_path / "activations" / "rank1"
+    ours = build_ds_config(plan, nvme_path=tmp_path / "fast")[PARAPLAN_KEY]
+    assert paging_directory(ours, tmp_path / "run", rank=0) == tmp_path / "fast" / "activations" / "rank0"
+    gpu = make_plan(cluster="2xH100-80GB", dp=2, offload_blocks=2, dtype="bf16")
+    ours = build_ds_config(gpu)[PARAPLAN_KEY]
+    assert ours["activation_paging"]["tier"] == "cpu" and ours["activation_paging"]["chain_layers"] == [1, 2]
+    assert paging_directory(ours, tmp_path, rank=0) is None
+
+
+def test_paged_layers_are_wrapped_and_compute_the_same(tmp_path):
+    layers = [nn.Linear(512, 512) for _ in range(3)]
+    wrapped = apply_paging(layers, [1], "nvme", tmp_path / "act")
+    assert wrapped[0] is layers[0] and wrapped[2] is layers[2] and wrapped[1] is not layers[1]
+    x = torch.randn(256, 512, requires_grad=True)
+    y = wrapped[1](torch.tanh(x))
+    assert list((tmp_path / "act").iterdir()), "the saved activation went to disk"
+    (g,) = torch.autograd.grad(y.sum(), x)
+    (ref,) = torch.autograd.grad(layers[1](torch.tanh(x)).sum(), x)
+    torch.testing.assert_close(g, ref, rtol=0, atol=0)
+
+
+def test_deepspeed_parses_the_nvme_config(tmp_path):
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    parsed = DeepSpeedConfig(build_ds_config(make_plan(cluster="cpu:1", zero_stage=3, offload_optimizer="nvme",
+                                                       offload_param="nvme"), nvme_path=tmp_path))
+    zc = parsed.zero_config
+    assert zc.offload_param.device == "nvme" and str(zc.offload_param.nvme_path) == str(tmp_path)
+    assert zc.offload_optimizer.device == "nvme" and zc.max_reuse_distance == 0
+    assert parsed.aio_config["queue_depth"] == 8
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `paraplan launch --nvme-path`: refused before anything is written or started.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def started(monkeypatch) -> list:
+    from paraplan.backends import launch
+
+    jobs: list = []
+    monkeypatch.setattr(launch, "run_job", lambda command, *a, **k: jobs.append(command) or 0)
+    return jobs
+
+
+def _nvme_plan_file(tmp_path, nvme_bytes: float = 0.0):
+    plan = make_plan(dp=2, zero_stage=3, offload_optimizer="nvme", offload_param="nvme")
+    plan = plan.model_copy(update={"predicted": plan.predicted.model_copy(update={"nvme_bytes": nvme_bytes})})
+    path = tmp_path / "plan.json"
+    path.write_text(plan.model_dump_json())
+    return path
+
+
+def _launch_ds(plan_path, run_dir, *extra):
+    from conftest import run_cli
+
+    return run_cli("launch", str(plan_path), "--backend", "deepspeed", "--steps", "1", "--run-dir", str(run_dir),
+                   *extra)
+
+
+def _refused(result, run_dir, started, *fragments):
+    from conftest import assert_user_error
+
+    assert_user_error(result)
+    flat = " ".join(result.output.split())
+    for frag in fragments:
+        assert frag in flat, result.output
+    assert not run_dir.exists() and started == []
+
+
+def test_launch_without_nvme_path_is_refused(tmp_path, started):
+    run_dir = tmp_path / "run"
+    _refused(_launch_ds(_nvme_plan_file(tmp_path), run_dir), run_dir, started, "--nvme-path",
+             "the optimizer states and the parameters on NVMe")
+
+
+def test_launch_into_a_missing_directory_or_a_file_is_refused(tmp_path, started):
+    run_dir = tmp_path / "run"
+    _refused(_launch_ds(_nvme_plan_file(tmp_path), run_dir, "--nvme-path", str(tmp_path / "nope")), run_dir, started,
+             f"--nvme-path {tmp_path / 'nope'} does not exist")
+    (tmp_path / "file").write_text("x")
+    _refused(_launch_ds(_nvme_plan_file(tmp_path), run_dir, "--nvme-path", str(tmp_path / "file")), run_dir,
+             started, "is not a directory")
+
+
+def test_launch_into_a_read_only_directory_is_refused(tmp_path, started):
+    # /proc is a directory nobody, root included, can create files in.
+    run_dir = tmp_path / "run"
+    _refused(_launch_ds(_nvme_plan_file(tmp_path), run_dir, "--nvme-path", "/proc"), run_dir, started,
+             "--nvme-path /proc is not writable")
+
+
+def test_launch_without_the_space_the_plan_writes_is_refused(tmp_path, started):
+    import shutil
+
+    free = shutil.disk_usage(tmp_path).free
+    # Each of the 2 processes writes just over half the free space: together more than there is.
+    plan_path = _nvme_plan_file(tmp_path, nvme_bytes=free / 2 + 2**30)
+    nvme, run_dir = tmp_path / "nvme", tmp_path / "run"
+    nvme.mkdir()
+    _refused(_launch_ds(plan_path, run_dir, "--nvme-path", str(nvme)), run_dir, started, "free; the plan writes",
+             "x 2 processes on this node", "--nvme-path")
+    # Half of it per process fits.
+    ok = _launch_ds(_nvme_plan_file(tmp_path, nvme_bytes=free / 4), run_dir, "--nvme-path", str(nvme))
+    assert ok.exit_code == 0, ok.output
+    assert len(started) == 1
+    zero = json.loads((run_dir / DS_CONFIG_FILE).read_text())["zero_optimization"]
+    assert zero["offload_param"]["nvme_path"] == str(nvme) == zero["offload_optimizer"]["nvme_path"]

@@ -97,3 +97,45 @@ def test_milp_reports_no_plan_when_nothing_fits():
     costs = CandidateCosts(SPEC, _cluster(3), TrainSpec(global_batch=16, seq_len=4096), 4, 1, 2, 1)
     assert brute_force(costs, MODES) == float("inf")
     assert solve_stage_milp(costs, MODES) is None
+
+
+# Memory tiers (issue 9): ZeRO-3 with the optimizer and parameters on each tier, partial optimizer offload, ZeRO-1
+# with CPU offload, plus activation paging per stage.
+TIER_MODES = [Mode(3), Mode(3, "cpu"), Mode(3, "nvme"), Mode(3, "cpu", ratio=0.5), Mode(3, "cpu", "cpu"),
+              Mode(3, "nvme", "cpu"), Mode(3, "nvme", "nvme"), Mode(1), Mode(1, "cpu")]
+
+
+def _tier_cluster(memory_gib: float, host_gib: float, nvme_gib: float, kind: str = "cuda") -> ClusterSpec:
+    base = _cluster(memory_gib)
+    if kind == "cpu":
+        from paraplan.catalog import cpu_cluster
+        base = cpu_cluster(8, memory_gib * GiB)
+    return base.model_copy(update={"host_memory_bytes": host_gib * GiB * base.devices_per_node,
+                                   "nvme_capacity_bytes": nvme_gib * GiB * base.devices_per_node})
+
+
+@pytest.mark.parametrize("memory_gib,host_gib,nvme_gib,kind,pp", [
+    (6, 1000, 1000, "cuda", 2),  # device memory binds: offload or paging wins
+    (5, 6, 1000, "cuda", 2),  # host memory binds too: NVMe tiers
+    (6, 4, 60, "cuda", 1),  # host and NVMe capacity both bind
+    (8, 4, 60, "cuda", 1),  # fits without offload, but paging beats recomputation
+    (5, 1000, 1000, "cpu", 2),  # CPU cluster: no overlap, paging to disk, NVMe only
+])
+def test_milp_matches_brute_force_with_memory_tiers_and_paging(memory_gib, host_gib, nvme_gib, kind, pp):
+    train = TrainSpec(global_batch=16, seq_len=4096, dtype="fp32" if kind == "cpu" else "bf16")
+    cluster = _tier_cluster(memory_gib, host_gib, nvme_gib, kind)
+    modes = [m for m in TIER_MODES if kind == "cuda" or "cpu" not in (m.offload_optimizer, m.offload_param)]
+    costs = CandidateCosts(SPEC, cluster, train, 8 // pp, 1, pp, 1)
+    ref = best_assignment(costs, modes, costs.capacity_bytes, paging=True)
+    res = solve_stage_milp(costs, modes, paging=True)
+    assert ref < float("inf") and res is not None and res.status == "optimal"
+    stages = [costs.stage_cost(s, n, r, res.mode, q, a) for s, (n, r, q, a) in enumerate(
+        zip(res.n_blocks, res.recompute_blocks, res.selective_blocks, res.paged_blocks))]
+    assert step_time_s(costs, stages)[0] == pytest.approx(res.objective_s, rel=1e-6)
+    assert all(st.memory_bytes <= costs.capacity_bytes * (1 + 1e-9) for st in stages)
+    assert all(st.host_bytes <= costs.host_capacity_bytes * (1 + 1e-9) for st in stages)
+    assert all(st.nvme_bytes <= costs.nvme_capacity_bytes * (1 + 1e-9) for st in stages)
+    assert res.objective_s == pytest.approx(ref, rel=1e-6)
+    # The tiers matter here: without them (device-only modes, no paging) the optimum is slower or does not exist.
+    plain = best_assignment(costs, [m for m in modes if not m.offloads], costs.capacity_bytes)
+    assert plain > ref * (1 + 1e-6)

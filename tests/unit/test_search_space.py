@@ -2,8 +2,8 @@
 
 The brute force knows nothing of the planner's shortcuts (knob variants it skips, the memory lower bound that
 drops candidates before any MILP, the step-time lower bound that prunes): it evaluates every (dp, tp, pp,
-micro-batch, cp, sequence parallelism, selective policy, pipeline schedule and vpp, ZeRO stage x offload, blocks
-per stage, fully and selectively recomputed blocks per stage) with the cost model's evaluator and keeps the fastest
+micro-batch, cp, sequence parallelism, selective policy, pipeline schedule and vpp, ZeRO stage x memory tiers,
+blocks per stage, fully and selectively recomputed and paged blocks per stage) with the cost model's evaluator and keeps the fastest
 that fits.
 """
 
@@ -76,7 +76,7 @@ def _brute_force(cluster: ClusterSpec, train: TrainSpec, attention: str, allow_s
                 modes = [m for m, why in mode_rules(cluster, cand, StrategyOverride(), "unconstrained")
                          if why is None]
                 best = min(best, best_assignment(costs, modes, FRACTION * cluster.device.memory_bytes,
-                                                 pol is not None))
+                                                 pol is not None, paging=True))
     return best
 
 
@@ -191,9 +191,9 @@ def test_step_lower_bounds_never_exceed_a_candidates_optimum(memory_gib):
             cand = Candidate(dp, tp, pp, b, tp > 1, pol, cp, v, sched)
             costs = CandidateCosts(SPEC, cluster, train, dp, tp, pp, b, options=cand.options())
             modes = [m for m, why in mode_rules(cluster, cand, StrategyOverride(), "unconstrained") if why is None]
-            ref = best_assignment(costs, modes, capacity, pol is not None)
-            tight = partition_lower_bound(costs, modes, capacity, pol is not None)
-            busiest = busiest_lower_bound(costs, modes, capacity, pol is not None)
+            ref = best_assignment(costs, modes, capacity, pol is not None, paging=True)
+            tight = partition_lower_bound(costs, modes, capacity, pol is not None, paging=True)
+            busiest = busiest_lower_bound(costs, modes, capacity, pol is not None, paging=True)
             assert _lower_bound(costs) <= ref * (1 + 1e-9), (cand, ref)
             assert tight <= ref * (1 + 1e-9) and busiest <= ref * (1 + 1e-9), (cand, tight, busiest, ref)
             checked += 1

@@ -19,7 +19,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from paraplan.backends import train_common
 from paraplan.backends.torch_native import (
-    CONFIG_FILE, apply_ac, build_stage_module, build_torch_config, emit_torch, load_torch_config,
+    CONFIG_FILE, apply_ac, apply_paging, build_stage_module, build_torch_config, emit_torch, load_torch_config,
+    torch_offload_rejection,
 )
 from paraplan.errors import LaunchError
 from paraplan.models.build import build_model
@@ -455,3 +456,90 @@ def test_apply_ac_wraps_full_and_selective_blocks(tiny_chain, policy):
         assert "context_fn" in stage.block(2).checkpoint_fn.keywords
     tokens = _tokens()
     torch.testing.assert_close(stage(tokens), tiny_chain(tokens), rtol=0, atol=0)
+
+
+# Memory tiers. The torch backend offloads model states only as FSDP2's CPUOffloadPolicy does: ZeRO-3 with parameters,
+# gradients and optimizer states in host memory, all of them, on GPUs. Everything else is DeepSpeed's.
+GPUS = "2xH100-80GB"
+
+
+def test_cpu_offload_policy_mode_runs_fsdp2_on_gpus():
+    dpc = build_torch_config(make_plan(cluster=GPUS, dp=2, zero_stage=3, offload_param="cpu",
+                                       offload_optimizer="cpu")).data_parallel
+    assert (dpc.wrapper, dpc.reshard_after_forward, dpc.cpu_offload) == ("FSDP2", True, True)
+    # One data-parallel rank still needs FSDP2: CPUOffloadPolicy is what moves the states to the host.
+    one = build_torch_config(make_plan(cluster="1xH100-80GB", global_batch=4, zero_stage=3, offload_param="cpu",
+                                       offload_optimizer="cpu")).data_parallel
+    assert (one.wrapper, one.cpu_offload) == ("FSDP2", True)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "says"),
+    [
+        (dict(zero_stage=3, offload_param="nvme", offload_optimizer="nvme"), "no NVMe tier for model states"),
+        (dict(zero_stage=3, offload_param="cpu", offload_optimizer="nvme"), "no NVMe tier for model states"),
+        (dict(zero_stage=3, offload_optimizer="cpu"), "no optimizer-only offload"),
+        (dict(zero_stage=2, offload_optimizer="cpu"), "no optimizer-only offload"),
+        (dict(zero_stage=3, offload_param="cpu"), "no parameter-only offload"),
+        (dict(zero_stage=3, offload_param="cpu", offload_optimizer="cpu", offload_ratio=0.5), "partial offload"),
+    ],
+)
+def test_offload_other_than_cpu_offload_policy_is_refused(kwargs, says):
+    with pytest.raises(LaunchError, match=says) as err:
+        build_torch_config(make_plan(cluster=GPUS, dp=2, **kwargs))
+    assert "--backend torch" in str(err.value) and "--backend deepspeed" in str(err.value)
+
+
+def test_cpu_offload_policy_is_refused_on_a_cpu_cluster():
+    with pytest.raises(LaunchError, match="needs an accelerator"):
+        build_torch_config(make_plan(dp=2, zero_stage=3, offload_param="cpu", offload_optimizer="cpu"))
+
+
+def test_offload_rule_is_a_pure_function_of_the_tiers():
+    """What the planner mirrors: only (3, cpu, cpu, 1) on cuda, or no model-state offload at all, passes."""
+    tiers = ("none", "cpu", "nvme")
+    passing = {
+        (z, p, o, r, d)
+        for z in range(4) for p in tiers for o in tiers for r in (0.5, 1.0) for d in ("cuda", "cpu")
+        if torch_offload_rejection(z, p, o, r, d) is None
+    }
+    assert passing == {(z, "none", "none", r, d) for z in range(4) for r in (0.5, 1.0) for d in ("cuda", "cpu")} | {
+        (3, "cpu", "cpu", 1.0, "cuda")}
+
+
+def test_paged_blocks_follow_the_recomputed_ones_in_the_recipe():
+    # pp=2: ranks hold blocks 0-2 and 3-5; one fully recomputed block each, then one paged.
+    cfg = build_torch_config(make_plan(pp=2, recompute_blocks=1, offload_blocks=1))
+    assert cfg.checkpointed_blocks == [0, 3] and cfg.paged_blocks == [1, 4]
+    assert cfg.activation_tier == "nvme"  # make_plan's default on a CPU cluster: disk
+    gpu = build_torch_config(make_plan(cluster=GPUS, dp=2, offload_blocks=6))
+    assert gpu.paged_blocks == [0, 1, 2, 3, 4, 5] and gpu.activation_tier == "cpu"
+    assert build_torch_config(make_plan()).paged_blocks == []
+
+
+def test_emitted_config_names_the_paged_blocks(tmp_path):
+    plan = make_plan(dp=2, offload_blocks=2)
+    emit_torch(plan, tmp_path)
+    written = json.loads((tmp_path / CONFIG_FILE).read_text())
+    assert (written["paged_blocks"], written["activation_tier"]) == ([0, 1], "nvme")
+    assert load_torch_config(tmp_path, plan).paged_blocks == [0, 1]
+
+
+def test_apply_paging_wraps_only_the_plans_blocks_and_matches_the_plain_chain(tiny_chain, tmp_path):
+    cfg = build_torch_config(make_plan(cluster="cpu:1", recompute_blocks=1, offload_blocks=2))
+    plain = build_stage_module(copy.deepcopy(tiny_chain), cfg.pipeline.stages[0], cfg)
+    stage = build_stage_module(copy.deepcopy(tiny_chain), cfg.pipeline.stages[0], cfg)
+    apply_ac(stage, cfg.checkpointed_blocks)
+    apply_paging(stage, cfg.paged_blocks, cfg.activation_tier, tmp_path)
+    kinds = [type(stage.block(i)).__name__ for i in range(6)]
+    assert kinds == ["CheckpointWrapper", "PagedActivationWrapper", "PagedActivationWrapper"] + ["LlamaBlock"] * 3
+    tokens = _tokens()
+    out, want = stage(tokens), plain(tokens)
+    assert list(tmp_path.glob("*.pt"))  # blocks 1 and 2 paged their activations out
+    out.square().mean().backward()
+    want.square().mean().backward()
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    grads = {n.replace("._checkpoint_wrapped_module", ""): p.grad for n, p in stage.named_parameters()}
+    for name, p in plain.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=0, atol=0, msg=name)
+    assert not list(tmp_path.glob("*.pt"))
