@@ -15,7 +15,8 @@ whole-model gradient before the optimizer step, so runs of different strategies 
 gradient.
 
 Blocks the plan pages (``StagePlan.offload_blocks``) with ``activation_tier`` nvme write their saved activations
-under ``<run_dir>/activations/rank<RANK>``, one file per saved storage, each deleted once its backward has run.
+under ``<run_dir>/activations/rank<RANK>``, one file per saved storage, each deleted once its backward has run;
+their ``metrics.jsonl`` rows add ``paged_bytes``, what rank 0 paged out during the step.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from paraplan.backends.torch_native import (
     ParallelModel, build_optimizer, load_torch_config, parallelize, reduce_partial_grads, step_context,
 )
 from paraplan.backends.train_common import (
-    MetricsWriter, StepTimer, build_dataset, device_for_rank, dist_backend, load_run, shutdown_distributed,
+    MetricsWriter, PagedActivationWrapper, StepTimer, build_dataset, device_for_rank, dist_backend, load_run, shutdown_distributed,
 )
 from paraplan.models.build import build_model, lm_loss
 from paraplan.types import Plan
@@ -136,6 +137,16 @@ def global_grad_norm(model: ParallelModel, plan: Plan, device: torch.device) -> 
     return total.sqrt().item()
 
 
+def take_paged_bytes(model: ParallelModel) -> int:
+    """Bytes this rank's paged blocks paged out since the last call (their counters are reset)."""
+    total = 0
+    for module in model.modules:
+        for sub in module.modules():
+            if isinstance(sub, PagedActivationWrapper):
+                total, sub.pager.paged_bytes = total + sub.pager.paged_bytes, 0
+    return total
+
+
 def train(run_dir: Path, device: torch.device) -> None:
     """Run the job described by ``run_dir`` on this rank (process group already initialized on ``device``)."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -162,7 +173,8 @@ def train(run_dir: Path, device: torch.device) -> None:
         grad_norm = global_grad_norm(model, plan, device)
         optimizer.step()
         loss = global_mean_loss(local, plan, device)
-        writer.log(step, loss, timer.stop(), grad_norm=grad_norm)
+        extra = {"paged_bytes": take_paged_bytes(model)} if config.paged_blocks else {}
+        writer.log(step, loss, timer.stop(), grad_norm=grad_norm, **extra)
 
 
 def main(argv: list[str] | None = None) -> None:

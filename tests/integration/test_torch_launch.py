@@ -93,6 +93,10 @@ def test_paged_activations_train_like_the_same_plan_without_paging(tmp_path_fact
     assert (recipe["paged_blocks"], recipe["activation_tier"]) == ([1, 2, 4, 5], "nvme")
     for got, want in zip(paged, plain):
         assert (got["loss"], got["grad_norm"]) == (want["loss"], want["grad_norm"]), f"step {got['step']}"
+    # Rank 0 pages blocks 1 and 2 for 4 micro-batches: at least their inputs, (mb, s, h) fp32 = 2 x 64 x 384 x 4
+    # bytes each, went out every step.
+    assert all(row["paged_bytes"] >= 2 * 4 * 2 * 64 * 384 * 4 for row in paged)
+    assert "paged_bytes" not in plain[0]
     # Each rank paged into its own directory, and every file went once its backward had run.
     rank_dirs = sorted(p.name for p in (run_dir / "activations").iterdir())
     assert rank_dirs == ["rank0", "rank1"]

@@ -189,3 +189,60 @@ def test_straggler_factor_is_the_expected_slowest_gpu():
         brute = torch.randn(4000, n, generator=gen, dtype=torch.float64).max(dim=1).values.mean().item()
         assert eff.expected_slowest_z(n) == pytest.approx(brute, rel=0.02)
     assert eff.straggler_factor(512) < eff.straggler_factor(128) < eff.straggler_factor(8)
+
+
+def _h100_node_costs(zero_dp: int = 8):
+    spec = PRESETS["llama3-8b"]
+    cluster = load_cluster_spec("8xH100-80GB")  # PCIe 64 GB/s per GPU, NVMe 25 GB/s per node, CPU Adam 1e9/s
+    return CandidateCosts(spec, cluster, TrainSpec(global_batch=64, seq_len=2048), zero_dp, 1, 1, 1)
+
+
+def test_zero_infinity_nvme_tiers_by_hand():
+    # 8e9 parameters on a stage, ZeRO-3 over 8 ranks, bf16: 1e9 per rank. Parameters (2 B) and the optimizer's
+    # fp32 master + Adam moments (12 B) on NVMe, fp32 gradient partition (4 B) in host memory.
+    costs = _h100_node_costs()
+    params, grads, optim, host, nvme = costs.state_memory(Mode(3, "nvme", "nvme"), 8e9)
+    assert (params, grads, optim) == (0, 0, 0)
+    assert nvme == pytest.approx(2e9 + 12e9)
+    # Swap buffers: 5 of the largest parameter partition (embedding 128,256 x 4,096 / 8 ranks, rounded up to whole
+    # MiB-element blocks: 63 Mi elements) in bf16, and 4 optimizer sub-groups of 1e8 fp32 elements.
+    buffers = 5 * 63 * 2**20 * 2 + 4 * 1e8 * 4
+    assert host == pytest.approx(4e9 + buffers)
+    h2d, d2h, disk = costs.transfer_times(Mode(3, "nvme", "nvme"), 8e9)
+    assert h2d == pytest.approx(2 * 2e9 / 64e9)  # parameters fetched for the forward and the backward
+    assert d2h == pytest.approx(2e9 / 64e9)  # bf16 gradient partition down each micro-batch
+    assert disk == pytest.approx(2 * 2e9 / (25e9 / 8))  # and read from the node's NVMe, shared by 8 GPUs
+    device_s, offload_s = costs.optimizer_times(Mode(3, "nvme", "nvme"), 8e9)
+    cpu_adam = 1e9 / (1e9 / 8)
+    swap = 2 * 12e9 / (25e9 / 8)  # optimizer states read and written
+    write_back = 2e9 / (25e9 / 8)  # updated bf16 parameters back to NVMe
+    assert device_s == 0 and offload_s == pytest.approx(cpu_adam + swap + write_back)
+
+
+def test_partial_optimizer_offload_by_hand():
+    # DeepSpeed ZeRO-3 ratio 0.5: half the optimizer partition (and its gradients) on the host, half on the GPU.
+    costs = _h100_node_costs()
+    params, grads, optim, host, nvme = costs.state_memory(Mode(3, "cpu", ratio=0.5), 8e9)
+    assert (params, grads, optim, nvme) == (pytest.approx(2e9), pytest.approx(1e9), pytest.approx(6e9), 0)
+    assert host == pytest.approx(0.5e9 * 16)
+    _, offload_s = costs.optimizer_times(Mode(3, "cpu", ratio=0.5), 8e9)
+    assert offload_s == pytest.approx(0.5e9 / (1e9 / 8) + 0.5e9 * 2 / 64e9)  # CPU Adam + parameters back up
+    # Parameters in host memory are updated in place: no upload.
+    _, offload_s = costs.optimizer_times(Mode(3, "cpu", "cpu"), 8e9)
+    assert offload_s == pytest.approx(1e9 / (1e9 / 8))
+
+
+def test_paging_costs_by_hand():
+    gpu = _h100_node_costs()
+    act = gpu.block.act_bytes
+    assert gpu.paging_costs() == pytest.approx((act / 64e9, act / 64e9, 0.0, act, 0.0))
+    cpu = CandidateCosts(PRESETS["llama3-8b"], load_cluster_spec("cpu:2", "4GiB"),
+                         TrainSpec(global_batch=8, seq_len=256, dtype="fp32"), 2, 1, 1, 1)
+    act = cpu.block.act_bytes
+    # Written to and read back from disk at the nominal 1 GB/s, shared by the 2 processes.
+    assert cpu.paging_costs() == pytest.approx((0.0, 0.0, 2 * act / (1e9 / 2), 0.0, act))
+    # A paged block keeps nothing on the device; paging needs one block of working space, like recomputation.
+    none = cpu.stage_activation_bytes(0, 4, 0)
+    paged = cpu.stage_activation_bytes(0, 4, 0, 0, 4)
+    k = cpu.inflight(0)
+    assert none - paged == pytest.approx(4 * k * act - act)
