@@ -20,9 +20,13 @@ based context parallelism puts that latency on the critical path; it is small wi
 data-parallel gradient reduction and ZeRO sharding run over ``dp x cp`` ranks (Megatron-Core's
 data-parallel-with-context group; torchtitan's ``dp_shard_cp`` mesh).
 
-    ``t_s = compute_s + zero_comm_s``        (no overlap)   or   ``max(compute_s, zero_comm_s)`` (overlap)
+    ``t_s = sum of its channels`` (no overlap)   or   ``max of its channels`` (overlap), the channels being
+    ``compute_s``, ``zero_comm_s``, host->device, device->host and NVMe transfers of offloaded states and paged
+    activations (:meth:`CandidateCosts.transfer_times`, :meth:`CandidateCosts.paging_costs`; ZeRO-Infinity,
+    Rajbhandari et al. 2021 sec. 6: prefetching overlaps NVMe->CPU, CPU->GPU and GPU compute)
     ``extra_s = optimizer_s + grad_reduce_s + param_gather_s`` (no overlap), or with overlap
     ``extra_s = optimizer_s + max(0, grad_reduce_s - backward_s) + max(0, param_gather_s - forward_s)``
+    (``optimizer_s`` includes the offloaded optimizer's CPU Adam, PCIe and NVMe swapping: never hidden)
 
 - ``compute_s``: forward + backward (+ recomputation) of the stage's layers for one micro-batch, the exposed
   tensor-parallel collectives and the pipeline point-to-point transfers.
