@@ -102,11 +102,11 @@ class Mode:
         return out
 
 
-# Host bytes per offloaded parameter of the optimizer tier: fp32 master weight, Adam momentum and variance, fp32
+# Bytes per offloaded parameter of the optimizer tier: fp32 master weight, Adam momentum and variance, fp32
 # gradient partition (DeepSpeed stage3.py fp32_partitioned_groups_flat and their grads; stage_1_and_2.py
-# single_partition_of_fp32_groups with its CPU gradient accumulation). The first 12 go to NVMe with the optimizer
-# on NVMe, the gradient stays in host memory.
+# single_partition_of_fp32_groups with its CPU gradient accumulation), in host memory or all on NVMe.
 OFFLOAD_MASTER_ADAM_BYTES = 12
+DEEPSPEED_MAX_LIVE_PARAMETERS = 1e9  # runtime/zero/config.py stage3_max_live_parameters default
 OFFLOAD_GRAD_BYTES = 4
 
 
@@ -573,15 +573,15 @@ class CandidateCosts:
 
         Formula: ZeRO-1 divides optimizer states by d = dp x cp, ZeRO-2 also gradients, ZeRO-3 also parameters.
             Optimizer offload (share ``ratio``) moves that share of the optimizer states and the gradient
-            partitions off the device: the host keeps :data:`OFFLOAD_MASTER_ADAM_BYTES` (fp32 master, momentum,
-            variance; on NVMe with the optimizer on NVMe) + :data:`OFFLOAD_GRAD_BYTES` (fp32 gradient) per
-            parameter of the partition. Parameter offload (ZeRO-3) keeps the parameter partition on the host or
+            partitions off the device: the host (or NVMe) keeps :data:`OFFLOAD_MASTER_ADAM_BYTES` (fp32 master,
+            momentum, variance) + :data:`OFFLOAD_GRAD_BYTES` (fp32 gradient) per parameter of the partition. Parameter offload (ZeRO-3) keeps the parameter partition on the host or
             NVMe (the device holds only the gathered layers, :meth:`zero3_working_bytes`). NVMe tiers need pinned
             host swap buffers (:func:`offload.swap_buffer_bytes`).
         Source: Rajbhandari et al. 2020, sec. 5 and Figure 1; ZeRO-Offload (Ren et al. 2021) sec. 4.1 (gradients
             and optimizer states on the CPU, fp16 parameters on the GPU); ZeRO-Infinity (Rajbhandari et al. 2021)
             sec. 5.1 (parameters and optimizer states on NVMe); DeepSpeed runtime/zero/stage3.py,
-            stage_1_and_2.py (CPU gradient partitions), swap_tensor/ (buffers).
+            stage_1_and_2.py (CPU gradient partitions), swap_tensor/ (buffers; partitioned_optimizer_swapper.py
+            swaps the gradients with the optimizer states).
         """
         p_b, g_b, o_b = self.state_bytes
         d = self.dp_shard
@@ -594,12 +594,11 @@ class CandidateCosts:
             share = mode.ratio
             optim *= 1 - share
             grads *= 1 - share
-            host += share * n_opt * OFFLOAD_GRAD_BYTES
-            master = share * n_opt * OFFLOAD_MASTER_ADAM_BYTES
-            if mode.offload_optimizer == "nvme":
-                nvme += master
+            offloaded = share * n_opt * (OFFLOAD_MASTER_ADAM_BYTES + OFFLOAD_GRAD_BYTES)
+            if mode.offload_optimizer == "nvme":  # the optimizer swapper pages the fp32 gradients too
+                nvme += offloaded
             else:
-                host += master
+                host += offloaded
         if mode.offload_param != "none":
             if mode.offload_param == "nvme":
                 nvme += params
@@ -612,11 +611,23 @@ class CandidateCosts:
         return params, grads, optim, host, nvme
 
     def zero3_working_bytes(self, mode: Mode) -> float:
-        """ZeRO-3 gathers the current and the prefetched layer in full: ``2 x largest layer`` parameter bytes."""
+        """Gathered parameters ZeRO-3 holds at once (bytes).
+
+        Formula: FSDP-style, the current and the prefetched layer in full, ``2 x largest layer`` parameters. With
+            parameters offloaded (DeepSpeed only, see planner.search.mode_rules) DeepSpeed's limit instead:
+            ``max(largest tensor, min(2 x largest layer, stage3_max_live_parameters = 1e9))`` (it gathers module by
+            module and releases beyond the live limit; the largest tensor must be whole).
+        Source: DeepSpeed runtime/zero/config.py (``stage3_max_live_parameters`` default 1e9) and
+            partitioned_param_coordinator.py; torch FSDP2 prefetches one ``fully_shard`` unit ahead.
+        """
         if mode.zero_stage < 3:
             return 0.0
         largest = max(self.block.params, self.embed.params, self.head.params)
-        return 2 * largest * self.state_bytes[0]
+        live = 2 * largest
+        tensor = offload.largest_tensor_elements(self.spec, self.tp)
+        if mode.offload_param != "none" and tensor is not None:
+            live = max(tensor, min(live, DEEPSPEED_MAX_LIVE_PARAMETERS))
+        return live * self.state_bytes[0]
 
     def _coll(self, op: str, n_bytes: float) -> float:
         return collective_time_s(self.cluster, op, n_bytes, self.dp_shard, self.dp_spans,  # type: ignore[arg-type]
@@ -650,8 +661,8 @@ class CandidateCosts:
             ``n_dev`` parameters whose optimizer stays (reads and writes of every state). Offloaded share
             ``n_off``: CPU Adam ``n_off / (cpu_adam_rate / devices per node)``; the updated parameters back to the
             device, ``n_off x param bytes / PCIe`` (none when the parameters live on the host: they are updated in
-            place); with the optimizer on NVMe, its 12 bytes per parameter read and written,
-            ``2 x 12 n_off / (NVMe bandwidth / devices per node)``; with the parameters on NVMe, the updated
+            place); with the optimizer on NVMe, its 12 bytes and the 4-byte gradient per parameter read and
+            written once, ``2 x 16 n_off / (NVMe bandwidth / devices per node)``; with the parameters on NVMe, the updated
             partition written back, ``param bytes x n_off / (NVMe / devices per node)``. Not overlapped with each
             other (DeepSpeed's default ``pipeline_read/pipeline_write: false``) nor with compute (the step follows
             the backward).
@@ -672,7 +683,7 @@ class CandidateCosts:
             off += self._pcie_s(n_off * p_b)
         nvme_bw = c.nvme_bandwidth_bytes_per_s / per_dev
         if mode.offload_optimizer == "nvme":
-            off += 2 * OFFLOAD_MASTER_ADAM_BYTES * n_off / nvme_bw
+            off += 2 * (OFFLOAD_MASTER_ADAM_BYTES + OFFLOAD_GRAD_BYTES) * n_off / nvme_bw
         if mode.offload_param == "nvme":
             off += n_off * p_b / nvme_bw
         return device, off
@@ -747,14 +758,19 @@ class CandidateCosts:
             at0 = fn(fixed)
             return Affine(at0, fn(fixed + slope) - at0)
 
-        other = self.overhead_bytes + self.zero3_working_bytes(mode)
+        other = Affine(self.overhead_bytes + self.zero3_working_bytes(mode))
+        host = affine(lambda x: self.state_memory(mode, x)[3])
+        if self.cluster.device.kind == "cpu":
+            # A CPU process's "device" memory is host memory: what an offload keeps on the host (gradient
+            # partitions, swap buffers) counts against it.
+            other, host = Affine(other.const + host.const, host.per_block), Affine()
         return ModeTerms(
             params=affine(lambda x: self.state_memory(mode, x)[0]),
             grads=affine(lambda x: self.state_memory(mode, x)[1]),
             optimizer=affine(lambda x: self.state_memory(mode, x)[2]),
-            host=affine(lambda x: self.state_memory(mode, x)[3]),
+            host=host,
             nvme=affine(lambda x: self.state_memory(mode, x)[4]),
-            other=Affine(other),
+            other=other,
             zero_comm=affine(lambda x: self.comm_times(mode, x)[0]),
             grad_reduce=affine(lambda x: self.comm_times(mode, x)[1]),
             param_gather=affine(lambda x: self.comm_times(mode, x)[2]),
@@ -794,7 +810,7 @@ class CandidateCosts:
         return StageCost(
             time_per_micro_batch_s=t, step_extra_s=dp_s + opt_s + off_s, dp_comm_s=dp_s, optimizer_s=opt_s,
             offload_s=off_s, params_bytes=terms.params(n), grads_bytes=terms.grads(n),
-            optimizer_bytes=terms.optimizer(n), activation_bytes=act, other_bytes=terms.other(n),
+            optimizer_bytes=terms.optimizer(n), activation_bytes=act, other_bytes=terms.other(n),  # incl. host (CPU)
             host_bytes=terms.host(n) + a * k * host_a, nvme_bytes=terms.nvme(n) + a * k * nvme_a,
             channels_s=channels,
         )
@@ -807,9 +823,10 @@ class CandidateCosts:
         Formula: model states of the stage's parameters under the mode (:meth:`state_memory`) + activations
             (:meth:`stage_activation_bytes`) + overhead + ZeRO-3 gather buffers.
         """
-        params, grads, optim, _, _ = self.state_memory(mode, self.stage_params(stage, n_blocks))
+        params, grads, optim, host, _ = self.state_memory(mode, self.stage_params(stage, n_blocks))
         act = self.stage_activation_bytes(stage, n_blocks, recompute_blocks, selective_blocks, paged_blocks)
-        return params + grads + optim + act + self.overhead_bytes + self.zero3_working_bytes(mode)
+        shared = host if self.cluster.device.kind == "cpu" else 0.0  # a CPU process's host bytes are its memory
+        return params + grads + optim + act + shared + self.overhead_bytes + self.zero3_working_bytes(mode)
 
     def stage_activation_bytes(self, stage: int, n_blocks: int, recompute_blocks: int,
                                selective_blocks: int = 0, paged_blocks: int = 0) -> float:

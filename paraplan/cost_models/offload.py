@@ -23,10 +23,12 @@ OPTIMIZER_SWAP_BUFFERS = 4
 AIO_CONFIG = {"block_size": 1048576, "queue_depth": 8, "intra_op_parallelism": 1, "single_submit": False,
               "overlap_events": True}
 # ZeRO-3 ``sub_group_size`` emitted with the optimizer on NVMe: the optimizer step swaps one sub-group of fp32
-# master weights and Adam moments at a time, so the host needs OPTIMIZER_SWAP_BUFFERS buffers of this many fp32
-# elements. DeepSpeed's default (1e9) would ask 16 GB of pinned host memory per rank; the ZeRO-Infinity tutorial
-# lowers it for NVMe. Stated choice.
+# master weights and Adam moments at a time, so the host needs OPTIMIZER_SWAP_BUFFERS buffers of the largest
+# sub-group in fp32. DeepSpeed's default (1e9) would ask 16 GB of pinned host memory per rank, and a sub-group as
+# large as the whole partition would keep a quarter of the optimizer on the host anyway; the ZeRO-Infinity tutorial
+# lowers it for NVMe. Stated choice: 1/OPTIMIZER_SUB_GROUPS of the partition, at most 1e8 elements.
 OPTIMIZER_SUB_GROUP_ELEMENTS = 100_000_000
+OPTIMIZER_SUB_GROUPS = 16
 # Swap buffers are rounded up to this many elements (aio block alignment; DeepSpeed aligns I/O to 1 MiB blocks).
 _ALIGN = 1 << 20
 # Buffer size when the model's largest tensor is unknown (a factory model without sizes): DeepSpeed's default.
@@ -57,9 +59,9 @@ def param_swap_buffer_elements(spec: ModelSpec, tp: int, dp_shard: int) -> int:
 
 
 def optimizer_sub_group_elements(params_per_device: float) -> int:
-    """``sub_group_size`` with the optimizer on NVMe: :data:`OPTIMIZER_SUB_GROUP_ELEMENTS`, or the whole partition
-    when smaller."""
-    return min(OPTIMIZER_SUB_GROUP_ELEMENTS, _aligned(params_per_device))
+    """``sub_group_size`` with the optimizer on NVMe: ``1/OPTIMIZER_SUB_GROUPS`` of the rank's partition, at most
+    :data:`OPTIMIZER_SUB_GROUP_ELEMENTS`."""
+    return min(OPTIMIZER_SUB_GROUP_ELEMENTS, _aligned(params_per_device / OPTIMIZER_SUB_GROUPS))
 
 
 def swap_buffer_bytes(param_tier: str, optimizer_tier: str, spec: ModelSpec, tp: int, dp_shard: int,
