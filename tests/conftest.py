@@ -85,10 +85,12 @@ def assert_user_error(result, *fragments: str) -> None:
         assert frag in result.output, result.output
 
 
-def best_assignment(costs, modes, capacity_bytes: float, selective: bool = False, paging: bool = False) -> float:
+def best_assignment(costs, modes, capacity_bytes: float, selective: bool = False, paging: bool = False,
+                    recompute: bool = True) -> float:
     """Brute force over one candidate: the least step time (s) of every contiguous assignment of the blocks to
     ``costs.pp`` stages (each holding at least ``costs.min_blocks``), every count of fully recomputed blocks per
-    stage and, with ``selective``, of selectively recomputed ones, with ``paging`` of paged ones, and every mode,
+    stage (unless not ``recompute``) and, with ``selective``, of selectively recomputed ones, with ``paging`` of
+    paged ones, and every mode,
     among those whose every stage fits ``capacity_bytes`` and the host and NVMe shares of a device; ``inf`` when
     none fits. Evaluated with the cost model's evaluator (``stage_cost`` + ``step_time_s``), independently of the
     MILP."""
@@ -103,7 +105,7 @@ def best_assignment(costs, modes, capacity_bytes: float, selective: bool = False
         n = [bounds[i + 1] - bounds[i] for i in range(p)]
         if any(n[s] < costs.min_blocks(s) for s in range(p)):
             continue
-        splits = [[(r, q, a) for r in range(k + 1) for q in range(k - r + 1 if selective else 1)
+        splits = [[(r, q, a) for r in range(k + 1 if recompute else 1) for q in range(k - r + 1 if selective else 1)
                    for a in range(k - r - q + 1 if paging else 1)] for k in n]
         for rqa in itertools.product(*splits):
             for mode in modes:

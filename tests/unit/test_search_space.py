@@ -16,6 +16,7 @@ import pytest
 from conftest import best_assignment
 from paraplan.catalog import gpu_cluster
 from paraplan.cost_models.costs import CandidateCosts, CostOptions
+from paraplan.errors import NoFeasiblePlanError
 from paraplan.planner.search import Candidate, mode_rules, search_plans
 from paraplan.types import ClusterSpec, ModelSpec, StrategyOverride, TrainSpec
 from paraplan.units import GiB
@@ -23,6 +24,10 @@ from paraplan.units import GiB
 SPEC = ModelSpec(name="chain4", family="llama", n_layers=4, hidden=4096, ffn_hidden=14336, n_heads=32, n_kv_heads=8,
                  vocab=32000)
 FRACTION = 0.95
+# The space of issue 8 (parameters on the device, no paging; the optimizer's tiers stay): parameter offload and
+# paging of issue 9 are checked on a smaller space below (test_plan_with_memory_tiers_is_the_fastest_that_fits), as
+# brute force over both would take hours.
+DEVICE_ONLY = {"offload_param": "none", "offload_activations": False}
 
 
 def _cluster(memory_gib: float, devices: int = 4) -> ClusterSpec:
@@ -73,10 +78,10 @@ def _brute_force(cluster: ClusterSpec, train: TrainSpec, attention: str, allow_s
                                    cp=cp, vpp=v, schedule=sched)
                 costs = CandidateCosts(SPEC, cluster, train, dp, tp, pp, b, options=opts)
                 cand = Candidate(dp, tp, pp, b, sp, pol, cp, v, sched)
-                modes = [m for m, why in mode_rules(cluster, cand, StrategyOverride(), "unconstrained")
-                         if why is None]
+                modes = [m for m, why in mode_rules(cluster, cand, StrategyOverride(**DEVICE_ONLY),
+                                                    "unconstrained") if why is None]
                 best = min(best, best_assignment(costs, modes, FRACTION * cluster.device.memory_bytes,
-                                                 pol is not None, paging=True))
+                                                 pol is not None))
     return best
 
 
@@ -84,7 +89,8 @@ def _brute_force(cluster: ClusterSpec, train: TrainSpec, attention: str, allow_s
 def test_plan_is_the_fastest_strategy_that_fits(memory_gib):
     cluster, train = _cluster(memory_gib), TrainSpec(global_batch=8, seq_len=4096)
     ref = brute_force(cluster, train)
-    plans = search_plans(SPEC, cluster, train, top_k=1, backend="unconstrained", memory_fraction=FRACTION)
+    plans = search_plans(SPEC, cluster, train, override=StrategyOverride(**DEVICE_ONLY), top_k=1, backend="unconstrained",
+                         memory_fraction=FRACTION)
     assert ref < float("inf")
     assert plans[0].predicted.step_time_s == pytest.approx(ref, rel=1e-6)
     assert plans[0].predicted.peak_memory_bytes <= FRACTION * cluster.device.memory_bytes * (1 + 1e-9)
@@ -105,7 +111,7 @@ def test_sequence_parallelism_is_chosen_when_it_is_what_wins():
     plain = {"allow_cp": False, "policies": (None,)}
     with_sp, without = brute_force(cluster, train, **plain), brute_force(cluster, train, allow_sp=False, **plain)
     assert with_sp < without * (1 - 1e-6)
-    override = StrategyOverride(cp=1, recompute=None)
+    override = StrategyOverride(cp=1, recompute=None, **DEVICE_ONLY)
     plans = search_plans(SPEC, cluster, train, override=override, top_k=5, backend="unconstrained",
                          memory_fraction=FRACTION)
     plan = next(p for p in plans if not p.strategy.selective_recompute)
@@ -156,9 +162,9 @@ def test_a_candidate_stopped_by_the_time_limit_makes_the_plan_feasible_not_optim
             modes, selective = args[0], args[3]
             capacity = 0.95 * costs.capacity_bytes  # the key the search solved it at: the largest of its bounds
             stopped.append(max(search._lower_bound(costs),
-                               search.busiest_lower_bound(costs, modes, capacity, selective),
-                               search.partition_lower_bound(costs, modes, capacity, selective)))
-            return MilpResult([], [], [], Mode(0, False), float("nan"), "timeout", float("nan"), 10.0)
+                               search.busiest_lower_bound(costs, modes, capacity, selective, *args[4:]),
+                               search.partition_lower_bound(costs, modes, capacity, selective, *args[4:])))
+            return MilpResult([], [], [], Mode(0, False), [], float("nan"), "timeout", float("nan"), 10.0)
         return real(costs, *args, **kwargs)
 
     monkeypatch.setattr(search, "solve_stage_milp", first_times_out)
@@ -191,9 +197,10 @@ def test_step_lower_bounds_never_exceed_a_candidates_optimum(memory_gib):
             cand = Candidate(dp, tp, pp, b, tp > 1, pol, cp, v, sched)
             costs = CandidateCosts(SPEC, cluster, train, dp, tp, pp, b, options=cand.options())
             modes = [m for m, why in mode_rules(cluster, cand, StrategyOverride(), "unconstrained") if why is None]
-            ref = best_assignment(costs, modes, capacity, pol is not None, paging=True)
-            tight = partition_lower_bound(costs, modes, capacity, pol is not None, paging=True)
-            busiest = busiest_lower_bound(costs, modes, capacity, pol is not None, paging=True)
+            paging = pp <= 2 and pol is None  # brute force over paged counts too, where it stays fast
+            ref = best_assignment(costs, modes, capacity, pol is not None, paging)
+            tight = partition_lower_bound(costs, modes, capacity, pol is not None, paging)
+            busiest = busiest_lower_bound(costs, modes, capacity, pol is not None, paging)
             assert _lower_bound(costs) <= ref * (1 + 1e-9), (cand, ref)
             assert tight <= ref * (1 + 1e-9) and busiest <= ref * (1 + 1e-9), (cand, tight, busiest, ref)
             checked += 1
@@ -215,3 +222,36 @@ def test_forced_schedule_and_vpp_are_honoured_or_refused():
                       (StrategyOverride(pp=4, vpp=2), "exceed the model's 4 blocks")]:
         with pytest.raises(StrategyError, match=says):
             search_plans(SPEC, cluster, train, override=bad, top_k=1, backend="unconstrained")
+
+
+@pytest.mark.parametrize("memory_gib,host_gib", [(5, 1000), (5, 6)])
+def test_plan_with_memory_tiers_is_the_fastest_that_fits(memory_gib, host_gib):
+    # Issue 9's space on 2 devices without recomputation: every (dp, pp, micro-batch, schedule, vpp), every ZeRO x
+    # tier mode and every count of paged blocks per stage, by brute force with the evaluator, against plan. Tight
+    # device memory (and in the second case host memory) makes offload or paging necessary.
+    cluster = _cluster(memory_gib, devices=2)
+    cluster = cluster.model_copy(update={"host_memory_bytes": host_gib * GiB * 2})
+    train = TrainSpec(global_batch=4, seq_len=4096)
+    override = StrategyOverride(tp=1, cp=1, recompute="none")
+    best = float("inf")
+    for pp in (1, 2):
+        dp = 2 // pp
+        for b in _divisors(train.global_batch // dp):
+            for sched, v in _schedules(pp):
+                costs = CandidateCosts(SPEC, cluster, train, dp, 1, pp, b, options=CostOptions(vpp=v, schedule=sched))
+                cand = Candidate(dp, 1, pp, b, vpp=v, schedule=sched)
+                modes = [m for m, why in mode_rules(cluster, cand, override, "unconstrained") if why is None]
+                best = min(best, best_assignment(costs, modes, FRACTION * cluster.device.memory_bytes, paging=True,
+                                                 recompute=False))
+    device_only = StrategyOverride(tp=1, cp=1, recompute="none", offload_optimizer="none", **DEVICE_ONLY)
+    plan = search_plans(SPEC, cluster, train, override=override, top_k=1, backend="unconstrained",
+                        memory_fraction=FRACTION)[0]
+    assert best < float("inf") and plan.predicted.step_time_s == pytest.approx(best, rel=1e-6)
+    s = plan.strategy
+    assert s.offload_optimizer != "none" or s.offload_param != "none" or any(st.offload_blocks for st in s.stages)
+    try:  # without the tiers the same space is slower or infeasible
+        plain = search_plans(SPEC, cluster, train, override=device_only, top_k=1, backend="unconstrained",
+                             memory_fraction=FRACTION)[0].predicted.step_time_s
+    except NoFeasiblePlanError:
+        plain = float("inf")
+    assert plain > best * (1 + 1e-6)
