@@ -432,11 +432,26 @@ def memory_lower_bound(costs: CandidateCosts, modes: list[Mode], recompute: str 
     rqa = [(r, q, 0) for r, q in rq] + ([(0, 0, k)] if paging and recompute in (None, "none") else [])
     stages = sorted({0, max(p - 2, 0), p - 1})
     best = float("inf")
-    for mode in modes:
+    for mode in _modes_that_fit_off_device(costs, modes, k):
         fixed = max(costs.stage_memory_bytes(s, 0, 0, mode) for s in (0, p - 1))
         busiest = min(costs.stage_memory_bytes(s, k, r, mode, q, a) for s in stages for r, q, a in rqa)
         best = min(best, max(fixed, busiest))
     return best
+
+
+def _modes_that_fit_off_device(costs: CandidateCosts, modes: list[Mode], k: int) -> list[Mode]:
+    """The modes whose offloaded states can fit the host memory and NVMe of a device: some stage holds ``k =
+    ceil(L/p)`` blocks, and its states' host and NVMe bytes (a lower bound: paged activations only add) must fit
+    (stages 0, p-2 and p-1 stand for all, as in :func:`memory_lower_bound`)."""
+    p = costs.pp
+    stages = sorted({0, max(p - 2, 0), p - 1})
+    out = []
+    for mode in modes:
+        terms = [costs.mode_terms(s, mode) for s in stages]
+        if min(t.host(k) for t in terms) <= costs.host_capacity_bytes and \
+                min(t.nvme(k) for t in terms) <= costs.nvme_capacity_bytes:
+            out.append(mode)
+    return out
 
 
 def _lower_bound(costs: CandidateCosts) -> float:
@@ -606,7 +621,7 @@ def partition_lower_bound(costs: CandidateCosts, modes: list[Mode], capacity: fl
     per_mode = []
     for mode in modes:
         # Model states + other, and the per micro-batch ZeRO traffic, of each stage (affine in n; memoized).
-        cols = np.empty((4, p, 1))
+        cols = np.empty((8, p, 1))
         for s in range(p):
             if kinds[s] != s:
                 cols[:, s] = cols[:, kinds[s]]
@@ -614,9 +629,11 @@ def partition_lower_bound(costs: CandidateCosts, modes: list[Mode], capacity: fl
             t = costs.mode_terms(s, mode)
             states = (t.params, t.grads, t.optimizer, t.other)
             cols[:, s, 0] = (sum(a.const for a in states), sum(a.per_block for a in states), t.zero_comm.const,
-                             t.zero_comm.per_block)
+                             t.zero_comm.per_block, t.host.const, t.host.per_block, t.nvme.const, t.nvme.per_block)
+        # A stage whose offloaded states alone overflow the host memory or NVMe of its device cannot hold n blocks.
+        off = (cols[4] + cols[5] * n > costs.host_capacity_bytes) | (cols[6] + cols[7] * n > costs.nvme_capacity_bytes)
         extra = min(_least_step_extra_from(costs, s, mode, selective, k) for s in {0, max(p - 2, 0), p - 1})
-        per_mode.append((cols[0] + cols[1] * n, cols[2] + cols[3] * n, extra))
+        per_mode.append((np.where(off, np.inf, cols[0] + cols[1] * n), cols[2] + cols[3] * n, extra))
     return min((bound(*pm) for pm in per_mode), default=float("inf"))
 
 
