@@ -50,7 +50,9 @@ from paraplan.cost_models import efficiency as eff
 from paraplan.cost_models import offload
 from paraplan.cost_models import transformer as tf
 from paraplan.cost_models.compute import KernelTimes
-from paraplan.cost_models.comm import collective_time_s, dp_per_node, dp_spans_nodes, pp_spans_nodes
+from paraplan.cost_models.comm import (
+    LINK_EFFICIENCY, collective_time_s, dp_per_node, dp_spans_nodes, pp_spans_nodes,
+)
 from paraplan.errors import ProfileError, StrategyError
 from paraplan.types import (
     DTYPE_BYTES, ClusterSpec, LayerKind, MemoryBreakdown, ModelProfile, ModelSpec, Prediction, TrainSpec,
@@ -690,11 +692,12 @@ class CandidateCosts:
 
     def _pcie_s(self, n_bytes: float) -> float:
         """Host<->device copy time of ``n_bytes`` over one device's PCIe link, one direction; 0 on a CPU cluster
-        (the device is the host). Assumption: each GPU has its own x16 link to the host (DGX H100: one PCIe Gen5
-        switch port per GPU), at the datasheet rate."""
+        (the device is the host). Assumptions: each GPU has its own x16 link to the host (DGX H100: one PCIe Gen5
+        switch port per GPU); pinned copies reach :data:`comm.LINK_EFFICIENCY` of the datasheet rate, as the
+        collectives' links do."""
         if self.cluster.device.kind == "cpu":
             return 0.0
-        return n_bytes / self.cluster.pcie_bandwidth_bytes_per_s
+        return n_bytes / (self.cluster.pcie_bandwidth_bytes_per_s * LINK_EFFICIENCY)
 
     def transfer_times(self, mode: Mode, n_params: float) -> tuple[float, float, float]:
         """(host->device, device->host, NVMe) seconds per micro-batch of the offloaded model states of a stage

@@ -210,7 +210,20 @@ def mode_rules(cluster: ClusterSpec, cand: Candidate, override: StrategyOverride
     memory: no swapper), offloads parameters only at ZeRO-3, and partial offload (``ratio``) only at ZeRO-3. On a
     CPU cluster the host tier is the device's own memory, so only NVMe counts. torch (FSDP2): ``CPUOffloadPolicy``
     puts parameters, gradients and optimizer states on the host together, on CUDA only; nothing on NVMe.
+    The rules depend only on the device kind, whether dp x cp is 1 and pp > 1, the override and the backend, so
+    they are computed once per such key (memoized).
     """
+    key = (cluster.device.kind, cand.dp * cand.cp == 1, cand.pp > 1, override.model_dump_json(), backend)
+    if key not in _MODE_RULES:
+        _MODE_RULES[key] = _mode_rules(cluster.device.kind, cand.dp * cand.cp == 1, cand.pp > 1, override, backend)
+    return list(_MODE_RULES[key])
+
+
+_MODE_RULES: dict[tuple, list[tuple[Mode, str | None]]] = {}
+
+
+def _mode_rules(kind: str, single: bool, piped: bool, override: StrategyOverride, backend: str
+                ) -> list[tuple[Mode, str | None]]:
     out: list[tuple[Mode, str | None]] = []
     forced_ratio = [Mode(3, "cpu", ratio=override.offload_ratio)] if override.offload_ratio not in (None, 1.0) \
         and override.offload_ratio not in OFFLOAD_RATIOS else []
@@ -222,7 +235,7 @@ def mode_rules(cluster: ClusterSpec, cand: Candidate, override: StrategyOverride
         why = None
         if opt != "none" and zero == 0:
             why = "optimizer offload needs ZeRO >= 1 (DeepSpeed offloads the partitioned optimizer states)"
-        elif "cpu" in (opt, par) and cluster.device.kind == "cpu":
+        elif "cpu" in (opt, par) and kind == "cpu":
             why = "offload to host memory on a CPU cluster (device memory is already host memory; NVMe is not)"
         elif opt == "nvme" and zero < 3 and backend != "unconstrained":
             why = ("optimizer on NVMe below ZeRO-3 (DeepSpeed's stage_1_and_2.py keeps it in host memory: only "
@@ -230,11 +243,11 @@ def mode_rules(cluster: ClusterSpec, cand: Candidate, override: StrategyOverride
         elif backend in ("torch", "any") and not torch_ok:
             why = (f"{mode.label()} with --backend {backend} (FSDP2 offloads parameters, gradients and optimizer "
                    "states to the host together, and nothing to NVMe; use --backend deepspeed)")
-        elif backend in ("torch", "any") and mode.offloads and cluster.device.kind == "cpu":
+        elif backend in ("torch", "any") and mode.offloads and kind == "cpu":
             why = f"offload with --backend {backend} on a CPU cluster (FSDP2's CPUOffloadPolicy needs CUDA)"
-        elif cand.dp * cand.cp == 1 and zero > 0 and override.zero_stage is None and not mode.offloads:
+        elif single and zero > 0 and override.zero_stage is None and not mode.offloads:
             why = "ZeRO with dp=1 (nothing to shard over)"
-        elif backend in ("deepspeed", "any") and cand.pp > 1 and zero > 1:
+        elif backend in ("deepspeed", "any") and piped and zero > 1:
             why = (f"ZeRO-2/3 with pp > 1 under --backend {backend} (DeepSpeed's pipeline engine runs ZeRO 0-1 "
                    "only; --backend torch allows it)")
         out.append((mode, why))
