@@ -16,7 +16,6 @@ What DeepSpeed cannot run is refused here, before any process starts:
 - The optimizer on NVMe below ZeRO-3: ZeRO-1/2 (``runtime/zero/stage_1_and_2.py``, ``DeepSpeedZeroOptimizer
   .__init__``) sets ``cpu_offload = True`` for any ``offload_optimizer.device`` other than none and has no swapper,
   so ``device: nvme`` silently runs as host-memory offload; only ZeRO-3 (``stage3.py``) swaps to NVMe.
-- Optimizer offload with pp > 1 (see :data:`PIPELINE_OFFLOAD_REFUSAL`).
 - A tier on NVMe without a directory: ``emit_deepspeed``'s ``nvme_path`` (``paraplan launch --nvme-path``) or the
   cluster file's ``nvme_path``.
 - Megatron sequence parallelism (``Strategy.sequence_parallel``): AutoTP shards only the linear layers and has no
@@ -55,7 +54,7 @@ from paraplan.backends.checks import (
 from paraplan.cost_models import transformer as tf
 from paraplan.cost_models.offload import (
     AIO_CONFIG, OPTIMIZER_SUB_GROUP_ELEMENTS, OPTIMIZER_SWAP_BUFFERS, PARAM_SWAP_BUFFERS, optimizer_sub_group_elements,
-    param_swap_buffer_elements,
+    param_swap_buffer_elements, reduce_bucket_elements,
 )
 from paraplan.errors import LaunchError
 from paraplan.files import write_atomic
@@ -79,10 +78,6 @@ SELECTIVE_IMPLEMENTATIONS = {
 }
 
 
-# Why optimizer offload with pp > 1 is refused (see check_deepspeed_plan).
-PIPELINE_OFFLOAD_REFUSAL = "PIPELINE_OFFLOAD_PLACEHOLDER"
-
-
 def uses_nvme(plan: Plan) -> bool:
     """Whether the plan puts model states (optimizer or parameters) on NVMe, so a directory is required."""
     return "nvme" in (plan.strategy.offload_optimizer, plan.strategy.offload_param)
@@ -104,8 +99,8 @@ def check_deepspeed_plan(plan: Plan) -> None:
     Raises:
         LaunchError: sequence parallelism; context parallelism (cp > 1); a pipeline schedule other than 1f1b or
             vpp > 1; tp > 1 on a non-Llama model, with pp > 1, or not dividing the heads, key/value heads or MLP
-            width; ZeRO stage >= 2 with pp > 1; optimizer offload with ZeRO stage 0 or with pp > 1; the optimizer
-            on NVMe below ZeRO stage 3; tied embeddings with pp > 1; stages that do not tile the layer chain from
+            width; ZeRO stage >= 2 with pp > 1; optimizer offload with ZeRO stage 0; the optimizer on NVMe below
+            ZeRO stage 3; tied embeddings with pp > 1; stages that do not tile the layer chain from
             the embedding to the head.
     """
     s = plan.strategy
@@ -151,8 +146,9 @@ def check_deepspeed_plan(plan: Plan) -> None:
             "host-memory offload, with no swapper). Re-plan with --strategy zero=3 (and pp=1), or with the optimizer "
             "in host memory (--strategy offload=cpu)"
         )
-    if s.offload_optimizer != "none" and s.pp > 1:
-        raise LaunchError(PIPELINE_OFFLOAD_REFUSAL.format(pp=s.pp, zero=s.zero_stage))
+    # Optimizer offload (host memory) with pp > 1 at ZeRO-1 is accepted: DeepSpeed's PipelineEngine runs ZeRO-1 with
+    # cpu_offload (DeepSpeed PR #1042); measured here, pp=2 with DeepSpeedCPUAdam in fp32 and bf16 reproduces the
+    # single-process losses (PLATFORM.md).
     check_tied_embeddings(plan)  # the batch (dp x micro-batch x accumulation) is checked by Plan itself
     check_stage_tiling(plan)
 
@@ -280,6 +276,13 @@ def _zero_section(plan: Plan, nvme: Path | None) -> dict[str, Any]:
             # buffers on the second step ("Not enough buffers 0 for swapping 1"; PLATFORM.md): release each one.
             zero["stage3_max_reuse_distance"] = 0
         zero["offload_param"] = param
+    if s.offload_optimizer != "none" or s.offload_param != "none":
+        # DeepSpeed's 5e8-element default buckets would keep 2 GB (fp32) per rank; the planner prices one layer's
+        # (cost_models.costs.CandidateCosts.bucket_bytes).
+        bucket = reduce_bucket_elements(plan.model, s.tp)
+        zero["reduce_bucket_size"] = bucket
+        if s.zero_stage < 3:
+            zero["allgather_bucket_size"] = bucket
     return zero
 
 

@@ -82,9 +82,13 @@ def check_world_size(plan: Plan, local_devices: bool = True) -> None:
 def check_plan(plan: Plan, backend: Backend, local_devices: bool = True, nvme_path: Path | None = None) -> None:
     """Everything about the plan itself that the training processes would otherwise fail on.
 
+    Args:
+        nvme_path: the deepspeed backend's NVMe directory (``--nvme-path``); None: the cluster's ``nvme_path``.
+
     Raises:
         LaunchError: see :func:`check_world_size`, ``checks.check_stage_tiling`` and the
-            backend's own checks (``check_deepspeed_plan``, ``torch_native.check_supported``).
+            backend's own checks (``check_deepspeed_plan``, ``torch_native.check_supported``), including states on
+            NVMe with no directory.
         TrainSpecError: a sequence length above the model's ``max_seq_len`` (``ModelSpec.check_seq_len``).
     """
     # The batch (dp x micro-batch x accumulation = global batch) is checked when the Plan is read.

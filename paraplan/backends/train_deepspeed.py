@@ -180,6 +180,9 @@ def train_flat(plan: Plan, ds_config: dict, dataset: ByteDataset, steps: int, ru
     if plan.strategy.zero_stage == 3 and plan.strategy.offload_param != "none":
         # Partitioned (and offloaded) as each module is built: the full model is never materialised on a rank.
         # Every rank builds from the same seed, so the partitions match the single-process model's weights.
+        # zero.Init replaces torch's tensor constructors, and transformers' lazy module import then fails
+        # ("Signature mismatch ... tensor_pynew"): import every module the build needs first, on the meta device.
+        build_model(plan.model, device="meta", seed=None)
         with deepspeed.zero.Init(config_dict_or_path=ds_config):
             chain = build_model(plan.model, seed=plan.train.seed)
     else:

@@ -631,6 +631,14 @@ class CandidateCosts:
             live = max(tensor, min(live, DEEPSPEED_MAX_LIVE_PARAMETERS))
         return live * self.state_bytes[0]
 
+    def bucket_bytes(self, mode: Mode) -> float:
+        """DeepSpeed's gradient reduction bucket when the plan offloads (modes only DeepSpeed runs): one buffer of
+        :func:`offload.reduce_bucket_elements` in the gradient dtype (the DeepSpeed backend emits that size).
+        Source: DeepSpeed runtime/zero/stage3.py (``torch.empty(reduce_bucket_size)`` per gradient dtype)."""
+        if not mode.offloads or mode.zero_stage == 0:
+            return 0.0
+        return offload.reduce_bucket_elements(self.spec, self.tp) * self.state_bytes[1]
+
     def _coll(self, op: str, n_bytes: float) -> float:
         return collective_time_s(self.cluster, op, n_bytes, self.dp_shard, self.dp_spans,  # type: ignore[arg-type]
                                  self.dp_per_node)
@@ -761,7 +769,7 @@ class CandidateCosts:
             at0 = fn(fixed)
             return Affine(at0, fn(fixed + slope) - at0)
 
-        other = Affine(self.overhead_bytes + self.zero3_working_bytes(mode))
+        other = Affine(self.overhead_bytes + self.zero3_working_bytes(mode) + self.bucket_bytes(mode))
         host = affine(lambda x: self.state_memory(mode, x)[3])
         if self.cluster.device.kind == "cpu":
             # A CPU process's "device" memory is host memory: what an offload keeps on the host (gradient
@@ -829,7 +837,8 @@ class CandidateCosts:
         params, grads, optim, host, _ = self.state_memory(mode, self.stage_params(stage, n_blocks))
         act = self.stage_activation_bytes(stage, n_blocks, recompute_blocks, selective_blocks, paged_blocks)
         shared = host if self.cluster.device.kind == "cpu" else 0.0  # a CPU process's host bytes are its memory
-        return params + grads + optim + act + shared + self.overhead_bytes + self.zero3_working_bytes(mode)
+        return (params + grads + optim + act + shared + self.overhead_bytes + self.zero3_working_bytes(mode)
+                + self.bucket_bytes(mode))
 
     def stage_activation_bytes(self, stage: int, n_blocks: int, recompute_blocks: int,
                                selective_blocks: int = 0, paged_blocks: int = 0) -> float:

@@ -33,6 +33,9 @@ OPTIMIZER_SUB_GROUPS = 16
 _ALIGN = 1 << 20
 # Buffer size when the model's largest tensor is unknown (a factory model without sizes): DeepSpeed's default.
 DEFAULT_PARAM_BUFFER_ELEMENTS = 100_000_000
+# DeepSpeed's reduce_bucket_size / allgather_bucket_size default (runtime/zero/config.py): 5e8 elements, one
+# gradient-dtype buffer (stage3.py allocates ``torch.empty(reduce_bucket_size)`` per gradient dtype), 2 GB in fp32.
+DEEPSPEED_BUCKET_ELEMENTS = 500_000_000
 
 
 def _aligned(n: float) -> int:
@@ -47,6 +50,25 @@ def largest_tensor_elements(spec: ModelSpec, tp: int) -> int | None:
     emb = tf.padded_vocab(spec, tp) * spec.hidden / tp
     mlp = spec.hidden * (spec.ffn_hidden or 4 * spec.hidden) / tp
     return int(math.ceil(max(emb, mlp)))
+
+
+def largest_layer_elements(spec: ModelSpec, tp: int) -> int | None:
+    """Parameters of the model's largest layer (block, embedding or head) on one tensor-parallel rank; None for a
+    factory model."""
+    if spec.family == "custom" or not spec.hidden:
+        return None
+    pad = (tf.padded_vocab(spec, tp) - (spec.vocab or 0)) * spec.hidden
+    return int(math.ceil(max(tf.block_params(spec), tf.embed_params(spec) + pad, tf.head_params(spec) + pad) / tp))
+
+
+def reduce_bucket_elements(spec: ModelSpec, tp: int) -> int:
+    """``reduce_bucket_size`` (and ``allgather_bucket_size``) emitted when a plan offloads: one layer's gradients,
+    aligned, at most DeepSpeed's default (:data:`DEEPSPEED_BUCKET_ELEMENTS`). The default alone would keep 2 GB per
+    rank in fp32, more than a small model's whole offloaded state (measured: ../shared/PLATFORM.md)."""
+    largest = largest_layer_elements(spec, tp)
+    if largest is None:
+        return DEEPSPEED_BUCKET_ELEMENTS
+    return min(DEEPSPEED_BUCKET_ELEMENTS, _aligned(largest))
 
 
 def param_swap_buffer_elements(spec: ModelSpec, tp: int, dp_shard: int) -> int:

@@ -259,3 +259,11 @@ def test_zero3_gathered_parameters_follow_the_backend():
     costs = CandidateCosts(spec, load_cluster_spec("8xH100-80GB"), TrainSpec(global_batch=8, seq_len=4096), 8, 1, 1, 1)
     assert costs.zero3_working_bytes(Mode(3)) == pytest.approx(2 * costs.block.params * 2)
     assert costs.zero3_working_bytes(Mode(3, "nvme", "nvme")) == pytest.approx(128256 * 16384 * 2)
+
+
+def test_deepspeed_gradient_bucket_is_priced_when_offloading():
+    # llama3-8b's largest layer is its embedding (128,256 x 4,096 = 525M parameters) > DeepSpeed's 5e8 default,
+    # so the emitted bucket is the default: 5e8 bf16 gradients. Plans that do not offload keep no such term.
+    costs = _h100_node_costs()
+    assert costs.bucket_bytes(Mode(3, "cpu")) == pytest.approx(5e8 * 2)
+    assert costs.bucket_bytes(Mode(3)) == 0

@@ -55,10 +55,18 @@ def test_learning_rate_comes_from_the_plan():
     assert cfg["optimizer"]["params"]["lr"] == 3e-4
 
 
+# llama-tiny's largest layer is a block: q and o 384 x 384, k and v 384 x 128 (2 KV heads of 64), the MLP 3 x 384 x
+# 1024 and two norms of 384: 1,573,632 parameters, rounded up to whole Mi-element blocks: 2 Mi. An offloading plan
+# emits it as the gradient bucket instead of DeepSpeed's 5e8-element default.
+TINY_BUCKET = 2 * 2**20
+assert 2 * 384 * 384 + 2 * 384 * 128 + 3 * 384 * 1024 + 2 * 384 == 1_573_632
+
+
 def test_zero3_with_offload_uses_cpu_adam_and_pins_only_on_gpus():
     cfg = build_ds_config(make_plan(dp=2, zero_stage=3, offload_optimizer=True))
     # On a CPU cluster there is no host<->device copy for pinned memory to speed up.
-    assert cfg["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": False}}
+    assert cfg["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": False},
+                                        "reduce_bucket_size": TINY_BUCKET}
     assert "torch_adam" not in cfg["optimizer"]["params"]  # DeepSpeed then picks DeepSpeedCPUAdam
     gpu = build_ds_config(make_plan(cluster="8xH100-80GB", dp=8, micro_batch_size=1, global_batch=8,
                                     zero_stage=3, offload_optimizer=True))
@@ -274,9 +282,10 @@ def test_zero3_params_and_optimizer_on_nvme(tmp_path):
                                      "buffer_count": 5, "buffer_size": MiB_ELEMENTS}
     assert zero["offload_optimizer"] == {"device": "nvme", "pin_memory": False, "nvme_path": str(tmp_path),
                                          "buffer_count": 4}
-    # One optimizer sub-group holds the whole partition: 9,638,784 params / dp 2 = 4,819,392, rounded up to 5 x 2^20.
+    # Optimizer sub-groups are 1/16 of the rank's partition, at most 1e8 (cost_models.offload's stated choice):
+    # 9,638,784 params / dp 2 = 4,819,392; / 16 = 301,212, rounded up to one 2^20-element buffer.
     assert _llama_params(384, 1024, 6, 2, 6, 256) == 9_638_784
-    assert zero["sub_group_size"] == 5 * MiB_ELEMENTS == _round_up_mib(9_638_784 / 2)
+    assert zero["sub_group_size"] == MiB_ELEMENTS == _round_up_mib(9_638_784 / 2 / 16)
     assert zero["stage3_max_reuse_distance"] == 0  # else "Not enough buffers 0 for swapping 1" on step 2
     assert cfg["aio"] == {"block_size": 1048576, "queue_depth": 8, "intra_op_parallelism": 1, "single_submit": False,
                           "overlap_events": True}  # DeepSpeed's aio defaults, stated
@@ -291,10 +300,10 @@ def test_nvme_buffers_of_a_large_model_on_gpus(tmp_path):
     zero = build_ds_config(plan, nvme_path=tmp_path)["zero_optimization"]
     assert zero["offload_param"]["buffer_size"] == 63 * MiB_ELEMENTS == 66_060_288
     assert zero["offload_param"]["pin_memory"] is True and zero["offload_optimizer"]["pin_memory"] is True
-    # ~8.0e9 params / 8 = ~1.0e9 per partition: capped at sub-groups of 1e8 (DeepSpeed's 1e9 default would pin
-    # 4 x 4 GB of host buffers per GPU).
-    assert _llama_params(4096, 14336, 32, 8, 32, 128256) / 8 > 1e8
-    assert zero["sub_group_size"] == 100_000_000
+    # 8,030,261,248 params / dp 8 / 16 sub-groups = 62,736,416 = 59.8 x 2^20 -> 60 x 2^20 (under the 1e8 cap;
+    # DeepSpeed's 1e9 default would pin 4 x 4 GB of host buffers per GPU).
+    assert _llama_params(4096, 14336, 32, 8, 32, 128256) == 8_030_261_248
+    assert zero["sub_group_size"] == 60 * MiB_ELEMENTS == _round_up_mib(8_030_261_248 / 8 / 16)
 
 
 def test_host_memory_tiers_have_no_nvme_settings():
@@ -338,9 +347,12 @@ def test_optimizer_on_nvme_below_zero3_is_refused(zero, tmp_path):
     assert "stage_1_and_2.py" in str(err.value) and "--strategy zero=3" in str(err.value)
 
 
-def test_optimizer_offload_with_pipeline_is_refused():
-    with pytest.raises(LaunchError, match="pp=1"):
-        build_ds_config(make_plan(pp=2, zero_stage=1, offload_optimizer="cpu"))
+def test_optimizer_offload_with_pipeline_at_zero1_is_emitted():
+    # DeepSpeed's PipelineEngine runs ZeRO-1 with host-memory optimizer offload (run in the integration tests).
+    cfg = build_ds_config(make_plan(pp=2, zero_stage=1, offload_optimizer="cpu"))
+    assert cfg["zero_optimization"] == {"stage": 1, "offload_optimizer": {"device": "cpu", "pin_memory": False},
+                                        "reduce_bucket_size": TINY_BUCKET, "allgather_bucket_size": TINY_BUCKET}
+    assert cfg["pipeline"] == {"activation_checkpoint_interval": 0}
 
 
 def test_paged_blocks_and_their_tier_reach_the_trainer(tmp_path):
