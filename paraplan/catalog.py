@@ -173,20 +173,24 @@ _PRESET = re.compile(r"^(?:(\d+)x)?(\d+)x([A-Za-z0-9-]+)$")
 
 def load_cluster_spec(cluster: str, device_memory: str | None = None) -> ClusterSpec:
     """Resolve ``cpu:N``, ``8xH100-80GB``, ``4x8xA100-80GB`` (nodes x devices per node x device) or a YAML/JSON file;
-    ``device_memory`` (``--device-memory``, e.g. ``1.5GiB``) replaces the memory per device, a budget that makes
-    plans offload (on ``cpu:N`` it is the share of this machine's memory each process may use).
+    ``device_memory`` (``--device-memory``, e.g. ``1.5GiB``; ``device_memory`` in a cluster file) replaces the memory
+    per device, a budget that makes plans offload (on ``cpu:N`` it is the share of this machine's memory each
+    process may use). A cluster file with ``device: cpu`` describes processes on this machine, like ``cpu:N``
+    with N = ``devices_per_node``.
 
     Raises:
         ClusterSpecError: unknown device or preset syntax, a file that fails validation (errors listed), or a
             device memory that is not a size.
     """
     spec = _load_cluster_spec(cluster)
-    if device_memory is None:
-        return spec
+    return spec if device_memory is None else _with_budget(spec, device_memory)
+
+
+def _with_budget(spec: ClusterSpec, device_memory: str) -> ClusterSpec:
     try:
         budget = parse_bytes(device_memory)
     except ValueError as exc:
-        raise ClusterSpecError(f"--device-memory: {exc}") from None
+        raise ClusterSpecError(f"device memory budget: {exc}") from None
     device = spec.device.model_copy(update={"memory_bytes": budget})
     return spec.model_copy(update={"device": device, "name": f"{spec.name} ({format_bytes(budget)} per device)"})
 
@@ -207,12 +211,17 @@ def _load_cluster_spec(cluster: str) -> ClusterSpec:
     path = Path(cluster)
     if path.suffix.lower() in MAPPING_SUFFIXES:
         data = read_mapping(path, "cluster file", ClusterSpecError)
-        if isinstance(data.get("device"), str):
+        budget = data.pop("device_memory", None)  # a budget per device, e.g. "1.5GiB" (as --device-memory)
+        if data.get("device") == "cpu":  # processes on one machine, as cpu:N
+            data = {**cpu_cluster(int(data.get("devices_per_node", 1))).model_dump(exclude={"name", "schema_version"}),
+                    **{k: v for k, v in data.items() if k != "device"}}
+        elif isinstance(data.get("device"), str):
             data = {**_catalog_node_defaults(data), **data, "device": _device(data["device"]).model_dump()}
         try:
-            return ClusterSpec(**{"name": path.stem, **data})
+            spec = ClusterSpec(**{"name": path.stem, **data})
         except ValidationError as exc:
             raise ClusterSpecError(format_validation_error(f"cluster file {cluster}", exc)) from exc
+        return spec if budget is None else _with_budget(spec, str(budget))
     raise ClusterSpecError(
         f"unknown cluster '{cluster}'; use cpu:N, DEVICESxTYPE (8xH100-80GB), NODESxDEVICESxTYPE (4x8xA100-80GB) "
         f"or a .yaml/.json file; devices: {', '.join(DEVICES)}"

@@ -8,6 +8,7 @@ import pytest
 
 from conftest import assert_user_error, run_cli as run
 from paraplan.cli.app import parse_strategy
+from paraplan.types import Plan
 
 
 def test_models_lists_presets_with_counts():
@@ -129,3 +130,31 @@ def test_plan_respects_memory_fraction(tmp_path, fraction):
                  "--memory-fraction", str(fraction), "--json", "-o", str(tmp_path / "p.json"))
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["predicted"]["peak_memory_bytes"] <= fraction * 80 * 2**30
+
+
+def test_device_memory_budget_forces_nvme_offload_on_cpu(tmp_path):
+    # llama-small in fp32 keeps 16 B x 101M = 1.6 GB of model states; on cpu:2 with 1 GiB per process no plan fits
+    # on the device (the 0.6 GiB process overhead included), so the DeepSpeed plan puts states on NVMe.
+    out = tmp_path / "p.json"
+    result = run("plan", "llama-small", "--cluster", "cpu:2", "--global-batch", "8", "--seq-len", "256",
+                 "--device-memory", "1GiB", "--backend", "deepspeed", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    plan = Plan.model_validate_json(out.read_text())
+    assert plan.cluster.device.memory_bytes == 2**30 and plan.strategy.zero_stage == 3
+    assert "nvme" in (plan.strategy.offload_optimizer, plan.strategy.offload_param)
+    assert plan.predicted.peak_memory_bytes <= 0.95 * 2**30 and plan.predicted.nvme_bytes > 0
+    # The same budget in a cluster file (device: cpu is this machine, like cpu:N).
+    cfile = tmp_path / "c.yaml"
+    cfile.write_text("nodes: 1\ndevices_per_node: 2\ndevice: cpu\ndevice_memory: 1GiB\n")
+    again = run("plan", "llama-small", "--cluster", str(cfile), "--global-batch", "8", "--seq-len", "256",
+                "--backend", "deepspeed", "--json", "-o", str(tmp_path / "q.json"))
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["strategy"]["offload_param"] == plan.strategy.offload_param
+    # Without the tiers it cannot fit; a bad budget is refused.
+    none = run("plan", "llama-small", "--cluster", "cpu:2", "--global-batch", "8", "--seq-len", "256",
+               "--device-memory", "1GiB", "--strategy", "offload=none,offload_param=none,offload_act=false",
+               "-o", str(tmp_path / "r.json"))
+    assert_user_error(none, "no plan fits")
+    bad = run("plan", "llama-small", "--cluster", "cpu:2", "--global-batch", "8", "--seq-len", "256",
+              "--device-memory", "lots", "-o", str(tmp_path / "s.json"))
+    assert_user_error(bad, "device memory budget", "1.5GiB")
