@@ -177,7 +177,8 @@ def train_flat(plan: Plan, ds_config: dict, dataset: ByteDataset, steps: int, ru
     from deepspeed.utils import groups
 
     device = device_for_rank()
-    if plan.strategy.zero_stage == 3 and plan.strategy.offload_param != "none":
+    st = plan.strategy
+    if st.zero_stage == 3 and (st.offload_param != "none" or st.offload_optimizer == "nvme"):
         # Partitioned (and offloaded) as each module is built: the full model is never materialised on a rank.
         # Every rank builds from the same seed, so the partitions match the single-process model's weights.
         # zero.Init replaces torch's tensor constructors, and transformers' lazy module import then fails

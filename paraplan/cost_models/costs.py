@@ -106,7 +106,8 @@ class Mode:
 
 # Bytes per offloaded parameter of the optimizer tier: fp32 master weight, Adam momentum and variance, fp32
 # gradient partition (DeepSpeed stage3.py fp32_partitioned_groups_flat and their grads; stage_1_and_2.py
-# single_partition_of_fp32_groups with its CPU gradient accumulation), in host memory or all on NVMe.
+# single_partition_of_fp32_groups with its CPU gradient accumulation); with the optimizer on NVMe the first 12 go
+# there and the gradient stays in host memory.
 OFFLOAD_MASTER_ADAM_BYTES = 12
 DEEPSPEED_MAX_LIVE_PARAMETERS = 1e9  # runtime/zero/config.py stage3_max_live_parameters default
 OFFLOAD_GRAD_BYTES = 4
@@ -575,15 +576,15 @@ class CandidateCosts:
 
         Formula: ZeRO-1 divides optimizer states by d = dp x cp, ZeRO-2 also gradients, ZeRO-3 also parameters.
             Optimizer offload (share ``ratio``) moves that share of the optimizer states and the gradient
-            partitions off the device: the host (or NVMe) keeps :data:`OFFLOAD_MASTER_ADAM_BYTES` (fp32 master,
-            momentum, variance) + :data:`OFFLOAD_GRAD_BYTES` (fp32 gradient) per parameter of the partition. Parameter offload (ZeRO-3) keeps the parameter partition on the host or
+            partitions off the device: the host keeps :data:`OFFLOAD_GRAD_BYTES` (fp32 gradient) and the host or
+            NVMe :data:`OFFLOAD_MASTER_ADAM_BYTES` (fp32 master, momentum, variance) per parameter of the partition. Parameter offload (ZeRO-3) keeps the parameter partition on the host or
             NVMe (the device holds only the gathered layers, :meth:`zero3_working_bytes`). NVMe tiers need pinned
             host swap buffers (:func:`offload.swap_buffer_bytes`).
         Source: Rajbhandari et al. 2020, sec. 5 and Figure 1; ZeRO-Offload (Ren et al. 2021) sec. 4.1 (gradients
             and optimizer states on the CPU, fp16 parameters on the GPU); ZeRO-Infinity (Rajbhandari et al. 2021)
             sec. 5.1 (parameters and optimizer states on NVMe); DeepSpeed runtime/zero/stage3.py,
-            stage_1_and_2.py (CPU gradient partitions), swap_tensor/ (buffers; partitioned_optimizer_swapper.py
-            swaps the gradients with the optimizer states).
+            stage_1_and_2.py (CPU gradient partitions; stage3.py ``grad_partitions_flat_buffer`` on the CPU under
+            optimizer offload), swap_tensor/ (buffers).
         """
         p_b, g_b, o_b = self.state_bytes
         d = self.dp_shard
@@ -596,11 +597,13 @@ class CandidateCosts:
             share = mode.ratio
             optim *= 1 - share
             grads *= 1 - share
-            offloaded = share * n_opt * (OFFLOAD_MASTER_ADAM_BYTES + OFFLOAD_GRAD_BYTES)
-            if mode.offload_optimizer == "nvme":  # the optimizer swapper pages the fp32 gradients too
-                nvme += offloaded
+            # The fp32 gradient partition stays in host memory on either tier (DeepSpeed stage3.py allocates
+            # grad_partitions_flat_buffer on the CPU under optimizer offload); master weights and moments move.
+            host += share * n_opt * OFFLOAD_GRAD_BYTES
+            if mode.offload_optimizer == "nvme":
+                nvme += share * n_opt * OFFLOAD_MASTER_ADAM_BYTES
             else:
-                host += offloaded
+                host += share * n_opt * OFFLOAD_MASTER_ADAM_BYTES
         if mode.offload_param != "none":
             if mode.offload_param == "nvme":
                 nvme += params
@@ -671,8 +674,8 @@ class CandidateCosts:
             ``n_dev`` parameters whose optimizer stays (reads and writes of every state). Offloaded share
             ``n_off``: CPU Adam ``n_off / (cpu_adam_rate / devices per node)``; the updated parameters back to the
             device, ``n_off x param bytes / PCIe`` (none when the parameters live on the host: they are updated in
-            place); with the optimizer on NVMe, its 12 bytes and the 4-byte gradient per parameter read and
-            written once, ``2 x 16 n_off / (NVMe bandwidth / devices per node)``; with the parameters on NVMe, the updated
+            place); with the optimizer on NVMe, its 12 bytes per parameter read and written once,
+            ``2 x 12 n_off / (NVMe bandwidth / devices per node)``; with the parameters on NVMe, the updated
             partition written back, ``param bytes x n_off / (NVMe / devices per node)``. Not overlapped with each
             other (DeepSpeed's default ``pipeline_read/pipeline_write: false``) nor with compute (the step follows
             the backward).
@@ -693,7 +696,7 @@ class CandidateCosts:
             off += self._pcie_s(n_off * p_b)
         nvme_bw = c.nvme_bandwidth_bytes_per_s / per_dev
         if mode.offload_optimizer == "nvme":
-            off += 2 * (OFFLOAD_MASTER_ADAM_BYTES + OFFLOAD_GRAD_BYTES) * n_off / nvme_bw
+            off += 2 * OFFLOAD_MASTER_ADAM_BYTES * n_off / nvme_bw
         if mode.offload_param == "nvme":
             off += n_off * p_b / nvme_bw
         return device, off

@@ -119,7 +119,7 @@ def _tier_cluster(memory_gib: float, host_gib: float, nvme_gib: float, kind: str
     (5, 6, 1000, "cuda", 2),  # host memory binds too: NVMe tiers
     (6, 4, 60, "cuda", 1),  # host and NVMe capacity both bind
     (8, 4, 60, "cuda", 1),  # fits without offload, but paging beats recomputation
-    (6, 1000, 1000, "cpu", 2),  # CPU cluster: no overlap, paging to disk, NVMe only
+    (7, 1000, 1000, "cpu", 2),  # CPU cluster: no overlap, paging to disk, NVMe only
 ])
 def test_milp_matches_brute_force_with_memory_tiers_and_paging(memory_gib, host_gib, nvme_gib, kind, pp):
     train = TrainSpec(global_batch=16, seq_len=4096, dtype="fp32" if kind == "cpu" else "bf16")
