@@ -37,7 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # fidelity.py sits beside this script
 import fidelity  # noqa: E402
 
-from paraplan.cli.render import schedule_label  # noqa: E402
+from paraplan.cli.render import offload_label, schedule_label  # noqa: E402
 from paraplan.cost_models.costs import CostOptions  # noqa: E402
 from paraplan.cost_models.estimate import StrategySpec, estimate_strategy, stage_blocks  # noqa: E402
 from paraplan.planner.search import MAX_VPP, search_plans  # noqa: E402
@@ -100,7 +100,7 @@ def expert_desc(st: StrategySpec) -> str:
     return (f"tp{st.tp} pp{st.pp} dp{st.dp}" + (f" cp{st.cp}" if st.cp > 1 else "") + f" mb{st.micro_batch_size}"
             + (f" vpp{st.vpp}" if st.vpp > 1 else "")
             + (" sp" if st.sequence_parallel and st.tp > 1 else "") + f" z{st.zero_stage}"
-            + (" offload" if st.offload_optimizer else "") + f" rc:{st.recompute}")
+            + (" offload" if st.offload_optimizer not in ("none", False) else "") + f" rc:{st.recompute}")
 
 
 def plan_desc(plan: Plan) -> str:
@@ -116,7 +116,7 @@ def plan_desc(plan: Plan) -> str:
     sched = f" {schedule_label(plan)}" if s.pp > 1 else ""
     return (f"tp{s.tp} pp{s.pp} dp{s.dp}" + (f" cp{s.cp}" if s.cp > 1 else "") + f" mb{s.micro_batch_size}"
             + sched + (" sp" if s.sequence_parallel else "")
-            + f" z{s.zero_stage}" + (" offload" if s.offload_optimizer else "") + f" rc:{rc}"
+            + f" z{s.zero_stage}" + (f" {offload_label(plan)}" if offload_label(plan) != "-" else "") + f" rc:{rc}"
             + (f" blocks{[st.n_blocks for st in s.stages]}" if uneven else ""))
 
 
@@ -174,13 +174,15 @@ def reprice(plan: Plan, spec, cluster, train) -> float:
     blocks = [st.n_blocks for st in s.stages]
     full = [st.recompute_blocks for st in s.stages]
     sel = [st.selective_blocks for st in s.stages]
-    if (any(full) and full != blocks) or (any(sel) and sel != blocks):
+    paged = [st.offload_blocks for st in s.stages]
+    if (any(full) and full != blocks) or (any(sel) and sel != blocks) or (any(paged) and paged != blocks):
         return math.nan
     recompute = "full" if any(full) else ({"attention": "selective", "op": "op"}[s.selective_policy]
                                           if any(sel) else "none")
     st = StrategySpec(dp=s.dp, tp=s.tp, pp=s.pp, cp=s.cp, vpp=s.vpp, schedule=s.schedule,
                       micro_batch_size=s.micro_batch_size, recompute=recompute, stage_blocks=tuple(blocks),
-                      zero_stage=s.zero_stage, offload_optimizer=s.offload_optimizer,
+                      zero_stage=s.zero_stage, offload_optimizer=s.offload_optimizer, offload_param=s.offload_param,
+                      offload_ratio=s.offload_ratio, offload_activations=any(paged),
                       sequence_parallel=s.sequence_parallel)
     return estimate_strategy(spec, cluster, train, st).step_time_s
 
