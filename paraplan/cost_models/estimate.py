@@ -89,10 +89,14 @@ class StrategyEstimate:
     nvme_bytes: float = 0.0
     binding: str = ""
     flop_count: str = FLOP_COUNT
+    host_capacity_bytes: float = float("inf")
+    nvme_capacity_bytes: float = float("inf")
 
     @property
     def fits(self) -> bool:
-        return self.peak_memory_bytes <= self.memory_capacity_bytes
+        """Device memory, and the host memory and NVMe share of a device, hold what the strategy puts there."""
+        return (self.peak_memory_bytes <= self.memory_capacity_bytes and self.host_bytes <= self.host_capacity_bytes
+                and self.nvme_bytes <= self.nvme_capacity_bytes)
 
 
 def stage_blocks(n_layers: int, pp: int) -> list[int]:
@@ -240,5 +244,6 @@ def estimate_strategy(
         hfu=hardware / (step * world * peak), peak_memory_bytes=pred.peak_memory_bytes,
         memory_capacity_bytes=pred.memory_capacity_bytes, memory_breakdown_bytes=pred.memory_breakdown_bytes,
         most_loaded_stage=worst_i, stage_blocks=blocks, grad_accum=costs.m, host_bytes=pred.host_bytes,
-        nvme_bytes=pred.nvme_bytes, binding=pred.binding,
+        nvme_bytes=pred.nvme_bytes, binding=pred.binding, host_capacity_bytes=costs.host_capacity_bytes,
+        nvme_capacity_bytes=costs.nvme_capacity_bytes,
     )

@@ -280,3 +280,23 @@ def test_tied_head_is_held_once_without_pipeline_and_twice_with():
     assert one.stage_params(0, L) == pytest.approx(tf.model_params(spec) / 8 + (51200 - 50257) * 12288 / 8)
     both = two.stage_params(0, L // 2) + two.stage_params(1, L // 2)
     assert both == pytest.approx(one.stage_params(0, L) + head)
+
+
+def test_offloaded_strategy_fits_only_where_host_memory_holds_it():
+    # llama3-70b, ZeRO-3 over 8 A100-40GB with parameters and optimizer in host memory: 70.6e9 x (2 + 16) / 8 =
+    # 159 GB per GPU of host memory. The catalog node has 256 GiB per GPU, so it fits; with a 64 GiB-per-GPU
+    # host it does not, however little the GPU holds.
+    from paraplan.catalog import load_cluster_spec
+    from paraplan.cost_models.estimate import StrategySpec, estimate_strategy
+    from paraplan.models.presets import load_model_spec
+    from paraplan.types import TrainSpec
+    from paraplan.units import GiB
+
+    spec, train = load_model_spec("llama3-70b"), TrainSpec(global_batch=32, seq_len=4096)
+    st = StrategySpec(dp=8, tp=1, pp=1, micro_batch_size=1, zero_stage=3, offload_optimizer="cpu",
+                      offload_param="cpu", recompute="full")
+    roomy = estimate_strategy(spec, load_cluster_spec("8xA100-40GB"), train, st)
+    assert roomy.fits and roomy.host_bytes >= 70.5e9 * 18 / 8
+    small = load_cluster_spec("8xA100-40GB").model_copy(update={"host_memory_bytes": 8 * 64 * GiB})
+    tight = estimate_strategy(spec, small, train, st)
+    assert tight.peak_memory_bytes == roomy.peak_memory_bytes and not tight.fits
