@@ -116,3 +116,29 @@ def best_assignment(costs, modes, capacity_bytes: float, selective: bool = False
                 best = min(best, step_time_s(costs, stages)[0])
     return best
 
+
+
+def retained_bytes(module, x, exclude=()):
+    """Forward ``module`` on ``x`` and return (bytes of the storages created during the forward that are still alive
+    afterwards, the output): what autograd, a selective-checkpoint cache or a paging hook keeps for backward,
+    whichever mechanism holds it. Parameters, ``exclude`` and the output itself are not counted."""
+    import torch
+    from torch.multiprocessing.reductions import StorageWeakRef
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    skip = {t.untyped_storage().data_ptr() for t in [*module.parameters(), *exclude]}
+    refs: dict[int, tuple] = {}
+
+    class Track(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in skip:
+                    storage = t.untyped_storage()
+                    refs[storage.data_ptr()] = (StorageWeakRef(storage), storage.nbytes())
+            return out
+
+    with Track():
+        y = module(x)
+    out_ptr = y.untyped_storage().data_ptr()
+    return sum(n for ptr, (ref, n) in refs.items() if not ref.expired() and ptr != out_ptr), y

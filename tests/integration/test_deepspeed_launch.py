@@ -15,47 +15,20 @@ falls does not change the losses, so the pipeline test also checks the cut in th
 
 from __future__ import annotations
 
-import math
-import os
 from pathlib import Path
 
 import pytest
 
+from ds_runs import COMMON, check_against_reference, reference, run_losses
 from conftest import make_plan
-from paraplan.backends.launch import launch_plan
 from paraplan.types import Plan, StagePlan
 
-# DeepSpeed's JIT-built ops (cpu_adam) are cached where .ci/run builds them, unless TORCH_EXTENSIONS_DIR says otherwise.
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[2] / "build" / "torch_extensions"))
-
 pytestmark = pytest.mark.integration
-
-STEPS = 4
-COMPARED_STEPS = 3
-REL_TOL = 2e-3
-COMMON = dict(model="llama-tiny", seq_len=64, global_batch=8, micro_batch_size=2, dtype="fp32")
-
-
-def _losses(run_dir: Path, plan: Plan) -> list[float]:
-    _, rows = launch_plan(plan, "deepspeed", run_dir, steps=STEPS, quiet=True)
-    assert [r["step"] for r in rows] == list(range(STEPS))
-    assert all(r["step_time_s"] > 0 for r in rows)
-    return [r["loss"] for r in rows]
 
 
 @pytest.fixture(scope="module")
 def reference_losses(tmp_path_factory) -> list[float]:
-    """One process, dp=1 (4 micro-batches of 2 per step), ZeRO 0: the run every strategy must reproduce."""
-    return _losses(tmp_path_factory.mktemp("ds-reference"), make_plan(**COMMON, cluster="cpu:1", dp=1))
-
-
-def _check_against_reference(losses: list[float], reference: list[float]) -> None:
-    for step in range(COMPARED_STEPS):
-        assert math.isclose(losses[step], reference[step], rel_tol=REL_TOL), (step, losses, reference)
-    # A freshly initialised byte-level model predicts near-uniformly: loss ~ ln(256) = 5.55 nats (5.81 measured).
-    # A few AdamW steps at lr 1e-3 learn the byte frequencies of Python source (unigram entropy ~4.5-5 bits, i.e.
-    # ~3.3 nats), so the loss must fall by well over 1 nat; a run whose updates do nothing stays near 5.5-5.8.
-    assert losses[-1] < losses[0] - 1.0, losses
+    return reference(tmp_path_factory.mktemp("ds-reference"))
 
 
 @pytest.mark.parametrize(
@@ -73,8 +46,8 @@ def _check_against_reference(losses: list[float], reference: list[float]) -> Non
     ],
 )
 def test_two_process_run_matches_single_process(tmp_path, reference_losses, strategy):
-    losses = _losses(tmp_path / "run", make_plan(**COMMON, cluster="cpu:2", **strategy))
-    _check_against_reference(losses, reference_losses)
+    losses = run_losses(tmp_path / "run", make_plan(**COMMON, cluster="cpu:2", **strategy))
+    check_against_reference(losses, reference_losses)
 
 
 def test_pipeline_runs_the_planned_cut_and_matches_single_process(tmp_path, reference_losses):
@@ -89,8 +62,8 @@ def test_pipeline_runs_the_planned_cut_and_matches_single_process(tmp_path, refe
                   memory_bytes=0.0),
     ]
     plan = plan.model_copy(update={"strategy": plan.strategy.model_copy(update={"stages": stages})})
-    losses = _losses(tmp_path / "run", plan)
-    _check_against_reference(losses, reference_losses)
+    losses = run_losses(tmp_path / "run", plan)
+    check_against_reference(losses, reference_losses)
     log = (tmp_path / "run" / "train.log").read_text()
     assert "pipeline stage 0: chain layers 0..2, checkpointed [1]" in log
     assert "pipeline stage 1: chain layers 3..7, checkpointed [3]" in log
@@ -111,5 +84,5 @@ def _cpu_adam_built() -> bool:
 )
 def test_zero2_with_optimizer_offload_matches_single_process(tmp_path, reference_losses):
     plan = make_plan(**COMMON, cluster="cpu:2", dp=2, zero_stage=2, offload_optimizer="cpu")
-    losses = _losses(tmp_path / "run", plan)
-    _check_against_reference(losses, reference_losses)
+    losses = run_losses(tmp_path / "run", plan)
+    check_against_reference(losses, reference_losses)

@@ -17,24 +17,16 @@ A test whose op is not built yet is skipped with the command that builds it.
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
 import pytest
 
+from ds_runs import COMMON, STEPS, check_against_reference, reference, run_losses
 from conftest import make_plan, run_cli
-from paraplan.backends.launch import launch_plan
-from paraplan.types import Plan
-
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[2] / "build" / "torch_extensions"))
 
 pytestmark = pytest.mark.integration
 
-STEPS = 4
-COMPARED_STEPS = 3
-REL_TOL = 2e-3
-COMMON = dict(model="llama-tiny", seq_len=64, global_batch=8, micro_batch_size=2, dtype="fp32")
 BUILD = ("TORCH_EXTENSIONS_DIR={dir} DS_ACCELERATOR=cpu python -c "
          "'from deepspeed.ops.op_builder import {b}; {b}().load()'")
 
@@ -55,22 +47,9 @@ needs_cpu_adam = _needs("cpu_adam", "CPUAdamBuilder")
 needs_async_io = _needs("async_io", "AsyncIOBuilder")
 
 
-def _losses(run_dir: Path, plan: Plan) -> list[float]:
-    _, rows = launch_plan(plan, "deepspeed", run_dir, steps=STEPS, quiet=True)
-    assert [r["step"] for r in rows] == list(range(STEPS))
-    return [r["loss"] for r in rows]
-
-
 @pytest.fixture(scope="module")
 def reference_losses(tmp_path_factory) -> list[float]:
-    """One process, ZeRO 0, no offload, nothing paged."""
-    return _losses(tmp_path_factory.mktemp("ds-reference"), make_plan(**COMMON, cluster="cpu:1", dp=1))
-
-
-def _check_against_reference(losses: list[float], reference: list[float]) -> None:
-    for step in range(COMPARED_STEPS):
-        assert math.isclose(losses[step], reference[step], rel_tol=REL_TOL), (step, losses, reference)
-    assert losses[-1] < losses[0] - 1.0, losses  # ln(256) = 5.5 nats at init; a few steps learn byte frequencies
+    return reference(tmp_path_factory.mktemp("ds-reference"))
 
 
 @needs_cpu_adam
@@ -84,7 +63,7 @@ def test_zero3_params_and_optimizer_on_nvme_through_paraplan_launch(tmp_path, re
                      str(run_dir), "--nvme-path", str(nvme))
     assert result.exit_code == 0, result.output + (run_dir / "train.log").read_text()
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    _check_against_reference([r["loss"] for r in rows], reference_losses)
+    check_against_reference([r["loss"] for r in rows], reference_losses)
     # DeepSpeed swapped through the given directory: a parameter swap folder per rank (its files are removed when
     # the parameters are released) and the optimizer states' swap files, which stay.
     for rank in (0, 1):
@@ -106,7 +85,7 @@ def test_zero3_params_and_optimizer_on_nvme_through_paraplan_launch(tmp_path, re
 def test_cpu_optimizer_offload_and_activation_paging_match_the_plain_run(tmp_path, reference_losses, strategy):
     plan = make_plan(**COMMON, cluster="cpu:2", **strategy)
     assert plan.strategy.activation_tier == "nvme"
-    losses = _losses(tmp_path / "run", plan)
-    _check_against_reference(losses, reference_losses)
+    losses = run_losses(tmp_path / "run", plan)
+    check_against_reference(losses, reference_losses)
     # Each rank paged into its own directory under the run directory (no --nvme-path); files go after backward.
     assert sorted(p.name for p in (tmp_path / "run" / "activations").iterdir()) == ["rank0", "rank1"]

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
+from conftest import retained_bytes
 
 from paraplan.backends.train_common import PAGE_MIN_BYTES, paged_activations
 from paraplan.models.build import build_model
@@ -99,27 +98,6 @@ def test_a_graph_dropped_without_backward_leaves_no_file(block, tmp_path):
     assert _files(tmp_path) == []
 
 
-class _AliveBytes(TorchDispatchMode):
-    """Bytes of the storages created during forward that are still alive afterwards (what is kept for backward)."""
-
-    def __init__(self, exclude: list[torch.Tensor]) -> None:
-        super().__init__()
-        self.exclude = {t.untyped_storage().data_ptr() for t in exclude}
-        self.refs: dict[int, tuple[StorageWeakRef, int]] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.exclude:
-                s = t.untyped_storage()
-                self.refs[s.data_ptr()] = (StorageWeakRef(s), s.nbytes())
-        return out
-
-    def alive(self, output: torch.Tensor) -> int:
-        out = output.untyped_storage().data_ptr()
-        return sum(n for ptr, (ref, n) in self.refs.items() if not ref.expired() and ptr != out)
-
-
 def test_nvme_tier_frees_what_it_pages(block, tmp_path):
     """Kept for backward: everything the block saves without paging; with paging only what is under 64 KiB (norm
     statistics, rotary cos/sin of s x d = 64 x 64 x 4 = 16 KiB each) and what something else still references."""
@@ -127,10 +105,7 @@ def test_nvme_tier_frees_what_it_pages(block, tmp_path):
     for name, module in (("plain", copy.deepcopy(block)), ("paged", paged_activations(copy.deepcopy(block), "nvme",
                                                                                        tmp_path))):
         x = _x(1)
-        mode = _AliveBytes(exclude=[x, *module.parameters()])
-        with mode:
-            y = module(x)
-        kept[name] = mode.alive(y)
+        kept[name], y = retained_bytes(module, x, exclude=[x])
         del y
     # The plain block keeps several hidden- and MLP-sized tensors (192 KiB to 512 KiB each); paged, none of them.
     assert kept["plain"] > 8 * B * S * H * 4

@@ -12,10 +12,9 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import make_plan
-
-from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
+from conftest import make_plan, retained_bytes
+
 
 from paraplan.backends import train_common
 from paraplan.backends.torch_native import (
@@ -323,34 +322,9 @@ def test_checkpointed_block_recomputes_and_matches_plain_block(tiny_chain):
     assert type(ckpt.block(2)) is type(plain.block(2))
 
 
-class _RetainedBytes(TorchDispatchMode):
-    """Bytes of the storages created during forward that are still alive afterwards: what autograd (or the
-    selective-checkpoint cache) keeps for backward, whichever mechanism holds it."""
-
-    def __init__(self, exclude: list[torch.Tensor]) -> None:
-        super().__init__()
-        self.exclude = {t.untyped_storage().data_ptr() for t in exclude}
-        self.refs: dict[int, tuple[StorageWeakRef, int]] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.exclude:
-                storage = t.untyped_storage()
-                self.refs[storage.data_ptr()] = (StorageWeakRef(storage), storage.nbytes())
-        return out
-
-    def alive_bytes(self, output: torch.Tensor) -> int:
-        out_ptr = output.untyped_storage().data_ptr()
-        return sum(n for ptr, (ref, n) in self.refs.items() if not ref.expired() and ptr != out_ptr)
-
-
 def _retained(block, x: torch.Tensor) -> tuple[int, torch.Tensor]:
     """Forward ``block`` (plain or wrapped for recomputation) on ``x``; bytes kept for backward, output."""
-    mode = _RetainedBytes(exclude=[p for p in block.parameters()])
-    with mode:
-        y = block(x)
-    return mode.alive_bytes(y), y
+    return retained_bytes(block, x)
 
 
 # llama-tiny block at b=2, s=64, fp32: h=384, 6 heads of d=64, 2 key/value heads (k, v are 128 wide), MLP 1024.
