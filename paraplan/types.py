@@ -239,6 +239,8 @@ class TrainSpec(_Frozen):
     optimizer: Literal["adamw"] = "adamw"
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
+    warmup_steps: int = Field(default=0, ge=0, description="Linear learning-rate warmup: step k (from 0) runs at "
+                                                         "lr x min(1, (k + 1) / warmup_steps); 0: constant lr.")
     seed: int = 0
 
 
@@ -656,3 +658,13 @@ class LaunchSpec(_Frozen):
     data_paths: list[str]
     command: list[str]
     files: list[str] = Field(description="Backend files written into run_dir.")
+    node_rank: int = Field(default=0, ge=0, description="This node's rank among nnodes (names its log; c10d "
+                                                       "rendezvous assigns the process ranks).")
+    rdzv_endpoint: str | None = Field(default=None, description="HOST:PORT of the c10d rendezvous (multi-node); "
+                                                              "None: --standalone.")
+    rdzv_id: str | None = Field(default=None, description="The job's rendezvous id, the same on every node.")
+    checkpoint_every: int = Field(default=0, ge=0, description="Save a checkpoint every this many steps (and after "
+                                                            "the last); 0: never.")
+    max_restarts: int = Field(default=0, ge=0, description="torchrun --max-restarts: restarts of the whole job "
+                                                         "after a failed rank, each resuming from the last "
+                                                         "complete checkpoint.")

@@ -1,11 +1,16 @@
-"""Turn a plan into a run directory and start it with torchrun.
+"""Turn a plan into a run directory and start it with torchrun, on one node or many.
 
 ``launch_plan`` first checks everything that would otherwise fail only inside the training processes (the plan's
-own consistency, the backend's support, the data, a factory model's importability), so a refused launch writes
-nothing and starts nothing. It then writes ``plan.json``, ``launch.json`` and the backend's files
-(``emit_deepspeed`` -> ``ds_config.json``; ``emit_torch`` -> ``torch_parallel.json``) into the run directory, runs
-``torchrun --standalone --nproc-per-node N -m paraplan.backends.train_<backend> --run-dir DIR`` with its output in
-``train.log``, and reads back ``metrics.jsonl``.
+own consistency, the backend's support, the data, a factory model's importability, the checkpoint to resume), so a
+refused launch writes nothing and starts nothing. It then writes the run directory (``plan.json``, ``launch.json``,
+the backend's file: ``emit_deepspeed`` -> ``ds_config.json``, ``emit_torch`` -> ``torch_parallel.json``; the
+per-node torchrun commands ``commands.sh``, the SLURM script ``launch.sbatch``, for DeepSpeed a ``hostfile``, and a
+``README.txt``: ``jobscripts``), runs this node's torchrun command with its output in ``train.log``
+(``train.node<K>.log`` on multi-node runs) and each rank's in ``logs/``, and reads back ``metrics.jsonl``.
+
+One node: ``torchrun --standalone``. Several: every node runs ``paraplan launch PLAN --node-rank K
+--rdzv-endpoint HOST:PORT`` (torchrun's c10d rendezvous on node 0's address, the same ``--rdzv-id`` everywhere),
+or the SLURM script runs torchrun on each node of the allocation.
 
 While the job runs, SIGINT and SIGTERM to the launcher stop the whole job (torchrun runs in its own session, so a
 signal to the launcher alone would otherwise leave it and the ranks running) and ``launch_plan`` raises
@@ -17,11 +22,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -29,6 +36,10 @@ import torch
 from paraplan.backends.checks import check_stage_tiling, paged_layers
 from paraplan.backends.data import check_corpus, resolve_data_paths
 from paraplan.backends.deepspeed import DS_CONFIG_FILE, build_ds_config, emit_deepspeed, resolve_nvme_path, uses_nvme
+from paraplan.backends.jobscripts import (
+    COMMANDS_FILE, DEFAULT_RDZV_PORT, HOSTFILE, JOB_ENV, LOGS_DIR, README_FILE, SLURM_FILE, deepspeed_command,
+    deepspeed_hostfile, node_log_name, run_readme, slurm_script, torchrun_command,
+)
 from paraplan.backends.torch_native import CONFIG_FILE, build_torch_config, emit_torch
 from paraplan.backends.train_common import METRICS_FILE
 from paraplan.errors import LaunchError, LaunchInterrupted
@@ -53,8 +64,8 @@ def check_world_size(plan: Plan, local_devices: bool = True) -> None:
             run elsewhere).
 
     Raises:
-        LaunchError: a strategy world size other than the cluster's, a multi-node cluster, or (``local_devices``)
-            a CUDA plan with fewer local GPUs than devices per node.
+        LaunchError: a strategy world size other than the cluster's, or (``local_devices``) a CUDA plan with fewer
+            local GPUs than devices per node.
     """
     world = plan.strategy.world_size
     cluster = plan.cluster
@@ -63,11 +74,6 @@ def check_world_size(plan: Plan, local_devices: bool = True) -> None:
             f"plan strategy uses {world} devices (dp={plan.strategy.dp} x tp={plan.strategy.tp} x "
             f"pp={plan.strategy.pp} x cp={plan.strategy.cp}) but its cluster {cluster.name} has "
             f"{cluster.world_size}; re-plan"
-        )
-    if cluster.nodes > 1:
-        raise LaunchError(
-            f"plan is for {cluster.nodes} nodes ({cluster.name}); `paraplan launch` starts single-node jobs. "
-            "Run the printed command (--dry-run) on every node with --nnodes/--node-rank set"
         )
     if local_devices and cluster.device.kind == "cuda":
         have = torch.cuda.device_count()
@@ -187,31 +193,75 @@ def check_factory_importable(spec: ModelSpec, env: dict[str, str]) -> None:
         )
 
 
-def build_launch_spec(plan: Plan, backend: Backend, run_dir: Path, steps: int, data: list[str] | None) -> LaunchSpec:
+def check_rendezvous(plan: Plan, node_rank: int, rdzv_endpoint: str | None, dry_run: bool) -> None:
+    """Refuse a node rank or rendezvous the job could not start with.
+
+    Raises:
+        LaunchError: a node rank outside ``0..nodes-1``; a multi-node plan launched for real without
+            ``--rdzv-endpoint`` (the message gives every node's command); an endpoint that is not ``HOST:PORT``.
+    """
+    nodes = plan.cluster.nodes
+    if not 0 <= node_rank < nodes:
+        raise LaunchError(f"--node-rank {node_rank}: the plan has {nodes} node{'s' if nodes > 1 else ''} "
+                          f"({plan.cluster.name}); use 0..{nodes - 1}")
+    if rdzv_endpoint is not None:
+        host, _, port = rdzv_endpoint.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise LaunchError(f"--rdzv-endpoint {rdzv_endpoint}: give HOST:PORT (node 0's address and a free port, "
+                              f"e.g. node0:{DEFAULT_RDZV_PORT})")
+    elif nodes > 1 and not dry_run:
+        raise LaunchError(
+            f"plan is for {nodes} nodes ({plan.cluster.name}): run `paraplan launch PLAN --node-rank K "
+            f"--rdzv-endpoint NODE0_HOST:{DEFAULT_RDZV_PORT}` on every node K = 0..{nodes - 1} (the same "
+            "--run-dir on a shared file system), or `--slurm` for a SLURM batch script, or `--dry-run` to print "
+            "each node's command"
+        )
+
+
+def build_launch_spec(
+    plan: Plan, backend: Backend, run_dir: Path, steps: int, data: list[str] | None, *, node_rank: int = 0,
+    rdzv_endpoint: str | None = None, rdzv_id: str | None = None, checkpoint_every: int = 0, max_restarts: int = 0,
+) -> LaunchSpec:
+    """The LaunchSpec of this node: its torchrun command (``--standalone`` without a rendezvous endpoint).
+
+    Data paths are made absolute, so every node (and a SLURM job started elsewhere) reads the same files.
+    """
     paths = resolve_data_paths(data)
-    module = f"paraplan.backends.train_{backend}"
-    # `python -m torch.distributed.run` is torchrun, found without relying on PATH (e.g. a venv not activated).
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc-per-node={plan.cluster.devices_per_node}",
-        "-m", module, "--run-dir", str(run_dir),
-    ]
-    files = ["plan.json", "launch.json", DS_CONFIG_FILE if backend == "deepspeed" else CONFIG_FILE]
+    nodes = plan.cluster.nodes
+    if nodes > 1 and rdzv_endpoint is None:  # a dry run or a SLURM script: a placeholder the user replaces
+        rdzv_endpoint = f"NODE0_HOST:{DEFAULT_RDZV_PORT}"
+    if rdzv_endpoint is not None and rdzv_id is None:
+        rdzv_id = f"paraplan-{Path(run_dir).absolute().name}"
+    command = torchrun_command(
+        backend, run_dir, nodes, plan.cluster.devices_per_node, rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id,
+        max_restarts=max_restarts, log_dir=Path(run_dir) / LOGS_DIR,
+    )
+    files = ["plan.json", "launch.json", DS_CONFIG_FILE if backend == "deepspeed" else CONFIG_FILE, COMMANDS_FILE,
+             SLURM_FILE, README_FILE]
+    if backend == "deepspeed":
+        files.append(HOSTFILE)
     return LaunchSpec(
-        backend=backend, run_dir=str(run_dir), nproc_per_node=plan.cluster.devices_per_node,
-        nnodes=plan.cluster.nodes, steps=steps, data_paths=[str(p) for p in paths], command=command, files=files,
+        backend=backend, run_dir=str(run_dir), nproc_per_node=plan.cluster.devices_per_node, nnodes=nodes,
+        steps=steps, data_paths=[str(p.absolute()) for p in paths], command=command, files=files,
+        node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id, checkpoint_every=checkpoint_every,
+        max_restarts=max_restarts,
     )
 
 
 def emit_run_dir(plan: Plan, backend: Backend, run_dir: Path, steps: int, data: list[str] | None,
-                 nvme_path: Path | None = None) -> LaunchSpec:
-    """Write every file of the run into ``run_dir`` (created if missing) and return the LaunchSpec."""
-    spec = build_launch_spec(plan, backend, run_dir, steps, data)
+                 nvme_path: Path | None = None, **launch: object) -> LaunchSpec:
+    """Write every file of the run into ``run_dir`` (created if missing) and return the LaunchSpec.
+
+    Args:
+        launch: :func:`build_launch_spec`'s keywords (node_rank, rdzv_endpoint, rdzv_id, checkpoint_every,
+            max_restarts).
+    """
+    spec = build_launch_spec(plan, backend, run_dir, steps, data, **launch)  # type: ignore[arg-type]
     _write_run_dir(plan, spec, nvme_path)
     return spec
 
 
-def _write_run_dir(plan: Plan, spec: LaunchSpec, nvme_path: Path | None = None) -> None:
+def _write_run_dir(plan: Plan, spec: LaunchSpec, nvme_path: Path | None = None, hosts: list[str] | None = None) -> None:
     run_dir = Path(spec.run_dir)
     # Both write through write_atomic, which creates run_dir.
     if spec.backend == "deepspeed":
@@ -220,12 +270,36 @@ def _write_run_dir(plan: Plan, spec: LaunchSpec, nvme_path: Path | None = None) 
         emit_torch(plan, run_dir)
     write_atomic(run_dir / "plan.json", plan.model_dump_json(indent=2))
     write_atomic(run_dir / "launch.json", spec.model_dump_json(indent=2))
+    env = " ".join(f"{k}={v}" for k, v in JOB_ENV.items())
+    script = ["#!/bin/bash", "# This run's bare torchrun command on each node: `bash commands.sh K` on node K "
+              "(`paraplan launch` runs it after its checks).", "set -euo pipefail",
+              f"cd {shlex.quote(str(Path.cwd()))}", 'node=${1:-0}', 'case "$node" in']
+    placeholder = f"--rdzv-endpoint=NODE0_HOST:"
+    for k in range(spec.nnodes):  # the same torchrun command on every node, its output in the node's log
+        log = Path(spec.run_dir) / node_log_name(spec.nnodes, k)
+        line = shlex.join(spec.command)
+        if placeholder in line:  # no endpoint given: the script asks for node 0's address
+            line = line.replace(placeholder, '--rdzv-endpoint="${NODE0_HOST:?set NODE0_HOST to node 0\'s address}":')
+        script.append(f"  {k}) env {env} {line} 2>&1 | tee -a {shlex.quote(str(log))} ;;")
+    script += [f'  *) echo "node rank $node: this run has {spec.nnodes} node(s), 0..{spec.nnodes - 1}" >&2; exit 1 ;;',
+               "esac"]
+    write_atomic(run_dir / COMMANDS_FILE, "\n".join(script) + "\n")
+    write_atomic(run_dir / SLURM_FILE, slurm_script(plan, spec.backend, run_dir, spec.max_restarts, Path.cwd()))
+    ds_launch = None
+    if spec.backend == "deepspeed":
+        master = (spec.rdzv_endpoint or "localhost:0").rpartition(":")[0]
+        if hosts is None:
+            hosts = [master if spec.nnodes > 1 else "localhost", *(f"node{k}" for k in range(1, spec.nnodes))]
+        write_atomic(run_dir / HOSTFILE, deepspeed_hostfile(hosts, spec.nproc_per_node))
+        ds_launch = deepspeed_command(run_dir, hosts[0])
+    write_atomic(run_dir / README_FILE, run_readme(plan, spec, ds_launch))
 
 
 def job_env(nproc_per_node: int) -> dict[str, str]:
-    """The environment torchrun and the ranks run with (the launcher's, plus unbuffered output and threads)."""
+    """The environment torchrun and the ranks run with (the launcher's, plus unbuffered output, a TCP store of
+    the workers' own for restarts on gloo, and threads)."""
     threads = os.environ.get("OMP_NUM_THREADS", str(cpu_threads_per_process(nproc_per_node)))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": threads}
+    env = {**os.environ, **JOB_ENV, "OMP_NUM_THREADS": threads}
     env.setdefault("MASTER_ADDR", "127.0.0.1")
     env.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     return env
@@ -233,40 +307,67 @@ def job_env(nproc_per_node: int) -> dict[str, str]:
 
 def launch_plan(
     plan: Plan, backend: Backend, run_dir: Path, steps: int = 20, data: list[str] | None = None,
-    dry_run: bool = False, quiet: bool = False, nvme_path: Path | None = None,
+    dry_run: bool = False, quiet: bool = False, nvme_path: Path | None = None, *, node_rank: int = 0,
+    rdzv_endpoint: str | None = None, rdzv_id: str | None = None, hosts: list[str] | None = None,
+    checkpoint_every: int = 0, max_restarts: int = 0, resume: bool = False,
+    before_write: Callable[[], None] | None = None,
 ) -> tuple[LaunchSpec, list[dict]]:
-    """Check the plan, write the run directory and (unless ``dry_run``) run the job to completion.
+    """Check the plan, write the run directory and (unless ``dry_run``) run this node's part of the job to
+    completion.
 
     Every check runs before the first file is written, for a dry run too (except what concerns this machine, the
-    local CUDA device count and the NVMe directory: a dry run prints the command for another machine).
+    local CUDA device count and the NVMe directory: a dry run prints the commands for other machines).
 
     Args:
         nvme_path: directory for the states the plan puts on NVMe (deepspeed backend); None: the cluster file's
             ``nvme_path``. Required when the plan puts optimizer states or parameters on NVMe.
+        node_rank: this node (0..nodes-1).
+        rdzv_endpoint: ``HOST:PORT`` of the c10d rendezvous on node 0; required to run a multi-node plan.
+        rdzv_id: the job's rendezvous id (default ``paraplan-<run directory name>``), the same on every node.
+        hosts: the nodes' host names for DeepSpeed's hostfile (default: the endpoint's host, then node1...).
+        checkpoint_every: save a checkpoint every this many steps and after the last (0: never).
+        max_restarts: torchrun ``--max-restarts``; each restart resumes from the last complete checkpoint.
+        resume: ``run_dir`` holds an earlier run to continue: its latest complete checkpoint is checked first, the
+            log is appended to.
+        before_write: called after every check, before the first file is written (``launch --resume`` keeps
+            the run's earlier plan there).
 
     Returns:
-        The LaunchSpec and the metrics rows (one dict per step; empty for a dry run).
+        The LaunchSpec and the metrics rows (one dict per step, the last row of a step that ran more than once;
+        empty for a dry run or a node whose run directory rank 0 does not write).
 
     Raises:
-        LaunchError: a plan, data, factory model or NVMe directory the job would fail on (see :func:`check_plan`,
-            ``data.check_corpus``, :func:`check_factory_importable`, :func:`check_nvme_dir`), or the job exited
-            non-zero (the failing rank's error line and the log's path are in the message).
+        LaunchError: a plan, data, factory model, rendezvous, checkpoint or NVMe directory the job would fail on
+            (see :func:`check_plan`, :func:`check_rendezvous`, ``data.check_corpus``,
+            :func:`check_factory_importable`, :func:`check_nvme_dir`, ``checkpoint.check_checkpointing`` and
+            ``checkpoint.check_resumable``), or the job exited non-zero (the failing rank's error line and the
+            log's path are in the message).
         LaunchInterrupted: SIGINT or SIGTERM stopped the job; ``exit_code`` is 130 or 143.
         TrainSpecError: a sequence length above the model's positions.
     """
     check_plan(plan, backend, local_devices=not dry_run, nvme_path=nvme_path)
+    check_rendezvous(plan, node_rank, rdzv_endpoint, dry_run)
+    if checkpoint_every or max_restarts or resume:
+        from paraplan.backends.checkpoint import check_checkpointing, check_resumable
+
+        check_checkpointing(plan, backend)
+        if resume:
+            check_resumable(run_dir, plan, backend)
     if backend == "deepspeed" and not dry_run:
         check_nvme_dir(plan, nvme_path, run_dir)
-    spec = build_launch_spec(plan, backend, run_dir, steps, data)
+    spec = build_launch_spec(plan, backend, run_dir, steps, data, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint,
+                             rdzv_id=rdzv_id, checkpoint_every=checkpoint_every, max_restarts=max_restarts)
     check_corpus([Path(p) for p in spec.data_paths], plan.train.seq_len)
     env = job_env(spec.nproc_per_node)
     check_factory_importable(plan.model, env)
-    _write_run_dir(plan, spec, nvme_path)
+    if before_write is not None:
+        before_write()
+    _write_run_dir(plan, spec, nvme_path, hosts)
     if dry_run:
         return spec, []
-    log_path = run_dir / LOG_FILE
+    log_path = run_dir / node_log_name(spec.nnodes, node_rank)
     stopper = JobStopper()
-    code = run_job(spec.command, env, log_path, stopper, quiet)
+    code = run_job(spec.command, env, log_path, stopper, quiet, append=resume)
     if stopper.signum is not None:
         name = signal.Signals(stopper.signum).name
         raise LaunchInterrupted(
@@ -278,13 +379,16 @@ def launch_plan(
     return spec, read_metrics(run_dir)
 
 
-def run_job(command: list[str], env: dict[str, str], log_path: Path, stopper: JobStopper, quiet: bool) -> int:
-    """Run ``command`` in its own session, its output into ``log_path`` (and ``step`` lines to stdout).
+def run_job(command: list[str], env: dict[str, str], log_path: Path, stopper: JobStopper, quiet: bool,
+            append: bool = False) -> int:
+    """Run ``command`` in its own session, its output into ``log_path`` (appended to with ``append``) and ``step``
+    lines to stdout.
 
     Returns:
         torchrun's exit code (negative: killed by that signal).
     """
-    with stopper, log_path.open("w", buffering=1) as log:  # line-buffered: the log keeps up with the job
+    # line-buffered: the log keeps up with the job
+    with stopper, log_path.open("a" if append else "w", buffering=1) as log:
         # A session of its own: a terminal's Ctrl-C or a scheduler's signal reaches the job only through the
         # stopper, which stops every process of it (torchrun starts each rank in a session of its own too).
         proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -293,8 +397,9 @@ def run_job(command: list[str], env: dict[str, str], log_path: Path, stopper: Jo
         assert proc.stdout is not None
         for line in proc.stdout:
             log.write(line)
-            if not quiet and line.startswith("step "):
-                sys.stdout.write(line)
+            text = _TEE_PREFIX.sub("", line, count=1)  # torchrun --tee's "[default<local rank>]:"
+            if not quiet and (text.startswith("step ") or text.startswith("resumed ")):
+                sys.stdout.write(text)
                 sys.stdout.flush()
         return proc.wait()
 
@@ -396,6 +501,8 @@ def _descendants(pid: int) -> set[int]:
 # Once a rank's process group is up, torch prefixes its uncaught traceback lines with "[rank3]:"; an error before
 # that (an import, a check before init) comes unprefixed, like torchrun's own output.
 _RANK_PREFIX = re.compile(r"^\[(?:rank|default)(\d+)\]:\s?")
+# torchrun --tee prefixes each line of local rank N with "[defaultN]:", before torch's own "[rankN]:".
+_TEE_PREFIX = re.compile(r"^\[default\d+\]:")
 # A Python exception line as a traceback ends: "ValueError: ...", "paraplan.errors.LaunchError: ...".
 _ERROR_LINE = re.compile(r"^(?:[A-Za-z_]\w*\.)*\w*(?:Error|Exception)\b.*:")
 _CHAINED = ("During handling of the above exception", "The above exception was the direct cause")
@@ -441,6 +548,9 @@ def worker_error(log_text: str) -> tuple[int | None, str] | None:
     plain: list[str] = []
     first_rank: int | None = None
     for raw in log_text.splitlines():
+        tee = _TEE_PREFIX.match(raw)
+        if tee is not None and _RANK_PREFIX.match(raw, tee.end()):
+            raw = raw[tee.end():]  # torch's own [rankN]: (the global rank) follows torchrun's [defaultN]:
         m = _RANK_PREFIX.match(raw)
         if m is None:
             plain.append(raw)
@@ -479,7 +589,15 @@ def cpu_threads_per_process(nproc: int) -> int:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The step rows of ``metrics.jsonl`` in step order, one per step: the last written when a step ran more than
+    once (a restart or resume re-runs the steps after the last checkpoint; the file keeps every row)."""
     path = run_dir / METRICS_FILE
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows: dict[int, dict] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            if "step" in row and "loss" in row:
+                rows[row["step"]] = row
+    return [rows[k] for k in sorted(rows)]

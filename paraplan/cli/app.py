@@ -389,23 +389,30 @@ def plan_summary(plan: Plan) -> dict:
     }
 
 
-def _run_dir(plan_path: Path, backend: str, run_dir: Path | None) -> Path:
-    """The run directory: ``--run-dir`` when given (refused if it is a file or already holds a run), else
+def _run_dir(plan_path: Path, backend: str, run_dir: Path | None, node_rank: int = 0) -> Path:
+    """The run directory: ``--run-dir`` when given (refused if it is a file or already holds a run, unless
+    it is a node other than 0 of a multi-node run, whose run directory node 0 may already use), else
     ``runs/<plan>-<backend>``, or the first ``runs/<plan>-<backend>-N`` that holds no earlier run.
 
     Raises:
-        LaunchError: ``--run-dir`` is a file, or a directory with an earlier run's metrics.jsonl or train.log.
+        LaunchError: ``--run-dir`` is a file, or a directory with an earlier run's metrics.jsonl or train.log;
+            a node rank above 0 without ``--run-dir``.
     """
     from paraplan.backends.launch import LOG_FILE
     from paraplan.backends.train_common import METRICS_FILE
 
     def used(d: Path) -> bool:
-        return (d / METRICS_FILE).exists() or (d / LOG_FILE).exists()
+        # A multi-node run's directory holds every node's log: only this node's counts.
+        return (d / METRICS_FILE).exists() or (d / LOG_FILE).exists() or (d / f"train.node{node_rank}.log").exists()
 
+    shared = node_rank > 0
+    if shared and run_dir is None:
+        raise LaunchError("--node-rank > 0: give the run directory node 0 uses with --run-dir (on a shared file "
+                          "system, or the same path on every node)")
     if run_dir is not None:
         if run_dir.exists() and not run_dir.is_dir():
             raise LaunchError(f"--run-dir {run_dir} is a file; give a directory (it is created if missing)")
-        if run_dir.is_dir() and used(run_dir):
+        if run_dir.is_dir() and used(run_dir) and not shared:
             raise LaunchError(f"--run-dir {run_dir} holds an earlier run (metrics.jsonl / train.log); give a new "
                               "directory or delete that one")
         return run_dir
@@ -422,36 +429,134 @@ def _run_dir(plan_path: Path, backend: str, run_dir: Path | None) -> Path:
 @app.command("launch")
 @_guard
 def launch_cmd(
-    plan_path: Annotated[Path, typer.Argument(help="plan.json from `paraplan plan`.")],
-    backend: Annotated[str, typer.Option(help="deepspeed or torch.")] = "torch",
-    steps: Annotated[int, typer.Option(help="Optimizer steps to train.", min=1)] = 20,
+    plan_path: Annotated[Optional[Path], typer.Argument(
+        help="plan.json from `paraplan plan` (with --resume: optional, a new plan to continue with).")] = None,
+    backend: Annotated[Optional[str], typer.Option(
+        help="deepspeed or torch (default torch; with --resume the run's).")] = None,
+    steps: Annotated[Optional[int], typer.Option(
+        help="Optimizer steps in all (default 20; with --resume the run's).", min=1)] = None,
     data: Annotated[Optional[list[str]], typer.Option(help="Text files or directories (repeatable); default: "
                                                            "the Python standard library's sources.")] = None,
     run_dir: Annotated[Optional[Path], typer.Option(
         help="Run directory (default runs/<plan>-<backend>, or runs/<plan>-<backend>-N when that holds a run).")
     ] = None,
-    dry_run: Annotated[bool, typer.Option(help="Write the files and print the command only.")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Write the files and print every node's command only.")] = False,
     nvme_path: Annotated[Optional[Path], typer.Option(
         help="Directory on a local NVMe drive for the states the plan offloads to NVMe and activations paged to "
              "disk (deepspeed backend; default: the cluster file's nvme_path, and the run directory for "
              "activations). Required when the plan puts optimizer states or parameters on NVMe.")
     ] = None,
+    node_rank: Annotated[int, typer.Option(help="This node's rank, 0..nodes-1 (multi-node plans).", min=0)] = 0,
+    rdzv_endpoint: Annotated[Optional[str], typer.Option(
+        help="HOST:PORT of node 0 for torchrun's c10d rendezvous; required to run a multi-node plan.")] = None,
+    rdzv_id: Annotated[Optional[str], typer.Option(
+        help="Rendezvous id, the same on every node (default paraplan-<run directory name>).")] = None,
+    hosts: Annotated[Optional[str], typer.Option(
+        help="Comma-separated host names of the nodes, for DeepSpeed's hostfile.")] = None,
+    slurm: Annotated[bool, typer.Option(
+        help="Write the run directory with its SLURM batch script and print how to submit it; start nothing.")
+    ] = False,
+    checkpoint_every: Annotated[Optional[int], typer.Option(
+        help="Save a checkpoint every N steps and after the last (0: never).", min=0)] = None,
+    max_restarts: Annotated[Optional[int], typer.Option(
+        help="Restart the job up to N times after a rank fails, each from the last complete checkpoint.", min=0)
+    ] = None,
+    resume: Annotated[Optional[Path], typer.Option(
+        help="Continue the run in this run directory from its latest complete checkpoint (metrics appended).")
+    ] = None,
 ) -> None:
-    """Write DeepSpeed or native torch launch files for a plan and train with torchrun."""
+    """Write DeepSpeed or native torch launch files for a plan and train with torchrun, on one node or many."""
+    import shlex
+
+    from paraplan.backends.jobscripts import launch_command
     from paraplan.backends.launch import launch_plan
 
+    previous = _previous_launch(resume) if resume is not None else None
+    if plan_path is None and resume is None:
+        raise LaunchError("give a plan.json (from `paraplan plan ... -o plan.json`), or --resume RUN_DIR")
+    if backend is None:
+        backend = previous.backend if previous is not None else "torch"
     if backend not in ("deepspeed", "torch"):
         raise LaunchError(f"--backend {backend}: use deepspeed or torch")
-    plan = read_model(plan_path, Plan, "plan", LaunchError, f"run `paraplan plan ... -o {plan_path}` first")
-    run = _run_dir(plan_path, backend, run_dir)
-    spec, rows = launch_plan(plan, backend, run, steps=steps, data=data, dry_run=dry_run,  # type: ignore[arg-type]
-                             nvme_path=nvme_path)
-    console.print(f"run directory: {run} ({', '.join(spec.files)})")
+    if previous is not None and backend != previous.backend:
+        raise LaunchError(f"--resume {resume}: that run used the {previous.backend} backend, whose checkpoints the "
+                          f"{backend} backend cannot read; resume with --backend {previous.backend}")
+    if resume is not None and run_dir is not None and run_dir.absolute() != resume.absolute():
+        raise LaunchError("--resume continues in its own run directory; drop --run-dir")
+    source = plan_path if plan_path is not None else resume / "plan.json"  # type: ignore[operator]
+    plan = read_model(source, Plan, "plan", LaunchError, f"run `paraplan plan ... -o {source}` first")
+    if previous is not None:
+        steps = steps if steps is not None else previous.steps
+        data = data if data else previous.data_paths
+        checkpoint_every = checkpoint_every if checkpoint_every is not None else previous.checkpoint_every
+        max_restarts = max_restarts if max_restarts is not None else previous.max_restarts
+        run = resume
+    else:
+        run = _run_dir(source, backend, run_dir, node_rank)
+    host_list = [h.strip() for h in hosts.split(",") if h.strip()] if hosts else None
+    if host_list is not None and len(host_list) != plan.cluster.nodes:
+        raise LaunchError(f"--hosts names {len(host_list)} host(s); the plan has {plan.cluster.nodes} node(s)")
+    endpoint = rdzv_endpoint
+    if endpoint is None and host_list is not None and plan.cluster.nodes > 1:
+        endpoint = f"{host_list[0]}:29500"
+    assert run is not None
+    spec, rows = launch_plan(
+        plan, backend, run, steps=steps or 20, data=data, dry_run=dry_run or slurm,  # type: ignore[arg-type]
+        nvme_path=nvme_path, node_rank=node_rank, rdzv_endpoint=endpoint, rdzv_id=rdzv_id, hosts=host_list,
+        checkpoint_every=checkpoint_every or 0, max_restarts=max_restarts or 0, resume=resume is not None,
+        before_write=(lambda: _keep_previous_plan(run, plan)) if previous is not None else None,
+    )
+    console.print(f"run directory: {run} ({', '.join(spec.files)}); how to start, resume and monitor it: "
+                  f"{run / 'README.txt'}", highlight=False, soft_wrap=True)
+    if slurm:
+        console.print(f"submit with: sbatch {(run / 'launch.sbatch').absolute()}", highlight=False, soft_wrap=True)
+        return
+    if spec.nnodes > 1 and dry_run:
+        console.print(f"{spec.nnodes} nodes: run on each node K (node 0's address as --rdzv-endpoint, the same "
+                      "--run-dir on a shared file system):", highlight=False)
+        for k in range(spec.nnodes):
+            console.print(f"  node {k}: " + shlex.join(launch_command(source, spec, k)), highlight=False,
+                          soft_wrap=True)
+        console.print(f"  (each runs torchrun, the same command on every node: {' '.join(spec.command)}; `bash "
+                      f"{run / 'commands.sh'} K` runs it without paraplan's checks)", highlight=False, soft_wrap=True)
+        return
     console.print("command: " + " ".join(spec.command), highlight=False, soft_wrap=True)
     if not dry_run:
         from paraplan.cli.render import render_measured
 
-        render_measured(console, plan, rows)
+        if rows:
+            render_measured(console, plan, rows)
+        elif spec.nnodes > 1:
+            console.print(f"metrics.jsonl is written by global rank 0, on the node that holds it (in {run} when "
+                          "the run directory is shared)", highlight=False)
+        else:
+            render_measured(console, plan, rows)
+
+
+def _previous_launch(run: Path):
+    """The LaunchSpec of the run in ``run`` (``--resume``).
+
+    Raises:
+        LaunchError: ``run`` is not a run directory written by `paraplan launch`.
+    """
+    from paraplan.types import LaunchSpec
+
+    if not run.is_dir() or not (run / "launch.json").is_file() or not (run / "plan.json").is_file():
+        raise LaunchError(f"--resume {run}: not a run directory of `paraplan launch` (it needs plan.json and "
+                          "launch.json); give the directory of the run to continue")
+    return read_model(run / "launch.json", LaunchSpec, "launch spec", LaunchError,
+                      "give the directory of a run started by `paraplan launch`")
+
+
+def _keep_previous_plan(run: Path, plan: Plan) -> None:
+    """Before a resume replaces ``plan.json`` with a different plan, keep the old one as ``plan.previous-N.json``."""
+    old = (run / "plan.json").read_text()
+    if Plan.model_validate_json(old) == plan:
+        return
+    n = 1
+    while (run / f"plan.previous-{n}.json").exists():
+        n += 1
+    write_atomic(run / f"plan.previous-{n}.json", old)
 
 
 # `estimate` lives in its own module; it registers itself on this app with the same error guard.

@@ -1,0 +1,144 @@
+"""`paraplan launch` as on a real cluster, on this machine: two nodes rendezvousing on 127.0.0.1, the SLURM script
+run on an allocation faked by hand, a rank killed mid-run (torchrun restarts the job, which resumes from the last
+checkpoint), the whole job killed and resumed, and a resume with another plan.
+
+Every run trains llama-tiny with dp = 2 (one process per node on the two-node cluster) on the same data, so each
+must reproduce the losses of one uninterrupted single-node run of two processes (the reference).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import make_plan
+
+from paraplan.backends.launch import read_metrics
+
+pytestmark = pytest.mark.integration
+
+STEPS = 6
+CHECKPOINT_EVERY = 2
+RUN_TIMEOUT_S = 300.0
+# Data-parallel ranks on one node or two exchange the same gradients in the same order: losses agree to rounding.
+REL = 1e-5
+# Two agents of one process each on 2 cores: one thread per process, so the "nodes" do not fight for the cores.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+TWO_NODES = "name: cpu-2x1\ndevice: cpu\nnodes: 2\ndevices_per_node: 1\n"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(plan: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "paraplan", "launch", str(plan), "--steps", str(STEPS), "--run-dir", str(run_dir),
+            *extra]
+
+
+def _run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+
+
+def _wait_all(procs: list[subprocess.Popen]) -> None:
+    """Wait for every process (each started in a session of its own); one that fails stops the others."""
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    try:
+        while any(p.poll() is None for p in procs):
+            failed = [p for p in procs if p.returncode not in (None, 0)]
+            assert not failed and time.monotonic() < deadline, [p.stdout.read() for p in failed]
+            time.sleep(0.5)
+        for p in procs:
+            assert p.returncode == 0, p.stdout.read()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+
+def _losses(run_dir: Path) -> list[float]:
+    return [row["loss"] for row in read_metrics(run_dir)]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cluster")
+    (path / "plan.json").write_text(make_plan(dp=2).model_dump_json())
+    (path / "two_nodes.yaml").write_text(TWO_NODES)
+    (path / "plan2n.json").write_text(make_plan(cluster=str(path / "two_nodes.yaml"), dp=2).model_dump_json())
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(work) -> list[float]:
+    """Losses of an uninterrupted single-node run of two processes."""
+    result = _run(_launch(work / "plan.json", work / "reference"), work)
+    assert result.returncode == 0, result.stdout + result.stderr
+    losses = _losses(work / "reference")
+    assert len(losses) == STEPS
+    return losses
+
+
+def test_two_nodes_rendezvous_on_localhost_and_train_like_one(work, reference):
+    run_dir = work / "two_nodes"
+    endpoint = f"127.0.0.1:{_free_port()}"
+    procs = [
+        subprocess.Popen(_launch(work / "plan2n.json", run_dir, "--node-rank", str(k), "--rdzv-endpoint", endpoint),
+                         cwd=work, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
+        for k in (0, 1)
+    ]
+    _wait_all(procs)
+    assert _losses(run_dir) == pytest.approx(reference, rel=REL)
+    for k in (0, 1):
+        assert (run_dir / f"train.node{k}.log").read_text(), f"node {k}'s log"
+    # torchrun's per-rank logs: one rendezvous directory per agent, each with its rank's stdout.
+    assert len(list((run_dir / "logs").glob("*/attempt_0/0/stdout.log"))) == 2
+
+
+def test_slurm_script_runs_on_an_allocation_faked_by_hand(work, reference, tmp_path):
+    run_dir = work / "slurm"
+    result = _run(_launch(work / "plan2n.json", run_dir, "--slurm"), work)
+    assert result.returncode == 0, result.stderr
+    script = run_dir / "launch.sbatch"
+    assert f"sbatch {script}" in result.stdout
+    assert not (run_dir / "metrics.jsonl").exists(), "--slurm starts nothing"
+    directives = dict(line.removeprefix("#SBATCH --").split("=", 1) for line in script.read_text().splitlines()
+                      if line.startswith("#SBATCH --") and "=" in line)
+    assert directives["nodes"] == "2" and directives["ntasks-per-node"] == "1"
+    assert "gpus-per-node" not in directives  # a CPU cluster
+    # srun and scontrol as SLURM would run them on each node of the allocation: srun runs its command with its
+    # output in the --output file (%n: the node's index), scontrol lists the allocation's hosts.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(
+        '#!/bin/bash\nout=/dev/null\nwhile [[ "$1" == --* ]]; do\n  case "$1" in --output=*) out="${1#--output=}";;'
+        ' esac\n  shift\ndone\nexec "$@" > "${out//%n/$SLURM_NODEID}" 2>&1\n'
+    )
+    (bin_dir / "scontrol").write_text('#!/bin/bash\necho "$3"\n')  # scontrol show hostnames LIST
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+    port = _free_port()
+    procs = []
+    for node in (0, 1):
+        env = {**ENV, "PATH": f"{bin_dir}:{ENV['PATH']}", "SLURM_NNODES": "2", "SLURM_NODEID": str(node),
+               "SLURM_JOB_ID": f"fake{port}", "SLURM_JOB_NODELIST": "127.0.0.1", "PARAPLAN_RDZV_PORT": str(port)}
+        procs.append(subprocess.Popen(["bash", str(script)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True, start_new_session=True))
+    _wait_all(procs)
+    assert _losses(run_dir) == pytest.approx(reference, rel=REL)
+    assert (run_dir / "train.node0.log").read_text() and (run_dir / "train.node1.log").read_text()
+    # The script checks the allocation against the plan before it starts anything.
+    env = {**ENV, "PATH": f"{bin_dir}:{ENV['PATH']}", "SLURM_NNODES": "3", "SLURM_JOB_ID": "x",
+           "SLURM_JOB_NODELIST": "127.0.0.1"}
+    wrong = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert wrong.returncode == 1 and "this plan needs 2 nodes; the allocation has 3" in wrong.stderr
