@@ -140,12 +140,15 @@ def deepspeed_hostfile(hosts: list[str], slots: int) -> str:
     return "".join(f"{host} slots={slots}\n" for host in hosts)
 
 
-def deepspeed_command(run_dir: Path, master_addr: str, port: int = DEFAULT_RDZV_PORT) -> list[str]:
+def deepspeed_command(run_dir: Path, master_addr: str, nnodes: int, port: int = DEFAULT_RDZV_PORT) -> list[str]:
     """DeepSpeed's launcher over the hostfile in ``run_dir`` (it reaches the other nodes with pdsh/ssh and starts
-    ``nproc`` ranks on each, every one running the DeepSpeed trainer)."""
+    ``slots`` ranks on each, every one running the DeepSpeed trainer). On one node ``--no_ssh_check``: DeepSpeed
+    otherwise refuses a hostfile whose only host does not accept ssh to itself (runner.py), though it launches
+    locally."""
     run = run_dir.absolute()
-    return ["deepspeed", f"--hostfile={run / HOSTFILE}", f"--master_addr={master_addr}", f"--master_port={port}",
-            "--no_local_rank", "--module", trainer_module("deepspeed"), "--run-dir", str(run)]
+    return ["deepspeed", f"--hostfile={run / HOSTFILE}", *(["--no_ssh_check"] if nnodes == 1 else []),
+            f"--master_addr={master_addr}", f"--master_port={port}", "--no_local_rank", "--module",
+            trainer_module("deepspeed"), "--run-dir", str(run)]
 
 
 def launch_command(plan_path: Path | str, spec: LaunchSpec, node_rank: int) -> list[str]:

@@ -291,7 +291,7 @@ def _write_run_dir(plan: Plan, spec: LaunchSpec, nvme_path: Path | None = None, 
         if hosts is None:
             hosts = [master if spec.nnodes > 1 else "localhost", *(f"node{k}" for k in range(1, spec.nnodes))]
         write_atomic(run_dir / HOSTFILE, deepspeed_hostfile(hosts, spec.nproc_per_node))
-        ds_launch = deepspeed_command(run_dir, hosts[0])
+        ds_launch = deepspeed_command(run_dir, hosts[0], spec.nnodes)
     write_atomic(run_dir / README_FILE, run_readme(plan, spec, ds_launch))
 
 

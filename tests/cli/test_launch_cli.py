@@ -4,6 +4,8 @@ training processes would fail on, refused before anything is written or started;
 from __future__ import annotations
 
 import json
+import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -120,14 +122,13 @@ def _edit_grad_accum(data: dict) -> None:
         # llama-tiny has 2048 positions (presets.py).
         (dict(dp=2, seq_len=4096), None, "torch", ["seq_len 4096 exceeds llama-tiny's max_seq_len 2048"]),
         (dict(cluster="cpu:4", dp=2), None, "torch", ["uses 2 devices", "cluster cpu:4 has 4"]),
-        (dict(cluster="2x1xH100-80GB", dp=2, dtype="bf16"), None, "deepspeed", ["plan is for 2 nodes"]),
         (dict(pp=2), _shift_stage_1, "torch", ["stage 1 covers chain layers 5..7 but should start at layer 4"]),
         (dict(pp=2), _move_boundary, "deepspeed", ["stage 0 says 3 blocks but its chain layers 0..4 hold 4"]),
         (dict(dp=2), _edit_grad_accum, "torch", ["2 x 2 x 1 = 4 sequences per step", "global_batch is 8"]),
         (dict(dp=2, zero_stage=1, offload_optimizer=True), None, "torch",
          ["the torch backend has no optimizer-only offload", "--backend deepspeed", "re-plan with --backend torch"]),
     ],
-    ids=["seq-len", "world-size", "multi-node", "stage-gap", "stage-blocks", "grad-accum", "torch-offload"],
+    ids=["seq-len", "world-size", "stage-gap", "stage-blocks", "grad-accum", "torch-offload"],
 )
 def test_plan_the_workers_would_fail_on_is_refused(tmp_path, started, plan_kwargs, edit, backend, says, dry_run):
     plan_path = _write(tmp_path / "plan.json", make_plan(**plan_kwargs), edit)
@@ -201,6 +202,77 @@ def test_dry_run_skips_only_the_local_gpu_check(tmp_path, started):
     # ... a launch here is refused before it starts.
     run_dir = tmp_path / "run"
     _assert_refused(_launch(plan_path, run_dir, dry_run=False), run_dir, started, "needs 2 CUDA devices")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Several nodes: every node's command, the SLURM script, DeepSpeed's hostfile; what a node could not start with.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _sbatch_directives(script: str) -> dict[str, str]:
+    return dict(line.removeprefix("#SBATCH --").split("=", 1) for line in script.splitlines()
+                if line.startswith("#SBATCH --") and "=" in line)
+
+
+def test_multi_node_dry_run_prints_every_nodes_command(tmp_path, started):
+    plan_path = _write(tmp_path / "plan.json", make_plan(cluster="4x8xH100-80GB", dp=32, global_batch=64,
+                                                         dtype="bf16"))
+    run_dir = tmp_path / "run"
+    result = _launch(plan_path, run_dir, "--rdzv-endpoint", "10.0.0.1:29400", "--checkpoint-every", "50")
+    assert result.exit_code == 0, result.output
+    flat = " ".join(result.output.split())
+    for k in range(4):
+        assert (f"node {k}: paraplan launch {plan_path} --backend torch --steps 2 --run-dir {run_dir} --node-rank {k} "
+                "--rdzv-endpoint 10.0.0.1:29400 --rdzv-id paraplan-run --checkpoint-every 50") in flat
+    assert "--standalone" not in flat
+    assert ("--nnodes=4 --rdzv-backend=c10d --rdzv-endpoint=10.0.0.1:29400 --rdzv-id=paraplan-run "
+            "--nproc-per-node=8") in flat
+    directives = _sbatch_directives((run_dir / "launch.sbatch").read_text())
+    assert directives["nodes"] == "4" and directives["ntasks-per-node"] == "1" and directives["gpus-per-node"] == "8"
+    for script in ("launch.sbatch", "commands.sh"):  # both are valid bash
+        check = subprocess.run(["bash", "-n", str(run_dir / script)], capture_output=True, text=True)
+        assert check.returncode == 0, check.stderr
+    readme = (run_dir / "README.txt").read_text()
+    assert "node 3: paraplan launch" in readme and "sbatch" in readme and "--resume" in readme
+    assert started == []
+
+
+def test_deepspeed_hostfile_and_command_parse_with_deepspeeds_own_launcher(tmp_path, started):
+    from deepspeed.launcher.runner import fetch_hostfile, parse_args
+
+    plan_path = _write(tmp_path / "plan.json", make_plan(cluster="2x8xH100-80GB", dp=16, global_batch=32,
+                                                         dtype="bf16"))
+    run_dir = tmp_path / "run"
+    result = _launch(plan_path, run_dir, "--hosts", "gpu-a,gpu-b", backend="deepspeed")
+    assert result.exit_code == 0, result.output
+    assert fetch_hostfile(str(run_dir / "hostfile")) == {"gpu-a": 8, "gpu-b": 8}
+    readme = (run_dir / "README.txt").read_text()
+    command = shlex.split(next(line for line in readme.splitlines() if "deepspeed --hostfile" in line)
+                          .split(":  ", 1)[1])
+    args = parse_args(command[1:])
+    assert args.hostfile == str((run_dir / "hostfile").absolute()) and args.master_addr == "gpu-a"
+    assert args.module and args.no_local_rank and args.user_script == "paraplan.backends.train_deepspeed"
+    assert args.user_args == ["--run-dir", str(run_dir.absolute())]
+
+
+@pytest.mark.parametrize(("extra", "says"), [
+    ((), ["plan is for 2 nodes", "--node-rank K --rdzv-endpoint NODE0_HOST:29500", "--slurm", "--dry-run"]),
+    (("--node-rank", "2", "--rdzv-endpoint", "h:1"), ["--node-rank 2", "use 0..1"]),
+    (("--rdzv-endpoint", "node0"), ["--rdzv-endpoint node0: give HOST:PORT"]),
+    (("--hosts", "a,b,c"), ["--hosts names 3 host(s); the plan has 2 node(s)"]),
+], ids=["no-endpoint", "node-rank", "endpoint", "hosts"])
+def test_multi_node_launch_refuses_what_a_node_could_not_start_with(tmp_path, started, extra, says):
+    cluster = tmp_path / "two_nodes.yaml"  # two nodes of one CPU process: nothing else about it is refused here
+    cluster.write_text("name: cpu-2x1\ndevice: cpu\nnodes: 2\ndevices_per_node: 1\n")
+    plan_path = _write(tmp_path / "plan.json", make_plan(cluster=str(cluster), dp=2))
+    run_dir = tmp_path / "run"
+    _assert_refused(_launch(plan_path, run_dir, *extra, dry_run=False), run_dir, started, *says)
+
+
+def test_resume_of_a_directory_that_holds_no_run_is_refused(tmp_path, started):
+    result = runner.invoke(app, ["launch", "--resume", str(tmp_path)])
+    assert_user_error(result, "not a run directory of `paraplan launch`")
+    assert_user_error(runner.invoke(app, ["launch"]), "give a plan.json")
 
 
 # ---------------------------------------------------------------------------------------------------------------
