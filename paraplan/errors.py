@@ -41,6 +41,10 @@ class LaunchError(ParaplanError):
     """A plan that cannot be launched here (world-size mismatch, missing backend, failed job)."""
 
 
+class CheckpointError(LaunchError):
+    """A checkpoint that cannot be written, read or resumed from (damaged, or of another model, backend or layout)."""
+
+
 class LaunchInterrupted(LaunchError):
     """The launcher got SIGINT or SIGTERM and stopped the job; the CLI exits with ``exit_code`` (128 + signal)."""
 

@@ -395,6 +395,10 @@ def load_torch_config(run_dir: Path, plan: Plan) -> TorchParallelConfig:
 # Applying the recipe
 # ---------------------------------------------------------------------------------------------------------------
 
+# Name segments that wrappers insert into parameter names (StageModule.canonical_name).
+_WRAPPER_SEGMENTS = frozenset({"_checkpoint_wrapped_module", "_orig_mod", "_fsdp_wrapped_module"})
+
+
 class StageModule(nn.Module):
     """Chain layers ``first_layer..last_layer`` of one model chunk (the whole chain when pp is 1).
 
@@ -403,14 +407,20 @@ class StageModule(nn.Module):
     Blocks are addressed by their global block index through ``block_position``. With ``position_ids`` (a
     ``(1, s)`` int64 buffer; context parallelism shards it with the sequence) every block is called as
     ``block(x, positions=position_ids)`` so its rotary embedding uses the tokens' global positions.
+
+    ``layer_names`` are the layers' names in the whole chain (``embed``, ``blocks.<i>``, ``head``):
+    :meth:`canonical_name` maps this chunk's parameter names (``layers.<position>...``, under any wrapper) to the
+    whole chain's, so checkpoints and per-parameter initialization do not depend on the plan.
     """
 
     def __init__(
         self, layers: list[nn.Module], block_ids: list[int], first_block_position: int,
         output_dtype: torch.dtype, autocast_dtype: torch.dtype | None, position_ids: torch.Tensor | None = None,
+        layer_names: list[str] | None = None,
     ) -> None:
         super().__init__()
         self.layers = nn.ModuleList(layers)
+        self.layer_names = layer_names or [f"layers.{i}" for i in range(len(layers))]
         self.block_position = {b: first_block_position + i for i, b in enumerate(block_ids)}
         self.output_dtype = output_dtype
         self.autocast_dtype = autocast_dtype
@@ -419,6 +429,17 @@ class StageModule(nn.Module):
 
     def block(self, block_id: int) -> nn.Module:
         return self.layers[self.block_position[block_id]]
+
+    def canonical_name(self, name: str) -> str:
+        """The whole chain's name (``LayerChain.named_parameters``) of parameter or buffer ``name`` of this chunk,
+        as named by this module or any wrapper of it (DDP's ``module.``, ``torch.compile``'s ``_orig_mod.``, the
+        activation-checkpoint and paging wrappers' ``_checkpoint_wrapped_module.``; FSDP2 keeps names)."""
+        parts = [p for p in name.split(".") if p not in _WRAPPER_SEGMENTS]
+        if parts and parts[0] == "module":  # DDP
+            parts = parts[1:]
+        if len(parts) < 2 or parts[0] != "layers":
+            return ".".join(parts)
+        return ".".join([self.layer_names[int(parts[1])], *parts[2:]])
 
     def set_block(self, block_id: int, module: nn.Module) -> None:
         self.layers[self.block_position[block_id]] = module
@@ -441,17 +462,22 @@ class StageModule(nn.Module):
         return x.clone() if x._is_view() else x
 
 
-def build_stage_module(chain: LayerChain, stage: PipelineStageConfig, config: TorchParallelConfig) -> StageModule:
+def build_stage_module(chain: LayerChain, stage: PipelineStageConfig, config: TorchParallelConfig,
+                       device: torch.device | None = None) -> StageModule:
     """Cut one model chunk out of the chain (keeps references to the chain's layers; drop the chain to free the
-    rest). With context parallelism the chunk gets its ``position_ids`` buffer ``0 .. seq_len - 1``."""
+    rest). With context parallelism the chunk gets its ``position_ids`` buffer ``0 .. seq_len - 1`` on ``device``
+    (default: where the chain's parameters are)."""
     layers = chain.layers()[stage.first_layer: stage.last_layer + 1]
     mp = config.mixed_precision
     positions = None
     if config.context_parallel.degree > 1:
-        device = next(chain.parameters()).device
+        device = device or next(chain.parameters()).device
         positions = torch.arange(config.pipeline.seq_len, device=device).unsqueeze(0)
+    n_layers = len(chain.layers())
+    names = ["embed" if i == 0 else "head" if i == n_layers - 1 else f"blocks.{i - 1}"
+             for i in range(stage.first_layer, stage.last_layer + 1)]
     return StageModule(
-        layers, stage.blocks, first_block_position=1 if stage.first_layer == 0 else 0,
+        layers, stage.blocks, first_block_position=1 if stage.first_layer == 0 else 0, layer_names=names,
         output_dtype=torch_dtype(config.pipeline.activation_dtype),
         autocast_dtype=torch_dtype(mp.compute_dtype) if mp.mechanism == "autocast" else None,
         position_ids=positions,
@@ -639,6 +665,51 @@ class ParallelModel:
         """The only chunk (pp = 1): call it on micro-batches."""
         return self.modules[0]
 
+    def stages(self) -> list[StageModule]:
+        """The chunks' StageModules, unwrapped from DDP."""
+        return [m.module if isinstance(m, torch.nn.parallel.DistributedDataParallel) else m for m in self.modules]
+
+    def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """``(name in the whole chain, parameter)`` of every parameter this rank holds (a DTensor when sharded):
+        the names ``LayerChain.named_parameters`` gives, whatever the plan's split and wrappers."""
+        return [(stage.canonical_name(name), p) for stage in self.stages() for name, p in stage.named_parameters()]
+
+
+@torch.no_grad()
+def materialize_stage(stage: StageModule, device: torch.device, plan: Plan) -> None:
+    """Allocate a meta-built chunk on ``device`` and initialize it, one parameter at a time.
+
+    ``to_empty`` allocates every parameter as this rank holds it (a DTensor allocates only its local shard; FSDP2
+    re-derives its sharded state in ``_apply``), then each parameter is filled from the full tensor
+    ``build.init_parameter`` makes for its whole-chain name (:meth:`StageModule.canonical_name`), sliced to the
+    local shard by ``distribute_tensor(..., src_data_rank=None)`` (no communication: every rank makes the full
+    tensor itself). That covers TP's ``Shard``, sequence parallelism's ``Replicate`` and FSDP2's ``Shard(0)``, and
+    FSDP2 over TP's ``_StridedShard``. Buffers (rotary frequencies, position ids) were built with real values;
+    ``to_empty`` would leave them uninitialized, so they are copied back. On a GPU the full tensor is copied to the
+    device before slicing (``distribute_tensor``): one whole parameter at a time there too.
+
+    Args:
+        stage: a chunk whose parameters are on the meta device, after TP, AC and FSDP2, before DDP.
+        device: this rank's device.
+        plan: the plan (model and seed).
+    """
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    from paraplan.models.build import init_parameter
+
+    buffers = {name: b.clone() for name, b in stage.named_buffers() if not b.is_meta}
+    stage.to_empty(device=device)
+    for name, buffer in stage.named_buffers():
+        if name in buffers:
+            buffer.copy_(buffers[name])
+    for name, param in stage.named_parameters():
+        full = init_parameter(stage.canonical_name(name), param.shape, param.dtype, plan.model, plan.train.seed)
+        if isinstance(param, DTensor):
+            local = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
+            param.to_local().copy_(local)
+        else:
+            param.copy_(full)
+
 
 def data_parallel_mesh(mesh, cp: int):
     """The mesh gradients are averaged over: ``dp``, or ``dp x cp`` flattened (torchtitan's ``dp_shard_cp``)."""
@@ -649,11 +720,18 @@ def parallelize(chain: LayerChain, plan: Plan, mesh, device: torch.device | None
                 activation_dir: Path | None = None) -> ParallelModel:
     """Apply the plan's strategy to a freshly built chain, for the calling rank.
 
+    Sharded initialization (torchtitan's): a chain built with ``build_model(..., meta_params=True)`` holds its
+    parameters on the meta device. Each chunk is then split, tensor-parallelized and FSDP2-sharded on meta, and only
+    then allocated on ``device`` (:func:`materialize_stage`: this rank's shards only, each filled from its full
+    ``init_parameter`` value), before DDP wraps it (DDP broadcasts rank 0's weights when it is built). No rank ever
+    holds more than its shards plus one whole parameter.
+
     Args:
-        chain: the full model, identical on every rank (same seed).
+        chain: the full model, identical on every rank (``build_model`` with the plan's seed), or built with
+            ``meta_params=True`` (parameters on meta, buffers real).
         plan: the plan (its recipe is ``build_torch_config(plan)``).
         mesh: a ``DeviceMesh`` of shape ``(pp, dp, cp, tp)`` named ``("pp", "dp", "cp", "tp")``.
-        device: where the chain's parameters live (default: CPU).
+        device: where the chain's parameters live, or are materialized (default: CPU).
         activation_dir: this rank's directory for activations paged to disk (tier nvme); needed only then.
 
     Returns:
@@ -669,12 +747,11 @@ def parallelize(chain: LayerChain, plan: Plan, mesh, device: torch.device | None
     pp_rank = mesh["pp"].get_local_rank()
     chunks = [c for c in config.pipeline.stages if c.rank == pp_rank]  # model order is chunk order
     dp_mesh = data_parallel_mesh(mesh, st.cp)
+    on_meta = any(p.is_meta for p in chain.parameters())
     modules, positions = [], []
     for chunk in chunks:
         # 1. Pipeline split first, so TP/AC/DP only touch this chunk's layers.
-        stage = build_stage_module(chain, chunk, config)
-        if stage.position_ids is not None:
-            positions.append(stage.position_ids)
+        stage = build_stage_module(chain, chunk, config, device)
         # 2. TP before data parallelism: FSDP2 then shards the TP-local shards (2-D), DDP reduces them.
         if st.tp > 1:
             apply_tp(stage, mesh["tp"], config.tensor_parallel)
@@ -688,8 +765,13 @@ def parallelize(chain: LayerChain, plan: Plan, mesh, device: torch.device | None
         wrapper = config.data_parallel.wrapper
         if wrapper == "FSDP2":
             apply_fsdp(stage, dp_mesh, config)
-        elif wrapper.startswith("DDP"):
+        # A meta-built chunk gets its (sharded) parameters now: after FSDP2 has sharded them, before DDP broadcasts.
+        if on_meta:
+            materialize_stage(stage, device, plan)
+        if wrapper.startswith("DDP"):
             module = apply_ddp(stage, dp_mesh, st.tp, device)
+        if stage.position_ids is not None:  # the buffer as materialized: context parallelism shards it in place
+            positions.append(stage.position_ids)
         modules.append(module)
     # 5. The pipeline stages wrap the data-parallel modules; they handle DDP no_sync / FSDP2 gradient sync themselves.
     schedule = None

@@ -2,7 +2,10 @@
 
 A run directory holds ``plan.json`` (the Plan), ``launch.json`` (the LaunchSpec: steps, data paths) and the
 backend's own files. Rank 0 appends one JSON line per step to ``metrics.jsonl``:
-``{"step", "loss", "step_time_s", "tokens_per_s", "peak_memory_bytes": [per rank]}``.
+``{"step", "loss", "step_time_s", "tokens_per_s", "peak_memory_bytes": [per rank], "restart"}``, where ``restart`` is
+torchrun's restart count (``TORCHELASTIC_RESTART_COUNT``, 0 for the first attempt). The file is only appended to:
+a job restarted by torchrun or resumed from a checkpoint re-runs the steps after its checkpoint, so a step can have
+several rows, told apart by ``restart`` and by their order (the last one counts).
 
 Also the selective recomputation both trainers apply to a plan's ``selective_blocks``, in either of its two policies
 (:func:`selective_checkpoint`), and the activation paging they apply to its ``offload_blocks``
@@ -145,6 +148,20 @@ def build_dataset(plan: Plan, spec: LaunchSpec) -> ByteDataset:
     return ByteDataset([Path(p) for p in spec.data_paths], plan.train.seq_len, seed=plan.train.seed)
 
 
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """Learning-rate multiplier of step ``step`` (from 0): linear warmup ``min(1, (step + 1) / warmup_steps)``, so
+    the first step already trains and step ``warmup_steps - 1`` reaches the full lr; 1 when ``warmup_steps`` is 0."""
+    return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
+
+
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, plan: Plan) -> torch.optim.lr_scheduler.LambdaLR:
+    """``plan.train.warmup_steps`` of linear warmup to ``plan.train.lr`` (:func:`warmup_factor`), then constant;
+    stepped once per optimizer step. Both trainers use it (DeepSpeed through ``deepspeed.initialize``'s
+    ``lr_scheduler``), and its ``state_dict`` goes into checkpoints."""
+    warmup = plan.train.warmup_steps
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_factor(step, warmup))
+
+
 def shutdown_distributed(clean: bool) -> None:
     """Destroy the process group. After a clean run every rank first meets at a barrier, so no rank closes its
     gloo connections while another still uses them (seen as a C++ "terminate called without an active exception"
@@ -184,8 +201,7 @@ class MetricsWriter:
         self.device = device
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.tokens_per_step = plan.train.global_batch * plan.train.seq_len
-        if self.rank == 0:
-            self.path.write_text("")
+        self.restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
     def log(self, step: int, loss: float, step_time_s: float, **extra: float) -> None:
         """Record one step. ``loss`` must already be the global-batch mean (identical on every rank that logs).
@@ -202,7 +218,7 @@ class MetricsWriter:
             row = {
                 "step": step, "loss": loss, "step_time_s": step_time_s,
                 "tokens_per_s": self.tokens_per_step / step_time_s if step_time_s > 0 else 0.0,
-                "peak_memory_bytes": mems, **extra,
+                "peak_memory_bytes": mems, "restart": self.restart, **extra,
             }
             # Opened per row and closed (flushed) at once, in one write: a run killed mid-way keeps every step
             # it finished, each a whole line.

@@ -1,19 +1,26 @@
 """Built-in DeepSpeed trainer: ``torchrun ... -m paraplan.backends.train_deepspeed --run-dir DIR``.
 
 Reads ``plan.json``, ``launch.json`` and ``ds_config.json`` (from ``emit_deepspeed``) and trains the plan's model
-for ``launch.steps`` steps on byte-level data. Every rank builds the full model from the same seed, so every
-strategy starts from identical weights and sees the same global batch each step (``data.sample_start``); the
-logged loss is the global-batch mean, so runs of different strategies can be compared step by step.
+for ``launch.steps`` steps on byte-level data. Every strategy starts from the weights of the same seed
+(``build.init_parameter``: a function of the seed and the parameter's name) and sees the same global batch each
+step (``data.sample_start``); the logged loss is the global-batch mean, so runs of different strategies can be
+compared step by step.
 
 - pp == 1: ``deepspeed.initialize`` on the whole chain (ZeRO 0-3, optimizer offload to host memory or NVMe,
   AutoTP for tp > 1); each step runs ``gradient_accumulation_steps`` micro-batches through ``engine.backward`` /
-  ``engine.step``. With parameters offloaded (ZeRO-3 ``offload_param``) the chain is built inside
-  ``deepspeed.zero.Init``, so each parameter is partitioned (and swapped out) as soon as its module is built and no
-  rank ever holds the whole model.
+  ``engine.step``. At ZeRO-3 the chain is built inside ``deepspeed.zero.Init``, so each parameter is partitioned
+  (and swapped out, with ``offload_param``) as soon as its module is built and no rank ever holds the whole model
+  (:func:`build_partitioned_model`); ZeRO 0-2 ranks hold full parameters anyway and build the whole chain.
 - pp > 1: a ``PipelineModule`` cut at the plan's stage boundaries, trained with ``engine.train_batch`` (1F1B).
 
 Blocks the plan pages (``StagePlan.offload_blocks``) run inside ``train_common.paged_activations``: their saved
 activations go to host memory, or to files under ``<nvme_path or run dir>/activations/rank<R>``.
+
+The learning rate follows ``train_common.build_lr_scheduler`` (linear warmup), passed to ``deepspeed.initialize``
+so the engine steps it and saves it. Checkpoints (``checkpoint``: layout, atomic save, retention): with
+``launch.json``'s ``checkpoint_every`` > 0, ``engine.save_checkpoint`` every that many steps and after the last,
+into ``step_<k>/deepspeed/``; at start a run directory holding a checkpoint resumes from the newest
+(``engine.load_checkpoint``), only under the layout that saved it (``checkpoint.check_resumable``).
 """
 
 from __future__ import annotations
@@ -33,13 +40,14 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from paraplan.backends.checkpoint import Checkpoint, checkpoint_due, load_rng_state, resume_run, save_checkpoint
 from paraplan.backends.data import ByteDataset, sample_start
 from paraplan.backends.deepspeed import DS_CONFIG_FILE, PARAPLAN_KEY
 from paraplan.backends.train_common import (
-    MetricsWriter, StepTimer, build_dataset, device_for_rank, dist_backend, load_run, selective_checkpoint,
-    shutdown_distributed,
+    MetricsWriter, StepTimer, build_dataset, build_lr_scheduler, device_for_rank, dist_backend, load_run,
+    selective_checkpoint, shutdown_distributed,
 )
-from paraplan.errors import LaunchError
+from paraplan.errors import CheckpointError, LaunchError
 from paraplan.files import read_mapping
 from paraplan.models.build import build_model, hf_config, lm_loss
 from paraplan.types import Plan
@@ -171,21 +179,44 @@ def micro_batches(dataset: ByteDataset, plan: Plan, step: int, dp_rank: int) -> 
         yield dataset.batch(start, s.micro_batch_size)
 
 
-def train_flat(plan: Plan, ds_config: dict, dataset: ByteDataset, steps: int, run_dir: Path) -> None:
+def build_partitioned_model(plan: Plan, ds_config: dict) -> nn.Module:
+    """ZeRO-3: the chain built under ``deepspeed.zero.Init`` (each parameter partitioned, and offloaded with
+    ``offload_param``, as soon as its module is built), holding the unsharded model's weights.
+
+    zero.Init builds with torch's default initialization; every parameter of a llama or gpt chain is then
+    overwritten with ``build.init_parameter``, one parameter at a time, under
+    ``deepspeed.zero.GatheredParameters(param, modifier_rank=0)``: DeepSpeed's documented way to modify partitioned
+    weights (gathered on entry; on exit the modifier's value is broadcast and re-partitioned). Every rank writes the
+    same value, so the broadcast changes nothing. A rank thus holds its partitions plus one whole parameter at a
+    time. A factory model keeps its own initialization, from the seeded global generator as ``build_model`` does.
+    """
+    import deepspeed
+
+    from paraplan.models.build import init_parameter
+
+    # zero.Init replaces torch's tensor constructors, and transformers' lazy module import then fails
+    # ("Signature mismatch ... tensor_pynew"): import every module the build needs first, on the meta device.
+    build_model(plan.model, device="meta", seed=None)
+    custom = plan.model.family == "custom"
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        chain = build_model(plan.model, seed=plan.train.seed if custom else None)
+    if not custom:
+        for name, param in chain.named_parameters():
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=0), torch.no_grad():
+                param.data.copy_(init_parameter(name, param.shape, param.dtype, plan.model, plan.train.seed))
+    return chain
+
+
+def train_flat(plan: Plan, ds_config: dict, dataset: ByteDataset, steps: int, run_dir: Path,
+               checkpoint_every: int = 0) -> None:
     """pp == 1: DeepSpeed engine (DDP or ZeRO, optionally AutoTP) around the whole chain."""
     import deepspeed
     from deepspeed.utils import groups
 
     device = device_for_rank()
     st = plan.strategy
-    if st.zero_stage == 3 and (st.offload_param != "none" or st.offload_optimizer == "nvme"):
-        # Partitioned (and offloaded) as each module is built: the full model is never materialised on a rank.
-        # Every rank builds from the same seed, so the partitions match the single-process model's weights.
-        # zero.Init replaces torch's tensor constructors, and transformers' lazy module import then fails
-        # ("Signature mismatch ... tensor_pynew"): import every module the build needs first, on the meta device.
-        build_model(plan.model, device="meta", seed=None)
-        with deepspeed.zero.Init(config_dict_or_path=ds_config):
-            chain = build_model(plan.model, seed=plan.train.seed)
+    if st.zero_stage == 3:  # partitioned as each module is built: the full model is never materialised on a rank
+        chain = build_partitioned_model(plan, ds_config)
     else:
         chain = build_model(plan.model, seed=plan.train.seed)
     layers = wrap_layers(chain.layers(), ds_config[PARAPLAN_KEY], run_dir, dist.get_rank())
@@ -193,11 +224,13 @@ def train_flat(plan: Plan, ds_config: dict, dataset: ByteDataset, steps: int, ru
     chain.blocks = nn.ModuleList(layers[1:-1])
     if plan.strategy.tp > 1:
         chain.config = hf_config(plan.model)  # AutoTP reads head counts from model.config
-    engine, _, _, _ = deepspeed.initialize(model=chain, model_parameters=chain.parameters(), config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(model=chain, model_parameters=chain.parameters(), config=ds_config,
+                                           lr_scheduler=lambda opt: build_lr_scheduler(opt, plan))
+    start = resume_run(run_dir, plan, "deepspeed", checkpoint_every, lambda ckpt: load_engine(engine, ckpt, plan))
     # Ranks of one tp group share a dp rank (DeepSpeed's (dp, tp) mesh): they must read the same micro-batches.
     dp_rank = groups.get_data_parallel_rank() if plan.strategy.tp > 1 else dist.get_rank()
     metrics, timer = MetricsWriter(run_dir, plan, device), StepTimer(device)
-    for step in range(steps):
+    for step in range(start, steps):
         timer.start()
         total = torch.zeros((), dtype=torch.float32, device=device)
         for tokens, targets in micro_batches(dataset, plan, step, dp_rank):
@@ -210,9 +243,12 @@ def train_flat(plan: Plan, ds_config: dict, dataset: ByteDataset, steps: int, ru
         dist.all_reduce(total)
         step_time_s = timer.stop()
         metrics.log(step, (total / (dist.get_world_size() * plan.strategy.grad_accum)).item(), step_time_s)
+        if checkpoint_due(step + 1, steps, checkpoint_every):
+            save_engine(engine, run_dir, step + 1, plan)
 
 
-def train_pipeline(plan: Plan, ds_config: dict, dataset: ByteDataset, steps: int, run_dir: Path) -> None:
+def train_pipeline(plan: Plan, ds_config: dict, dataset: ByteDataset, steps: int, run_dir: Path,
+                   checkpoint_every: int = 0) -> None:
     """pp > 1: ``PipelineModule`` at the plan's stage boundaries, 1F1B via ``engine.train_batch``."""
     import deepspeed
 
@@ -220,7 +256,9 @@ def train_pipeline(plan: Plan, ds_config: dict, dataset: ByteDataset, steps: int
     ours = ds_config[PARAPLAN_KEY]
     module = build_pipeline_module(plan, ours, run_dir)
     params = [p for p in module.parameters() if p.requires_grad]
-    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=params, config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=params, config=ds_config,
+                                           lr_scheduler=lambda opt: build_lr_scheduler(opt, plan))
+    start = resume_run(run_dir, plan, "deepspeed", checkpoint_every, lambda ckpt: load_engine(engine, ckpt, plan))
     dp_rank = engine.grid.get_data_parallel_rank()
     if dp_rank == 0:  # one line per stage, so the log shows the cut that ran
         ckpt = [i for i in ours["activation_checkpointing"]["chain_layers"]
@@ -228,12 +266,44 @@ def train_pipeline(plan: Plan, ds_config: dict, dataset: ByteDataset, steps: int
         print(f"pipeline stage {engine.stage_id}: chain layers {module._local_start}..{module._local_stop - 1}, "
               f"checkpointed {ckpt}", flush=True)
     metrics, timer = MetricsWriter(run_dir, plan, device), StepTimer(device)
-    for step in range(steps):
+    for step in range(start, steps):
         timer.start()
         # train_batch returns the mean over micro-batches, averaged over dp and broadcast to every stage.
         loss = engine.train_batch(data_iter=micro_batches(dataset, plan, step, dp_rank))
         step_time_s = timer.stop()
         metrics.log(step, float(loss.item()), step_time_s)
+        if checkpoint_due(step + 1, steps, checkpoint_every):
+            save_engine(engine, run_dir, step + 1, plan)
+
+
+# Tag of engine.save_checkpoint: its files go to step_<k>/deepspeed/ (no "latest" file: the step is the directory's).
+DS_TAG = "deepspeed"
+
+
+def save_engine(engine, run_dir: Path, step: int, plan: Plan) -> Path:
+    """``engine.save_checkpoint`` of the state after ``step`` completed steps inside ``checkpoint.save_checkpoint``'s
+    atomic scheme (every rank calls it); the step also goes into DeepSpeed's client state, checked on load."""
+    def write(directory: Path) -> None:
+        engine.save_checkpoint(str(directory), tag=DS_TAG, client_state={"step": step}, save_latest=False)
+
+    return save_checkpoint(run_dir, step, plan, "deepspeed", write)
+
+
+def load_engine(engine, ckpt: Checkpoint, plan: Plan) -> None:
+    """``engine.load_checkpoint`` of ``ckpt`` (module, optimizer and lr-scheduler states), then this rank's RNG state.
+
+    Raises:
+        CheckpointError: DeepSpeed found no checkpoint there, or one of another step.
+    """
+    load_path, client = engine.load_checkpoint(str(ckpt.path), tag=DS_TAG, load_optimizer_states=True,
+                                               load_lr_scheduler_states=True)
+    if load_path is None or (client or {}).get("step") != ckpt.step:
+        raise CheckpointError(
+            f"DeepSpeed did not load checkpoint {ckpt.path} (load_checkpoint returned {load_path!r}, step "
+            f"{(client or {}).get('step')!r}, expected {ckpt.step}); delete it (rm -r {ckpt.path}) to resume from "
+            "the previous one, or launch into a fresh run directory"
+        )
+    load_rng_state(ckpt, plan)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -267,7 +337,7 @@ def main(argv: list[str] | None = None) -> None:
     train = train_pipeline if plan.strategy.pp > 1 else train_flat
     clean = False
     try:
-        train(plan, ds_config, dataset, spec.steps, args.run_dir)
+        train(plan, ds_config, dataset, spec.steps, args.run_dir, spec.checkpoint_every)
         clean = True
     finally:
         shutdown_distributed(clean)

@@ -1,10 +1,12 @@
 """Built-in native-torch trainer: ``torchrun ... -m paraplan.backends.train_torch --run-dir DIR``.
 
-Every rank builds the full model from the plan's seed (so every strategy starts from identical weights), keeps its
-pipeline model chunks, applies ``torch_native.parallelize`` and trains for ``launch.json``'s ``steps`` with AdamW. At
-step ``k`` data-parallel rank ``r`` trains on micro-batches ``j = 0..m-1`` starting at
-``sample_start(k, B, r, dp, j, mb)``; tensor- and context-parallel ranks of one dp rank read the same data (context
-parallelism then keeps each rank's shard of the sequence).
+Every rank builds the model with its parameters on the meta device, keeps its pipeline model chunks and applies
+``torch_native.parallelize``, which allocates only the rank's shards and fills them with the per-parameter
+initialization of the plan's seed (``build.init_parameter``), so every strategy starts from the unsharded model's
+weights and no rank holds the whole model (a factory model is still built in full); it then trains for
+``launch.json``'s ``steps`` with AdamW. At step ``k`` data-parallel rank ``r`` trains on micro-batches
+``j = 0..m-1`` starting at ``sample_start(k, B, r, dp, j, mb)``; tensor- and context-parallel ranks of one dp
+rank read the same data (context parallelism then keeps each rank's shard of the sequence).
 
 Gradients equal the single-process gradient of the global-batch mean loss: each micro-batch loss is a mean over its
 ``mb`` sequences, backward runs on ``loss / m`` (pipelining: ``scale_grads`` divides by ``m``), and DDP / FSDP2
@@ -17,23 +19,36 @@ gradient.
 Blocks the plan pages (``StagePlan.offload_blocks``) with ``activation_tier`` nvme write their saved activations
 under ``<run_dir>/activations/rank<RANK>``, one file per saved storage, each deleted once its backward has run;
 their ``metrics.jsonl`` rows add ``paged_bytes``, what rank 0 paged out during the step.
+
+Checkpoints (``checkpoint``: layout, atomic save, retention): with ``launch.json``'s ``checkpoint_every`` > 0 the
+trainer saves every that many steps and after the last, with ``torch.distributed.checkpoint`` (DCP) of the
+parameters and AdamW states keyed by whole-model names (:func:`checkpoint_tensors`), so a plan with other degrees
+loads them resharded; ``trainer.json`` holds the step and the learning-rate scheduler. At start, a run directory
+holding a checkpoint resumes from the newest at its step (how torchrun ``--max-restarts`` restarts resume too).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
 
+from paraplan.backends.checkpoint import (
+    CHECKPOINT_SCHEMA_VERSION, Checkpoint, checkpoint_due, load_rng_state, resume_run, save_checkpoint,
+)
 from paraplan.backends.data import ByteDataset, sample_start
 from paraplan.backends.torch_native import (
     ParallelModel, build_optimizer, load_torch_config, parallelize, reduce_partial_grads, step_context,
 )
 from paraplan.backends.train_common import (
-    MetricsWriter, PagedActivationWrapper, StepTimer, build_dataset, device_for_rank, dist_backend, load_run, shutdown_distributed,
+    MetricsWriter, PagedActivationWrapper, StepTimer, build_dataset, build_lr_scheduler, device_for_rank, dist_backend,
+    load_run, shutdown_distributed,
 )
 from paraplan.models.build import build_model, lm_loss
 from paraplan.types import Plan
@@ -147,6 +162,100 @@ def take_paged_bytes(model: ParallelModel) -> int:
     return total
 
 
+TRAINER_FILE = "trainer.json"
+
+
+def _local_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer that holds this rank's states: ZeRO-1's local ``.optim`` (its share of the parameters)."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    return optimizer.optim if isinstance(optimizer, ZeroRedundancyOptimizer) else optimizer
+
+
+def _global_view(t: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``t`` (the parameter or a state of its shape) as DCP must see it: a TP shard that DDP holds as a plain local
+    tensor (``_st_info``, ``tensor.parallel.ddp``) becomes the DTensor it is a shard of, sharing its storage;
+    anything else (plain, or already a DTensor under FSDP2 or TP without DDP) stays as it is."""
+    spec = getattr(param, "_st_info", None)
+    if spec is None or isinstance(t, DTensor) or t.shape != param.shape:
+        return t
+    return DTensor.from_local(t, spec.mesh, spec.placements, run_check=False, shape=spec.shape, stride=spec.stride)
+
+
+def checkpoint_tensors(named_params: list[tuple[str, nn.Parameter]], optimizer: torch.optim.Optimizer,
+                       ) -> dict[str, torch.Tensor]:
+    """This rank's part of the training state, as the live tensors DCP saves from and loads into in place.
+
+    Keys are whole-model names (``ParallelModel.named_parameters``), so they do not depend on the plan:
+    ``model.<name>`` for each parameter the rank holds and ``optim.<name>.<state>`` (AdamW's ``exp_avg``,
+    ``exp_avg_sq``, ``step``) for each whose optimizer states it holds. Sharded tensors are DTensors (FSDP2, TP), so
+    DCP records where each shard lies in the whole tensor and a plan with other degrees reads its own pieces.
+    Replicated tensors (DDP, tp copies) appear on several ranks under one key and DCP writes one copy. ZeRO-1's
+    states (``ZeroRedundancyOptimizer``) are only on the rank that owns their parameter: each rank contributes its
+    share and DCP's metadata joins them, so ZeRO-1 needs no gather to rank 0.
+
+    Args:
+        named_params: ``(whole-model name, parameter)`` of this rank, taken before the first forward (under DDP
+            with tp > 1 the TP hooks take sharded weights out of ``parameters()`` afterwards).
+        optimizer: the run's optimizer, states created (:func:`init_optimizer_states` before a load).
+    """
+    states = _local_optimizer(optimizer).state
+    out: dict[str, torch.Tensor] = {}
+    for name, p in named_params:
+        out[f"model.{name}"] = _global_view(p.detach(), p)
+        for key, value in states.get(p, {}).items():
+            if isinstance(value, torch.Tensor):
+                out[f"optim.{name}.{key}"] = _global_view(value, p)
+    return out
+
+
+def init_optimizer_states(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> None:
+    """Create the optimizer's states (AdamW makes them on its first step) so a load has tensors to fill: one step
+    on zero gradients at lr 0, which leaves every parameter as it is (as ``torch.distributed.checkpoint.
+    state_dict._init_optim_state`` does); the loaded states then replace what it made."""
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    optimizer.step()
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+
+
+def save_torch_checkpoint(run_dir: Path, step: int, plan: Plan, named_params: list[tuple[str, nn.Parameter]],
+                          optimizer: torch.optim.Optimizer, scheduler) -> Path:
+    """Save the state after ``step`` completed steps (every rank calls it): DCP of :func:`checkpoint_tensors`,
+    rank 0's ``trainer.json`` (step, scheduler ``state_dict``), each rank's RNG state (``checkpoint``)."""
+    import torch.distributed.checkpoint as dcp
+
+    def write(directory: Path) -> None:
+        dcp.save(checkpoint_tensors(named_params, optimizer), checkpoint_id=directory)
+        if dist.get_rank() == 0:
+            trainer = {"schema_version": CHECKPOINT_SCHEMA_VERSION, "step": step,
+                       "lr_scheduler": scheduler.state_dict()}
+            (directory / TRAINER_FILE).write_text(json.dumps(trainer, indent=2) + "\n")
+
+    return save_checkpoint(run_dir, step, plan, "torch", write)
+
+
+def load_torch_checkpoint(ckpt: Checkpoint, plan: Plan, named_params: list[tuple[str, nn.Parameter]],
+                          params: list[nn.Parameter], optimizer: torch.optim.Optimizer, scheduler) -> None:
+    """Load ``ckpt`` into this rank's parameters, optimizer states and scheduler (resharded by DCP when the plan
+    splits them otherwise), and its RNG state when the layout is the checkpoint's."""
+    import torch.distributed.checkpoint as dcp
+
+    init_optimizer_states(optimizer, params)
+    dcp.load(checkpoint_tensors(named_params, optimizer), checkpoint_id=ckpt.path)
+    trainer = json.loads((ckpt.path / TRAINER_FILE).read_text())
+    scheduler.load_state_dict(trainer["lr_scheduler"])
+    # LambdaLR's state sets only its own counters; the optimizer runs at the lr it had set last.
+    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+        group["lr"] = lr
+    load_rng_state(ckpt, plan)
+
+
 def train(run_dir: Path, device: torch.device) -> None:
     """Run the job described by ``run_dir`` on this rank (process group already initialized on ``device``)."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -155,13 +264,18 @@ def train(run_dir: Path, device: torch.device) -> None:
     config = load_torch_config(run_dir, plan)
     mesh = init_device_mesh(device.type, tuple(config.mesh.shape), mesh_dim_names=tuple(config.mesh.dim_names))
     activation_dir = run_dir / ACTIVATIONS_DIR / f"rank{dist.get_rank()}"  # used only for activations paged to disk
-    model = parallelize(build_model(plan.model, device=device, seed=plan.train.seed), plan, mesh, device,
-                        activation_dir)
+    # Parameters on meta: parallelize allocates and initializes only this rank's shards (build.init_parameter).
+    model = parallelize(build_model(plan.model, device=device, seed=plan.train.seed, meta_params=True), plan,
+                        mesh, device, activation_dir)
     optimizer = build_optimizer(model, plan)
+    scheduler = build_lr_scheduler(optimizer, plan)
+    named_params = model.named_parameters()  # before any forward (see checkpoint_tensors)
+    start = resume_run(run_dir, plan, "torch", spec.checkpoint_every,
+                       lambda ckpt: load_torch_checkpoint(ckpt, plan, named_params, model.params, optimizer, scheduler))
     dataset = build_dataset(plan, spec)
     dp_rank = mesh["dp"].get_local_rank()
     writer, timer = MetricsWriter(run_dir, plan, device), StepTimer(device)
-    for step in range(spec.steps):
+    for step in range(start, spec.steps):
         timer.start()
         optimizer.zero_grad(set_to_none=True)
         batches = rank_batch(dataset, plan, step, dp_rank, device)
@@ -172,9 +286,12 @@ def train(run_dir: Path, device: torch.device) -> None:
         reduce_partial_grads(model.params)
         grad_norm = global_grad_norm(model, plan, device)
         optimizer.step()
+        scheduler.step()
         loss = global_mean_loss(local, plan, device)
         extra = {"paged_bytes": take_paged_bytes(model)} if config.paged_blocks else {}
         writer.log(step, loss, timer.stop(), grad_norm=grad_norm, **extra)
+        if checkpoint_due(step + 1, spec.steps, spec.checkpoint_every):
+            save_torch_checkpoint(run_dir, step + 1, plan, named_params, optimizer, scheduler)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 from paraplan.models.presets import PRESETS, load_model_spec
 
-_BUILD = ("LayerChain", "build_layer", "build_model", "count_parameters", "lm_loss")
+_BUILD = ("LayerChain", "build_layer", "build_model", "count_parameters", "init_parameter", "init_weights", "lm_loss")
 
 __all__ = ["PRESETS", "load_model_spec", *_BUILD]
 

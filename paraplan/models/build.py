@@ -12,7 +12,11 @@ once and assumes the others cost the same.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import math
+import zlib
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -207,20 +211,33 @@ def build_layer(spec: ModelSpec, kind: str, layer_idx: int = 0) -> nn.Module:
     return GPTHead(spec.hidden, spec.vocab, spec.norm_eps)
 
 
-def build_model(spec: ModelSpec, device: str | torch.device = "cpu", seed: int | None = 0) -> LayerChain:
+def build_model(
+    spec: ModelSpec, device: str | torch.device = "cpu", seed: int | None = 0, meta_params: bool = False,
+) -> LayerChain:
     """Build the whole chain. Use ``device='meta'`` to count parameters without allocating them.
+
+    Llama and GPT chains built with a seed get :func:`init_weights`: every parameter is a function of the seed and
+    its name alone, so the unsharded model and every sharded one (``torch_native.parallelize`` after a
+    ``meta_params`` build, DeepSpeed ZeRO-3 under ``zero.Init``) hold identical weights.
 
     Args:
         spec: the model.
-        device: where parameters live; ``meta`` allocates nothing.
-        seed: if not None, ``torch.manual_seed(seed)`` first, so every rank builds identical weights.
+        device: where parameters and buffers live; ``meta`` allocates nothing.
+        seed: if not None, ``torch.manual_seed(seed)`` first and, for llama and gpt, :func:`init_weights` (a
+            factory model keeps its own initialization, drawn from the seeded global generator). None: torch's
+            default initialization, unseeded (the profiler's case).
+        meta_params: parameters on the meta device, buffers (rotary frequencies) computed on ``device``: the
+            caller allocates and initializes only the parameters it keeps (``torch_native.parallelize`` does).
+            Ignored for a factory model, which is always built in full on ``device`` (its initialization is its
+            own, so no rank could reproduce a shard of it alone).
 
     Raises:
         ModelSpecError: a factory that cannot be imported or returns something other than a layer chain.
     """
     if seed is not None:
         torch.manual_seed(seed)
-    with torch.device(device):
+    empty = meta_params and spec.family != "custom" and torch.device(device).type != "meta"
+    with torch.device(device), (_parameters_on_meta() if empty else contextlib.nullcontext()):
         if spec.family == "custom":
             chain = _call_factory(spec)
         else:
@@ -233,7 +250,88 @@ def build_model(spec: ModelSpec, device: str | torch.device = "cpu", seed: int |
             if spec.tied_embeddings:
                 embed_weight = chain.embed.wte.weight if spec.family == "gpt" else chain.embed.embed_tokens.weight
                 chain.head.lm_head.weight = embed_weight
+    if seed is not None and spec.family != "custom" and not empty and torch.device(device).type != "meta":
+        init_weights(chain, spec, seed)
     return chain
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Every parameter registered inside is moved to the meta device; buffers stay where they are made.
+
+    accelerate's ``init_empty_weights(include_buffers=False)`` (not a paraplan dependency): a module's
+    ``__init__`` allocates each parameter (uninitialized, ``torch.empty``) and registers it; the registration swaps
+    it for a meta tensor before the module's own initialization runs on it, so only one parameter is ever
+    allocated, untouched, at a time. Buffers computed from the config (rotary ``inv_freq``) keep their values.
+    """
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and not param.is_meta:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def init_parameter(name: str, shape: torch.Size | tuple[int, ...], dtype: torch.dtype, spec: ModelSpec,
+                   seed: int) -> torch.Tensor:
+    """The initial value of one parameter of a llama or gpt chain, made whole on the CPU from its own generator.
+
+    Distributions follow transformers' ``_init_weights`` (transformers 5.x ``PreTrainedModel._init_weights``, which
+    ``LlamaPreTrainedModel`` and the Mistral/Qwen2/Qwen3 classes inherit, and ``GPT2PreTrainedModel._init_weights``):
+    linear, ``Conv1D`` and embedding weights ``normal(0, initializer_range)`` (0.02 by default), biases zero, norm
+    weights (RMSNorm, LayerNorm) one, and for GPT-2 the output projections of attention and MLP (``c_proj.weight``)
+    ``normal(0, initializer_range / sqrt(2 n_layers))`` (GPT-2's residual scaling, two residual paths per block).
+    The kind is read from the name, which the chain's layer names fix (tests/unit/test_init_weights.py checks the
+    rules against transformers' own initialization of the same modules).
+
+    The generator is seeded with ``crc32("<seed>:<name>")`` (torch's CPU generator keeps 32 bits of a seed anyway):
+    the value depends on the seed and the parameter's name in the whole chain only, never on which rank makes it or
+    in what order. Values are drawn in fp32 and then cast to ``dtype``.
+
+    Args:
+        name: the parameter's name in ``LayerChain.named_parameters()``, e.g. ``blocks.2.layer.mlp.up_proj.weight``.
+        shape: its full (unsharded) shape.
+        dtype: the dtype of the returned tensor.
+        spec: the model (family llama or gpt).
+        seed: the training seed.
+
+    Returns:
+        The full tensor, on the CPU.
+
+    Raises:
+        ModelSpecError: a factory (``custom``) model, whose initialization is its own.
+    """
+    if spec.family == "custom":
+        raise ModelSpecError(f"{spec.name}: a factory model keeps its own initialization; init_parameter covers "
+                             "the llama and gpt families")
+    module, _, kind = name.rpartition(".")
+    owner = module.rpartition(".")[2]
+    if kind == "bias":
+        return torch.zeros(shape, dtype=dtype)
+    if "norm" in owner or owner.startswith("ln_"):  # input_layernorm, q_norm, norm; GPT-2's ln_1, ln_2, ln_f
+        return torch.ones(shape, dtype=dtype)
+    std = hf_config(spec).initializer_range or 0.02
+    if spec.family == "gpt" and owner == "c_proj":
+        std /= math.sqrt(2 * (spec.n_layers or 1))
+    generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+    return torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=generator).to(dtype)
+
+
+@torch.no_grad()
+def init_weights(chain: nn.Module, spec: ModelSpec, seed: int) -> None:
+    """Overwrite every parameter of a whole llama or gpt chain with :func:`init_parameter` (tied weights once).
+
+    Raises:
+        ModelSpecError: a factory (``custom``) model.
+    """
+    for name, param in chain.named_parameters():
+        param.copy_(init_parameter(name, param.shape, param.dtype, spec, seed))
 
 
 def _call_factory(spec: ModelSpec) -> LayerChain:

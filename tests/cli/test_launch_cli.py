@@ -333,7 +333,7 @@ def test_worker_error_is_the_first_failing_ranks_final_exception():
 
 
 def test_failed_job_reports_the_ranks_error_and_the_log(tmp_path, monkeypatch):
-    def failing_job(command, env, log_path, stopper, quiet):
+    def failing_job(command, env, log_path, stopper, quiet, append=False):
         log_path.write_text(PREFIXED_LOG)
         return 1
 

@@ -27,6 +27,7 @@ pytestmark = pytest.mark.integration
 STEPS = 6
 REFERENCE_STEPS = 8  # the resume with another plan continues to step 8
 CHECKPOINT_EVERY = 2
+WARMUP = 4  # steps of linear learning-rate warmup: a resume at step 2 or 4 needs the scheduler's state
 RUN_TIMEOUT_S = 300.0
 # Data-parallel ranks on one node or two exchange the same gradients in the same order: losses agree to rounding.
 REL = 1e-5
@@ -71,12 +72,18 @@ def _losses(run_dir: Path) -> list[float]:
     return [row["loss"] for row in read_metrics(run_dir)]
 
 
+def _plan(**kwargs) -> str:
+    """A plan with a learning-rate warmup, so a resume must also restore the scheduler's position."""
+    plan = make_plan(**kwargs)
+    return plan.model_copy(update={"train": plan.train.model_copy(update={"warmup_steps": WARMUP})}).model_dump_json()
+
+
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("cluster")
-    (path / "plan.json").write_text(make_plan(dp=2).model_dump_json())
+    (path / "plan.json").write_text(_plan(dp=2))
     (path / "two_nodes.yaml").write_text(TWO_NODES)
-    (path / "plan2n.json").write_text(make_plan(cluster=str(path / "two_nodes.yaml"), dp=2).model_dump_json())
+    (path / "plan2n.json").write_text(_plan(cluster=str(path / "two_nodes.yaml"), dp=2))
     return path
 
 
@@ -248,7 +255,7 @@ def test_killed_job_resumes_where_it_stopped(killed_and_resumed, reference):
 
 def test_resume_with_another_plan_reshards_the_checkpoint(work, killed_and_resumed, reference):
     plan_pp = work / "plan_pp2.json"
-    plan_pp.write_text(make_plan(pp=2).model_dump_json())
+    plan_pp.write_text(_plan(pp=2))
     result = _run([sys.executable, "-m", "paraplan", "launch", str(plan_pp), "--resume", str(killed_and_resumed),
                    "--steps", str(REFERENCE_STEPS)], work)
     assert result.returncode == 0, result.stdout + result.stderr
