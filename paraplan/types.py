@@ -7,11 +7,11 @@ Units are in the field names: ``*_bytes``, ``*_s``, ``*_flops``, ``*_flops_per_s
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from paraplan.errors import ProfileError, TrainSpecError
+from paraplan.errors import ModelSpecError, ProfileError, TrainSpecError
 
 SCHEMA_VERSION = 1
 
@@ -19,6 +19,10 @@ Dtype = Literal["bf16", "fp16", "fp32"]
 LayerKind = Literal["embed", "block", "head"]
 Family = Literal["llama", "gpt", "custom"]
 LlamaModelType = Literal["llama", "mistral", "qwen2", "qwen3"]
+# Hugging Face model types of the Mixture-of-Experts decoders paraplan reads and counts (planning them comes later).
+MoEModelType = Literal["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "gpt_oss"]
+MOE_MODEL_TYPES: tuple[str, ...] = get_args(MoEModelType)
+MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")  # multi-head latent attention
 GELU_ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 Activation = Literal["silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast"]
 Backend = Literal["deepspeed", "torch"]
@@ -49,19 +53,104 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+class MoESpec(_Frozen):
+    """Mixture-of-Experts MLP of a decoder: a router sends each token to ``top_k`` of ``n_experts`` routed experts
+    (SwiGLU MLPs), optionally plus shared experts every token passes through.
+
+    Terms: Shazeer et al. 2017 (top-k gating), Fedus et al. 2022 (Switch Transformers), Dai et al. 2024
+    (DeepSeekMoE: shared experts, fine-grained experts). Each description names the Hugging Face config.json key
+    the field is read from.
+    """
+
+    n_experts: int = Field(
+        gt=0, strict=True, description="Routed experts per MoE layer, E (config.json num_local_experts: Mixtral, "
+        "gpt-oss; num_experts: Qwen2-MoE, Qwen3-MoE; n_routed_experts: DeepSeek).")
+    top_k: int = Field(
+        gt=0, strict=True, description="Routed experts each token is sent to, K (num_experts_per_tok).")
+    expert_ffn_hidden: int = Field(
+        gt=0, strict=True, description="Inner size of each routed expert's SwiGLU MLP (moe_intermediate_size; "
+        "Mixtral and gpt-oss: intermediate_size).")
+    n_shared_experts: int = Field(
+        default=0, ge=0, strict=True, description="Shared experts, applied to every token (DeepSeek "
+        "n_shared_experts; Qwen2-MoE: 1, its shared_expert).")
+    shared_expert_ffn_hidden: int | None = Field(
+        default=None, gt=0, strict=True, description="Inner size of each shared expert (DeepSeek "
+        "moe_intermediate_size: its shared MLP is n_shared_experts x moe_intermediate_size wide; Qwen2-MoE "
+        "shared_expert_intermediate_size); None without shared experts.")
+    shared_expert_gate: bool = Field(
+        default=False, strict=True, description="A sigmoid gate Linear(h, 1) scales the shared experts' output "
+        "(Qwen2-MoE shared_expert_gate).")
+    first_dense_layers: int = Field(
+        default=0, ge=0, strict=True, description="The first k decoder layers have a dense MLP of ffn_hidden "
+        "instead (DeepSeek first_k_dense_replace).")
+    layer_freq: int = Field(
+        default=1, gt=0, strict=True, description="MoE layer frequency: layer i (from 0) is an MoE layer when "
+        "i >= first_dense_layers and (i + 1) % layer_freq == 0, dense otherwise (Qwen-MoE decoder_sparse_step).")
+    router_bias: bool = Field(
+        default=False, strict=True, description="The router's linear layer has a bias, E per layer (gpt-oss "
+        "router.bias).")
+    router_score_correction_bias: bool = Field(
+        default=False, strict=True, description="DeepSeek-V3's auxiliary-loss-free balancing bias "
+        "(e_score_correction_bias, topk_method noaux_tc): E fp32 values per layer added to the routing scores, "
+        "updated by the balancing rule rather than by gradients; a buffer in transformers, not a parameter.")
+    expert_bias: bool = Field(
+        default=False, strict=True, description="Routed experts' projections have biases (gpt-oss "
+        "gate_up_proj_bias, down_proj_bias).")
+
+    @model_validator(mode="after")
+    def _check(self) -> MoESpec:
+        if self.top_k > self.n_experts:
+            raise ValueError(f"top_k ({self.top_k}) exceeds n_experts ({self.n_experts}): a token cannot be sent "
+                             "to more experts than there are")
+        if (self.n_shared_experts > 0) != (self.shared_expert_ffn_hidden is not None):
+            raise ValueError("give shared_expert_ffn_hidden exactly when n_shared_experts > 0 (got "
+                             f"n_shared_experts={self.n_shared_experts}, "
+                             f"shared_expert_ffn_hidden={self.shared_expert_ffn_hidden})")
+        if self.shared_expert_gate and self.n_shared_experts == 0:
+            raise ValueError("shared_expert_gate gates shared experts: set n_shared_experts > 0 or drop the gate")
+        return self
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """Whether decoder layer ``layer_idx`` (from 0) has this MoE MLP rather than the dense one."""
+        return layer_idx >= self.first_dense_layers and (layer_idx + 1) % self.layer_freq == 0
+
+
+class MLASpec(_Frozen):
+    """Multi-head latent attention (DeepSeek-V2, DeepSeek-AI 2024, sec. 2.1): queries through an optional low-rank
+    latent, keys and values through a shared compressed latent (the KV cache) plus a decoupled rotary key.
+
+    Each description names the config.json key the field is read from.
+    """
+
+    q_lora_rank: int | None = Field(
+        default=None, gt=0, strict=True, description="Rank of the query latent (q_lora_rank); None projects "
+        "queries directly, h -> heads x (qk_nope_head_dim + qk_rope_head_dim) (DeepSeek-V2-Lite).")
+    kv_lora_rank: int = Field(gt=0, strict=True, description="Rank of the compressed key/value latent "
+                              "(kv_lora_rank).")
+    qk_nope_head_dim: int = Field(gt=0, strict=True, description="Per-head query/key dimension without rotary "
+                                  "embedding (qk_nope_head_dim).")
+    qk_rope_head_dim: int = Field(gt=0, strict=True, description="Per-head query/key dimension with rotary "
+                                  "embedding, the key part shared by all heads (qk_rope_head_dim).")
+    v_head_dim: int = Field(gt=0, strict=True, description="Per-head value dimension (v_head_dim).")
+
+
 class ModelSpec(_Frozen):
     """Architecture of a decoder-only transformer, or a user factory that builds one.
 
     For ``family`` llama or gpt every dimension is required; paraplan builds the module from transformers' classes
     (for llama, those of ``model_type``: llama, mistral, qwen2 or qwen3) and predicts its costs from these fields.
+    Mixture-of-Experts decoders (``moe``; model_type mixtral, qwen2_moe, qwen3_moe, deepseek_v2, deepseek_v3,
+    gpt_oss, DeepSeek's with multi-head latent attention ``mla``) are described and counted
+    (:mod:`paraplan.models.moe`) but not yet built, priced or planned (:meth:`check_seq_len` refuses them).
     For ``custom`` the module comes from ``factory`` (``package.module:function``) and costs come from a measured
     profile. Integer and boolean fields are strict: ``n_layers: true``, ``2.5`` or ``"32"`` are refused, not coerced.
     """
 
     name: str = Field(description="Preset name, file path or factory this spec came from.")
     family: Family = Field(
-        description="llama: RMSNorm, SwiGLU, GQA, RoPE (model_type llama, mistral, qwen2, qwen3). gpt: LayerNorm, "
-        "GELU MLP, learned positions."
+        description="llama: RMSNorm, SwiGLU, GQA, RoPE (model_type llama, mistral, qwen2, qwen3; with moe: "
+        "mixtral, qwen2_moe, qwen3_moe, deepseek_v2, deepseek_v3, gpt_oss). gpt: LayerNorm, GELU MLP, learned "
+        "positions."
     )
     n_layers: int | None = Field(default=None, gt=0, strict=True, description="Number of repeated transformer blocks.")
     hidden: int | None = Field(default=None, gt=0, strict=True, description="Hidden size h.")
@@ -76,15 +165,17 @@ class ModelSpec(_Frozen):
     norm_eps: float = Field(default=1e-5, gt=0)
     rope_theta: float = Field(default=500000.0, gt=0)
     factory: str | None = Field(default=None, description="'package.module:function' returning a LayerChain.")
-    model_type: LlamaModelType | None = Field(
+    model_type: LlamaModelType | MoEModelType | None = Field(
         default=None,
         description="family llama: the Hugging Face model_type whose decoder layer builds each block (llama, "
-        "mistral, qwen2, qwen3); None is llama.",
+        "mistral, qwen2, qwen3; Mixture-of-Experts: mixtral, qwen2_moe, qwen3_moe, deepseek_v2, deepseek_v3, "
+        "gpt_oss); None is llama.",
     )
     head_dim: int | None = Field(
         default=None, gt=0, strict=True,
         description="Per-head dimension d; None is hidden // n_heads. q and o are h x (n_heads d), k and v are "
-        "h x (n_kv_heads d) (Qwen3 sets d = 128 whatever h is).",
+        "h x (n_kv_heads d) (Qwen3 sets d = 128 whatever h is). With mla: the query/key head dimension, "
+        "qk_nope_head_dim + qk_rope_head_dim.",
     )
     qkv_bias: bool = Field(default=False, strict=True, description="q, k, v projections have biases (Qwen2; "
                            "Llama/Qwen3 attention_bias).")
@@ -106,6 +197,21 @@ class ModelSpec(_Frozen):
         description="Hugging Face rope_parameters other than rope_theta (rope_type llama3, yarn, ...), passed to "
         "the built model; None is plain RoPE. Changes numerics, not costs.",
     )
+    moe: MoESpec | None = Field(
+        default=None,
+        description="Mixture-of-Experts MLP of the MoE layers (model_type mixtral, qwen2_moe, qwen3_moe, "
+        "deepseek_v2, deepseek_v3, gpt_oss); None for a dense model. Layers it does not cover (moe.first_dense_layers,"
+        " moe.layer_freq) have the dense SwiGLU MLP of ffn_hidden.",
+    )
+    mla: MLASpec | None = Field(
+        default=None,
+        description="Multi-head latent attention instead of GQA (model_type deepseek_v2, deepseek_v3); None "
+        "otherwise.",
+    )
+    attention_sinks: bool = Field(
+        default=False, strict=True,
+        description="A learned softmax sink logit per attention head, n_heads parameters per layer (gpt-oss sinks).",
+    )
 
     @model_validator(mode="after")
     def _check_dims(self) -> ModelSpec:
@@ -118,7 +224,7 @@ class ModelSpec(_Frozen):
         if missing:
             raise ValueError(f"family '{self.family}' needs {', '.join(missing)}")
         assert self.hidden is not None and self.n_heads is not None and self.n_kv_heads is not None
-        if self.head_dim is None and self.hidden % self.n_heads:
+        if self.head_dim is None and self.mla is None and self.hidden % self.n_heads:
             raise ValueError(f"hidden ({self.hidden}) must be divisible by n_heads ({self.n_heads}), or set head_dim")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
@@ -129,7 +235,8 @@ class ModelSpec(_Frozen):
         """Refuse fields the block that paraplan builds for this family/model_type would not have."""
         if self.family == "gpt":
             llama_only = {"model_type": None, "head_dim": None, "qkv_bias": False, "o_bias": False,
-                          "mlp_bias": False, "qk_norm": False, "sliding_window": None, "rope_scaling": None}
+                          "mlp_bias": False, "qk_norm": False, "sliding_window": None, "rope_scaling": None,
+                          "moe": None, "mla": None, "attention_sinks": False}
             bad = [k for k, default in llama_only.items() if getattr(self, k) != default]
             if bad:
                 raise ValueError(f"{', '.join(bad)} apply to family llama only; GPT-2 blocks have fixed biases, "
@@ -142,23 +249,78 @@ class ModelSpec(_Frozen):
         if self.hidden_act not in (None, "silu"):
             raise ValueError(f"family llama uses a SwiGLU MLP (hidden_act silu), not '{self.hidden_act}'")
         rules = [  # (broken, message): what the transformers decoder layer of this model_type builds
-            (mt in ("llama", "qwen3") and self.qkv_bias != self.o_bias,
+            (mt in ("llama", "qwen3", "qwen3_moe", "gpt_oss") and self.qkv_bias != self.o_bias,
              f"model_type {mt} has one attention_bias for q, k, v and o: set qkv_bias and o_bias alike"),
             (mt == "qwen2" and not (self.qkv_bias and not self.o_bias),
              "model_type qwen2 always has q, k, v biases and no o bias: set qkv_bias true, o_bias false"),
-            (mt == "mistral" and (self.qkv_bias or self.o_bias),
-             "model_type mistral has no attention biases: set qkv_bias and o_bias false"),
+            (mt == "qwen2_moe" and self.o_bias,
+             "model_type qwen2_moe has no o bias (its qkv_bias covers q, k, v only): set o_bias false"),
+            (mt in ("mistral", "mixtral", *MLA_MODEL_TYPES) and (self.qkv_bias or self.o_bias),
+             f"model_type {mt} has no attention biases: set qkv_bias and o_bias false"),
             (self.mlp_bias and mt != "llama",
              f"model_type {mt} has no MLP biases (only llama's mlp_bias): set mlp_bias false"),
-            (self.qk_norm != (mt == "qwen3"),
-             "qk_norm must be true for model_type qwen3 (its q_norm/k_norm) and false otherwise"),
-            (self.sliding_window is not None and mt == "llama",
-             "model_type llama has no sliding-window attention: remove sliding_window, or use model_type "
-             "mistral/qwen2/qwen3"),
+            (self.qk_norm != (mt in ("qwen3", "qwen3_moe")),
+             "qk_norm must be true for model_type qwen3 and qwen3_moe (their q_norm/k_norm) and false otherwise"),
+            (self.sliding_window is not None and mt in ("llama", *MLA_MODEL_TYPES),
+             f"model_type {mt} has no sliding-window attention: remove sliding_window"),
         ]
-        bad = [message for broken, message in rules if broken]
+        bad = [message for broken, message in rules if broken] + self._moe_rules(mt)
         if bad:
             raise ValueError("; ".join(bad))
+
+    def _moe_rules(self, mt: str) -> list[str]:
+        """What the Mixture-of-Experts and latent-attention fields must be for this model_type (messages of the
+        broken rules)."""
+        moe, is_mla = self.moe, mt in MLA_MODEL_TYPES
+        if moe is None:
+            bad = [f"model_type {mt} is a Mixture-of-Experts decoder: give moe (n_experts, top_k, expert_ffn_hidden)"
+                   ] if mt in MOE_MODEL_TYPES else []
+            if self.mla is not None:
+                bad.append("mla (multi-head latent attention) applies to model_type deepseek_v2 and deepseek_v3 only")
+            if self.attention_sinks:
+                bad.append("attention_sinks apply to model_type gpt_oss only")
+            return bad
+        assert self.n_layers is not None and self.ffn_hidden is not None
+        n_moe = sum(moe.is_moe_layer(i) for i in range(self.n_layers))
+        shared = moe.n_shared_experts > 0
+        rules = [
+            (mt not in MOE_MODEL_TYPES,
+             f"moe applies to the Mixture-of-Experts model types ({', '.join(MOE_MODEL_TYPES)}); model_type {mt} is "
+             "dense"),
+            (n_moe == 0, f"no layer is an MoE layer (n_layers {self.n_layers}, moe.first_dense_layers "
+                         f"{moe.first_dense_layers}, moe.layer_freq {moe.layer_freq}): drop moe or lower those"),
+            (is_mla != (self.mla is not None),
+             "mla (multi-head latent attention) is required by model_type deepseek_v2 and deepseek_v3 and applies "
+             "to them only"),
+            (self.mla is not None and self.head_dim != self.mla.qk_nope_head_dim + self.mla.qk_rope_head_dim,
+             "with mla, head_dim is the query/key head dimension: set it to mla.qk_nope_head_dim + "
+             "mla.qk_rope_head_dim"),
+            (self.attention_sinks != (mt == "gpt_oss"),
+             "attention_sinks must be true for model_type gpt_oss (its per-head sinks) and false otherwise"),
+            ((moe.router_bias or moe.expert_bias) != (mt == "gpt_oss") or moe.router_bias != moe.expert_bias,
+             "moe.router_bias and moe.expert_bias must be true for model_type gpt_oss (biased router and experts) "
+             "and false otherwise"),
+            (moe.router_score_correction_bias != (mt == "deepseek_v3"),
+             "moe.router_score_correction_bias must be true for model_type deepseek_v3 (its "
+             "e_score_correction_bias) and false otherwise"),
+            (mt in ("mixtral", "qwen3_moe", "gpt_oss") and shared,
+             f"model_type {mt} has no shared experts: set moe.n_shared_experts 0"),
+            (mt == "qwen2_moe" and not (moe.n_shared_experts == 1 and moe.shared_expert_gate),
+             "model_type qwen2_moe has one gated shared expert: set moe.n_shared_experts 1 and "
+             "moe.shared_expert_gate true"),
+            (mt != "qwen2_moe" and moe.shared_expert_gate,
+             "moe.shared_expert_gate applies to model_type qwen2_moe only"),
+            (is_mla and shared and moe.shared_expert_ffn_hidden != moe.expert_ffn_hidden,
+             f"model_type {mt}'s shared experts are as wide as its routed ones (moe_intermediate_size): set "
+             "moe.shared_expert_ffn_hidden to moe.expert_ffn_hidden"),
+            (mt in ("mixtral", "gpt_oss") and moe.expert_ffn_hidden != self.ffn_hidden,
+             f"model_type {mt}'s experts use intermediate_size: set moe.expert_ffn_hidden equal to ffn_hidden"),
+            (not is_mla and moe.first_dense_layers > 0,
+             "moe.first_dense_layers (first_k_dense_replace) applies to model_type deepseek_v2 and deepseek_v3 only"),
+            (mt not in ("qwen2_moe", "qwen3_moe") and moe.layer_freq != 1,
+             "moe.layer_freq (decoder_sparse_step) applies to model_type qwen2_moe and qwen3_moe only"),
+        ]
+        return [message for broken, message in rules if broken]
 
     @property
     def attention_head_dim(self) -> int | None:
@@ -168,15 +330,27 @@ class ModelSpec(_Frozen):
         return self.hidden // self.n_heads if self.hidden and self.n_heads else None
 
     def check_seq_len(self, seq_len: int) -> None:
-        """Refuse a sequence length this model cannot be planned at exactly.
+        """Refuse a model, or a sequence length, that paraplan cannot plan exactly.
+
+        Every path that prices or launches a spec calls this before any cost-model or solver work
+        (``search_plans``, ``validate_strategy`` for ``estimate``, ``launch_plan``), so the refusal of models the cost
+        models do not describe lives here too.
 
         Args:
             seq_len: tokens per sequence of the training setup.
 
         Raises:
+            ModelSpecError: a Mixture-of-Experts model (``moe`` set): read and counted, not planned yet.
             TrainSpecError: ``seq_len`` exceeds ``max_seq_len`` (no positions beyond it), or exceeds
                 ``sliding_window`` (windowed attention then differs from the full causal attention paraplan costs).
         """
+        if self.moe is not None:
+            raise ModelSpecError(
+                f"{self.name} is a Mixture-of-Experts model (model_type {self.model_type}, {self.moe.n_experts} "
+                f"experts, top-{self.moe.top_k}): MoE planning is not supported yet. paraplan reads it and counts "
+                "its parameters (`paraplan models`), but its cost models price dense blocks only, so it cannot "
+                "plan, estimate or launch it; use a dense model"
+            )
         if seq_len > self.max_seq_len:
             raise TrainSpecError(
                 f"seq_len {seq_len} exceeds {self.name}'s max_seq_len {self.max_seq_len}; plan with "

@@ -142,3 +142,12 @@ def retained_bytes(module, x, exclude=()):
         y = module(x)
     out_ptr = y.untyped_storage().data_ptr()
     return sum(n for ptr, (ref, n) in refs.items() if not ref.expired() and ptr != out_ptr), y
+
+
+def hf_config_dir(cfg, tmp_path, folder: str):
+    """``tmp_path/folder/config.json`` holding transformers config ``cfg`` (as ``save_pretrained`` writes it);
+    returns the folder."""
+    d = tmp_path / folder
+    d.mkdir()
+    cfg.to_json_file(d / "config.json")
+    return d

@@ -169,22 +169,29 @@ def models_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print the presets as JSON (ModelSpec fields and params).")
                        ] = False,
 ) -> None:
-    """List model presets with their parameter counts."""
+    """List model presets with their parameter counts (Mixture-of-Experts ones: also active per token)."""
     from paraplan.cost_models.transformer import model_params
+    from paraplan.models.moe import count_params
     from paraplan.models.presets import PRESETS
     from paraplan.units import format_count
 
+    def active(s) -> int:
+        return count_params(s).active if s.moe is not None else model_params(s)
+
     if as_json:
-        print_json([{**s.model_dump(exclude_none=True), "params": model_params(s)} for s in PRESETS.values()])
+        print_json([{**s.model_dump(exclude_none=True), "params": model_params(s), "active_params": active(s),
+                     "planning_supported": s.moe is None} for s in PRESETS.values()])
         return
     from rich.table import Table
 
     table = Table(title="model presets")
-    for col in ("name", "family", "params", "layers", "hidden", "ffn", "heads", "kv heads", "vocab"):
-        table.add_column(col, justify="right" if col not in ("name", "family") else "left")
+    for col in ("name", "family", "params", "layers", "hidden", "ffn", "heads", "kv heads", "vocab", "notes"):
+        table.add_column(col, justify="left" if col in ("name", "family", "notes") else "right")
     for name, s in PRESETS.items():
+        notes = "" if s.moe is None else (f"MoE: {s.moe.n_experts} experts, top-{s.moe.top_k}, "
+                                          f"{format_count(active(s))} active (planning not yet supported)")
         table.add_row(name, s.family, format_count(model_params(s)), str(s.n_layers), str(s.hidden),
-                      str(s.ffn_hidden), str(s.n_heads), str(s.n_kv_heads), str(s.vocab))
+                      str(s.ffn_hidden), str(s.n_heads), str(s.n_kv_heads), str(s.vocab), notes)
     console.print(table)
 
 

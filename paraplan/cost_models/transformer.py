@@ -4,15 +4,21 @@ Notation: b micro-batch, s sequence length, h hidden, f FFN hidden, a heads, k k
 (``spec.head_dim``, else h/a; Qwen3 and Gemma set ``a d != h``), v vocabulary, t tensor-parallel degree. FLOPs
 count a multiply-add as 2 FLOPs. Llama-family blocks (model_type llama, mistral, qwen2, qwen3) share one formula;
 their optional biases and q/k norms (``qkv_bias``, ``o_bias``, ``mlp_bias``, ``qk_norm``) add parameters and
-element-wise work but no matmul FLOPs.
+element-wise work but no matmul FLOPs. Mixture-of-Experts models (``spec.moe``) are counted by
+:mod:`paraplan.models.moe` (:func:`model_params` defers to it); the per-block formulas here refuse them.
 """
 
 from __future__ import annotations
 
+from paraplan.errors import ModelSpecError
+from paraplan.models.moe import count_params
 from paraplan.types import ModelSpec
 
 
 def _dims(spec: ModelSpec) -> tuple[int, int, int, int, int]:
+    if spec.moe is not None:  # every dense formula below starts here: none may price an MoE block as dense
+        raise ModelSpecError(f"{spec.name} is a Mixture-of-Experts model: the dense block formulas do not describe "
+                             "it (MoE planning is not supported yet)")
     assert spec.hidden and spec.ffn_hidden and spec.n_heads and spec.n_kv_heads and spec.vocab
     return spec.hidden, spec.ffn_hidden, spec.n_heads, spec.n_kv_heads, spec.vocab
 
@@ -74,7 +80,10 @@ def head_params(spec: ModelSpec) -> int:
 
 
 def model_params(spec: ModelSpec) -> int:
-    """Unique parameters (tied head counted once). Source: sum of the module definitions."""
+    """Unique parameters (tied head counted once). Source: sum of the module definitions; a Mixture-of-Experts model
+    by :func:`paraplan.models.moe.count_params` (``.total``)."""
+    if spec.moe is not None:
+        return count_params(spec).total
     assert spec.n_layers
     h, _, _, _, v = _dims(spec)
     total = embed_params(spec) + spec.n_layers * block_params(spec) + head_params(spec)

@@ -161,7 +161,14 @@ def hf_config(spec: ModelSpec):
     family llama builds the config class of ``spec.model_type`` (LlamaConfig, MistralConfig, Qwen2Config,
     Qwen3Config) with the spec's head_dim, biases and RoPE parameters. Qwen's sliding window is left off: under SDPA
     with no mask it is not applied, and paraplan only plans sequences no longer than the window.
+
+    Raises:
+        ModelSpecError: a Mixture-of-Experts spec (read and counted, not built yet), or a factory model.
     """
+    if spec.moe is not None:  # the chain's blocks are dense llama-like layers: never build an MoE model as one
+        raise ModelSpecError(f"{spec.name} is a Mixture-of-Experts model (model_type {spec.model_type}): building, "
+                             "profiling and launching it is not supported yet; paraplan reads it and counts its "
+                             "parameters only")
     if spec.family == "llama":
         from transformers import CONFIG_MAPPING
 

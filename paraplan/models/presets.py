@@ -6,17 +6,20 @@ Sources:
 - GPT-3 175B: Brown et al. 2020, "Language Models are Few-Shot Learners", Table 2.1 (96 layers, d_model 12288,
   96 heads, context 2048); vocabulary 50,257 (GPT-2 BPE), d_ff = 4 d_model, tied input/output embeddings.
 - llama-tiny / llama-small: CPU-sized Llama-style models with a byte-level vocabulary (256), for the built-in trainer.
+- Mixture-of-Experts presets (read and counted, not yet planned): each one's config.json on the Hugging Face Hub,
+  cited at the preset; moe-tiny and deepseek-tiny are CPU-sized models of the same structure.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NoReturn
 
 from pydantic import ValidationError
 
 from paraplan.errors import ModelSpecError, format_validation_error
 from paraplan.files import MAPPING_SUFFIXES, read_mapping
-from paraplan.types import GELU_ACTIVATIONS, ModelSpec
+from paraplan.types import GELU_ACTIVATIONS, MLA_MODEL_TYPES, MOE_MODEL_TYPES, MLASpec, ModelSpec, MoESpec
 
 # Llama 3 presets carry Llama 3.1's context (config.json max_position_embeddings 131072, the same architecture with
 # rope scaling): the Llama 3 paper (Grattafiori et al. 2024, sec. 3.4.2) pre-trains 405B up to 128K tokens.
@@ -45,14 +48,58 @@ PRESETS: dict[str, ModelSpec] = {
         name="gpt3-175b", family="gpt", n_layers=96, hidden=12288, ffn_hidden=49152, n_heads=96, n_kv_heads=96,
         vocab=50257, tied_embeddings=True, max_seq_len=2048,
     ),
+    # Mixture-of-Experts: read and counted (paraplan.models.moe), not yet planned (ModelSpec.check_seq_len).
+    # mistralai/Mixtral-8x7B-v0.1 config.json (sliding_window null; published: 46.7B parameters, 12.9B active).
+    "mixtral-8x7b": ModelSpec(
+        name="mixtral-8x7b", family="llama", model_type="mixtral", n_layers=32, hidden=4096, ffn_hidden=14336,
+        n_heads=32, n_kv_heads=8, vocab=32000, max_seq_len=32768, rope_theta=1e6, norm_eps=1e-5,
+        moe=MoESpec(n_experts=8, top_k=2, expert_ffn_hidden=14336),
+    ),
+    # Qwen/Qwen3-30B-A3B config.json (decoder_sparse_step 1, mlp_only_layers [], use_sliding_window false; model
+    # card: 30.5B parameters, 3.3B activated).
+    "qwen3-30b-a3b": ModelSpec(
+        name="qwen3-30b-a3b", family="llama", model_type="qwen3_moe", n_layers=48, hidden=2048, ffn_hidden=6144,
+        n_heads=32, n_kv_heads=4, head_dim=128, vocab=151936, max_seq_len=40960, rope_theta=1e6, norm_eps=1e-6,
+        qk_norm=True, moe=MoESpec(n_experts=128, top_k=8, expert_ffn_hidden=768),
+    ),
+    # deepseek-ai/DeepSeek-V3 config.json (n_group 8, topk_group 4, routed_scaling_factor 2.5, scoring_func sigmoid,
+    # topk_method noaux_tc, moe_layer_freq 1). The main model only: its multi-token-prediction module
+    # (num_nextn_predict_layers 1) is not built, as in transformers. Published (DeepSeek-V3 technical report;
+    # README_WEIGHTS.md): 671B parameters in the main model, 37B (36.7B) activated per token.
+    "deepseek-v3": ModelSpec(
+        name="deepseek-v3", family="llama", model_type="deepseek_v3", n_layers=61, hidden=7168, ffn_hidden=18432,
+        n_heads=128, n_kv_heads=128, head_dim=192, vocab=129280, max_seq_len=163840, rope_theta=10000.0,
+        norm_eps=1e-6, rope_scaling={"rope_type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+                                     "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+        moe=MoESpec(n_experts=256, top_k=8, expert_ffn_hidden=2048, n_shared_experts=1,
+                    shared_expert_ffn_hidden=2048, first_dense_layers=3, router_score_correction_bias=True),
+        mla=MLASpec(q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128),
+    ),
+    # CPU-sized models of the same structures: Mixtral-like (4 experts, top-2) and DeepSeek-V3-like (latent
+    # attention, one shared expert, one first dense layer).
+    "moe-tiny": ModelSpec(
+        name="moe-tiny", family="llama", model_type="mixtral", n_layers=4, hidden=256, ffn_hidden=512, n_heads=4,
+        n_kv_heads=2, vocab=256, max_seq_len=2048, rope_theta=10000.0,
+        moe=MoESpec(n_experts=4, top_k=2, expert_ffn_hidden=512),
+    ),
+    "deepseek-tiny": ModelSpec(
+        name="deepseek-tiny", family="llama", model_type="deepseek_v3", n_layers=4, hidden=256, ffn_hidden=512,
+        n_heads=4, n_kv_heads=4, head_dim=48, vocab=256, max_seq_len=2048, rope_theta=10000.0, norm_eps=1e-6,
+        moe=MoESpec(n_experts=8, top_k=2, expert_ffn_hidden=128, n_shared_experts=1, shared_expert_ffn_hidden=128,
+                    first_dense_layers=1, router_score_correction_bias=True),
+        mla=MLASpec(q_lora_rank=64, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32),
+    ),
 }
 
 
 # What paraplan models exactly: the decoder layers of these Hugging Face model types (built from transformers' own
-# classes in ``paraplan.models.build``) and GPT-2. Anything else is refused rather than planned as something else.
+# classes in ``paraplan.models.build``) and GPT-2. The Mixture-of-Experts types are read and counted exactly, not yet
+# planned. Anything else is refused rather than planned as something else.
 LLAMA_LIKE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_MODEL_TYPES = (*LLAMA_LIKE_MODEL_TYPES, "gpt2")
-_SUPPORTED_TEXT = "paraplan models llama, mistral, qwen2, qwen3 and gpt2 configs exactly"
+READABLE_MODEL_TYPES = (*SUPPORTED_MODEL_TYPES, *MOE_MODEL_TYPES)
+_SUPPORTED_TEXT = ("paraplan models llama, mistral, qwen2, qwen3 and gpt2 configs exactly, and reads (does not yet "
+                   f"plan) the Mixture-of-Experts types {', '.join(MOE_MODEL_TYPES)}")
 
 # config.json keys that make a model a Mixture-of-Experts (Mixtral, Qwen-MoE, DeepSeek, DBRX, OLMoE, Jamba, ...).
 _MOE_KEYS = ("num_local_experts", "n_routed_experts", "num_experts", "num_experts_per_tok", "n_shared_experts",
@@ -71,8 +118,9 @@ def _refuse_unsupported(name: str, cfg: dict) -> str:
     """Check the architecture-level keys of a config.json; return its (supported) model_type.
 
     Raises:
-        ModelSpecError: no model_type, a multimodal (nested text_config), encoder-decoder, encoder-only or
-            Mixture-of-Experts config, or a model_type paraplan does not model; the message names the field.
+        ModelSpecError: no model_type, a multimodal (nested text_config), encoder-decoder, encoder-only config, a
+            Mixture-of-Experts config of a type paraplan does not read, or a model_type paraplan does not model;
+            the message names the field.
     """
     model_type = cfg.get("model_type")
     if not model_type or not isinstance(model_type, str):
@@ -92,18 +140,18 @@ def _refuse_unsupported(name: str, cfg: dict) -> str:
             f"decoders only ({_SUPPORTED_TEXT})"
         )
     moe = {k: cfg[k] for k in _MOE_KEYS if cfg.get(k) not in (None, 0, False)}
-    if moe:
+    if moe and model_type not in MOE_MODEL_TYPES:
         fields = ", ".join(f"{k}={v!r}" for k, v in moe.items())
         raise ModelSpecError(
-            f"{name}: config.json model_type '{model_type}' is a Mixture-of-Experts ({fields}); Mixture-of-Experts "
-            f"is not supported yet, and planning it as a dense model would be wrong; {_SUPPORTED_TEXT}"
+            f"{name}: config.json model_type '{model_type}' is a Mixture-of-Experts ({fields}) of a type paraplan "
+            f"does not read, and planning it as a dense model would be wrong; {_SUPPORTED_TEXT}"
         )
     if model_type in _ENCODER_ONLY:
         raise ModelSpecError(
             f"{name}: config.json model_type '{model_type}' is an encoder (bidirectional attention), not a causal "
             f"decoder; paraplan plans causal language models ({_SUPPORTED_TEXT})"
         )
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    if model_type not in READABLE_MODEL_TYPES:
         fields = {k: cfg[k] for k in _NOTABLE_KEYS if cfg.get(k) is not None}
         for rope_key in ("rope_parameters", "rope_scaling"):  # transformers 5 keeps rotary_pct here
             rope = cfg.get(rope_key)
@@ -138,7 +186,8 @@ def _from_hf_config(name: str, cfg: dict) -> ModelSpec:
     Raises:
         ModelSpecError: an architecture paraplan does not model (see :func:`_refuse_unsupported`), a llama-like
             model whose MLP is not SwiGLU (hidden_act other than silu), a GPT-2 with cross-attention or a non-GELU
-            MLP, unknown layer_types, or values that fail ModelSpec's validation.
+            MLP, unknown layer_types, a Mixture-of-Experts layout paraplan does not read (Qwen mlp_only_layers,
+            DeepSeek moe_layer_freq other than 1 or biases), or values that fail ModelSpec's validation.
     """
     model_type = _refuse_unsupported(name, cfg)
     c = _hf_config_object(name, model_type, cfg)
@@ -175,16 +224,42 @@ def _llama_like_spec(name: str, model_type: str, c) -> ModelSpec:
             "SwiGLU MLP with silu only"
         )
     h, a = c.hidden_size, c.num_attention_heads
-    d = getattr(c, "head_dim", None) or h // a  # transformers' own fallback in LlamaAttention and kin
+    mla = _mla_spec(name, model_type, c) if model_type in MLA_MODEL_TYPES else None
+    # transformers' own fallback in LlamaAttention and kin; latent attention's query/key heads are d_nope + d_rope.
+    d = mla.qk_nope_head_dim + mla.qk_rope_head_dim if mla else getattr(c, "head_dim", None) or h // a
     rope = dict(getattr(c, "rope_parameters", None) or {})
     theta = float(rope.pop("rope_theta", None) or getattr(c, "rope_theta", None) or 10000.0)
+    if rope.get("type") == rope.get("rope_type"):
+        rope.pop("type", None)  # transformers 5 keeps a legacy rope_scaling "type" beside the same rope_type
     scaling = rope if rope and rope != {"rope_type": "default"} else None
+    window = _sliding_window(name, model_type, c)
+    attention_bias = bool(getattr(c, "attention_bias", False))
+    one_attention_bias = model_type in ("llama", "qwen3", "qwen3_moe", "gpt_oss")  # q, k, v and o alike
+    return ModelSpec(
+        name=name, family="llama", model_type=model_type, n_layers=c.num_hidden_layers, hidden=h,
+        ffn_hidden=c.intermediate_size, n_heads=a, n_kv_heads=c.num_key_value_heads or a, vocab=c.vocab_size,
+        head_dim=None if a * d == h and mla is None else d, tied_embeddings=c.tie_word_embeddings,
+        max_seq_len=c.max_position_embeddings, norm_eps=c.rms_norm_eps, rope_theta=theta, rope_scaling=scaling,
+        qkv_bias=model_type == "qwen2" or (model_type == "qwen2_moe" and bool(c.qkv_bias))
+        or (one_attention_bias and attention_bias),
+        o_bias=one_attention_bias and attention_bias,
+        mlp_bias=model_type == "llama" and bool(c.mlp_bias), qk_norm=model_type in ("qwen3", "qwen3_moe"),
+        sliding_window=window, moe=_moe_spec(name, model_type, c) if model_type in MOE_MODEL_TYPES else None,
+        mla=mla, attention_sinks=model_type == "gpt_oss",
+    )
+
+
+def _sliding_window(name: str, model_type: str, c) -> int | None:
+    """The span of the model's sliding-window layers as transformers applies it (None: full attention only)."""
     window = None
-    if model_type == "mistral":
-        window = c.sliding_window  # MistralAttention applies it to every layer when set
-    elif model_type in ("qwen2", "qwen3"):
-        # transformers: sliding_window is None unless use_sliding_window; it then applies to the layers whose
-        # layer_types entry is sliding_attention (by default those from max_window_layers on).
+    if model_type in ("mistral", "mixtral", "qwen3_moe"):
+        # MistralAttention / MixtralAttention apply it to every layer when set; Qwen3MoeConfig sets it None unless
+        # use_sliding_window, and Qwen3MoeAttention then applies it to every layer.
+        window = c.sliding_window
+    elif model_type in ("qwen2", "qwen3", "qwen2_moe", "gpt_oss"):
+        # transformers: Qwen's sliding_window is None (Qwen2-MoE: 0) unless use_sliding_window; it then applies to
+        # the layers whose layer_types entry is sliding_attention (Qwen: by default those from max_window_layers on;
+        # gpt-oss: every other layer).
         unknown = sorted(set(c.layer_types) - {"full_attention", "sliding_attention"})
         if unknown:
             raise ModelSpecError(
@@ -195,16 +270,57 @@ def _llama_like_spec(name: str, model_type: str, c) -> ModelSpec:
             window = c.sliding_window
     if window is not None and window >= c.max_position_embeddings:
         window = None  # a window as long as every sequence never binds
-    attention_bias = bool(getattr(c, "attention_bias", False))
-    return ModelSpec(
-        name=name, family="llama", model_type=model_type, n_layers=c.num_hidden_layers, hidden=h,
-        ffn_hidden=c.intermediate_size, n_heads=a, n_kv_heads=c.num_key_value_heads or a, vocab=c.vocab_size,
-        head_dim=None if a * d == h else d, tied_embeddings=c.tie_word_embeddings,
-        max_seq_len=c.max_position_embeddings, norm_eps=c.rms_norm_eps, rope_theta=theta, rope_scaling=scaling,
-        qkv_bias=model_type == "qwen2" or (model_type in ("llama", "qwen3") and attention_bias),
-        o_bias=model_type in ("llama", "qwen3") and attention_bias,
-        mlp_bias=model_type == "llama" and bool(c.mlp_bias), qk_norm=model_type == "qwen3", sliding_window=window,
-    )
+    return window
+
+
+def _refuse_field(name: str, model_type: str, field: str, value: object, why: str) -> NoReturn:
+    raise ModelSpecError(f"{name}: config.json model_type '{model_type}' has {field}={value!r}; {why}")
+
+
+def _moe_spec(name: str, model_type: str, c) -> MoESpec:
+    """The Mixture-of-Experts MLP of a mixtral, qwen2_moe, qwen3_moe, deepseek_v2/v3 or gpt_oss config, as the
+    transformers classes of that model type build it (see MoESpec's fields for the config.json keys)."""
+    if getattr(c, "num_experts_per_tok", None) is None:
+        _refuse_field(name, model_type, "num_experts_per_tok", None, "give the routed experts per token (top-k)")
+    if model_type in ("mixtral", "gpt_oss"):  # experts of intermediate_size in every layer; gpt-oss's are biased
+        biased = model_type == "gpt_oss"
+        return MoESpec(n_experts=c.num_local_experts, top_k=c.num_experts_per_tok,
+                       expert_ffn_hidden=c.intermediate_size, router_bias=biased, expert_bias=biased)
+    if model_type in ("qwen2_moe", "qwen3_moe"):
+        if c.mlp_only_layers:
+            _refuse_field(name, model_type, "mlp_only_layers", c.mlp_only_layers, "paraplan reads Qwen-MoE layer "
+                          "layouts set by decoder_sparse_step alone; set mlp_only_layers []")
+        if not c.num_experts:
+            _refuse_field(name, model_type, "num_experts", c.num_experts, "every layer is then dense: use "
+                          f"model_type {model_type.removesuffix('_moe')} for a dense model")
+        shared = model_type == "qwen2_moe"  # Qwen2MoeSparseMoeBlock always holds one gated shared expert
+        if shared and not c.shared_expert_intermediate_size:
+            _refuse_field(name, model_type, "shared_expert_intermediate_size", c.shared_expert_intermediate_size,
+                          "its shared expert needs an inner size > 0")
+        return MoESpec(n_experts=c.num_experts, top_k=c.num_experts_per_tok, expert_ffn_hidden=c.moe_intermediate_size,
+                       n_shared_experts=1 if shared else 0,
+                       shared_expert_ffn_hidden=c.shared_expert_intermediate_size if shared else None,
+                       shared_expert_gate=shared, layer_freq=c.decoder_sparse_step)
+    freq = getattr(c, "moe_layer_freq", 1)
+    if freq not in (None, 1):
+        _refuse_field(name, model_type, "moe_layer_freq", freq, "transformers builds an MoE MLP in every layer from "
+                      "first_k_dense_replace on whatever its value, DeepSeek's own code does not: paraplan reads "
+                      "moe_layer_freq 1 only")
+    n_shared = c.n_shared_experts or 0  # DeepSeek's shared experts form one MLP of n_shared x moe_intermediate_size
+    return MoESpec(n_experts=c.n_routed_experts, top_k=c.num_experts_per_tok, expert_ffn_hidden=c.moe_intermediate_size,
+                   n_shared_experts=n_shared, shared_expert_ffn_hidden=c.moe_intermediate_size if n_shared else None,
+                   first_dense_layers=c.first_k_dense_replace or 0,
+                   router_score_correction_bias=model_type == "deepseek_v3")
+
+
+def _mla_spec(name: str, model_type: str, c) -> MLASpec:
+    """DeepSeek's multi-head latent attention, without the biases its published configs never set."""
+    for field in ("attention_bias", "mlp_bias"):
+        if getattr(c, field, False):
+            _refuse_field(name, model_type, field, True, "paraplan reads DeepSeek's latent attention and MLPs "
+                          f"without biases, as published; set {field} false")
+    return MLASpec(q_lora_rank=c.q_lora_rank, kv_lora_rank=c.kv_lora_rank, qk_nope_head_dim=c.qk_nope_head_dim,
+                   qk_rope_head_dim=c.qk_rope_head_dim, v_head_dim=c.v_head_dim)
 
 
 def _hf_model_name(path: Path, model_type: object) -> str:
@@ -225,8 +341,9 @@ def load_model_spec(model: str) -> ModelSpec:
 
     Raises:
         ModelSpecError: unknown preset, unreadable file, a Hugging Face architecture paraplan does not model
-            exactly (MoE, encoder, multimodal, parallel attention/MLP, ...; the field is named), or fields that fail
-            validation (pydantic's errors listed).
+            exactly (an MoE type it does not read, encoder, multimodal, parallel attention/MLP, ...; the field is
+            named), or fields that fail validation (pydantic's errors listed). Mixture-of-Experts configs of the
+            types it reads load; planning them is refused later (:meth:`ModelSpec.check_seq_len`).
     """
     if model in PRESETS:
         return PRESETS[model]

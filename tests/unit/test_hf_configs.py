@@ -16,6 +16,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from conftest import hf_config_dir  # noqa: E402
 from paraplan.cost_models import transformer as tf  # noqa: E402
 from paraplan.errors import ModelSpecError, TrainSpecError  # noqa: E402
 from paraplan.models.build import build_model, count_parameters  # noqa: E402
@@ -23,12 +24,6 @@ from paraplan.models.presets import PRESETS, load_model_spec  # noqa: E402
 from paraplan.types import ModelSpec  # noqa: E402
 
 
-def _write(cfg, tmp_path: Path, folder: str) -> Path:
-    """``tmp_path/folder/config.json`` holding ``cfg`` (as ``save_pretrained`` writes it); returns the folder."""
-    d = tmp_path / folder
-    d.mkdir()
-    cfg.to_json_file(d / "config.json")
-    return d
 
 
 def _hf_params(cfg) -> int:
@@ -91,7 +86,7 @@ ACCEPTED = {
 @pytest.mark.parametrize("name", list(ACCEPTED))
 def test_accepted_config_has_transformers_parameter_count(name: str, tmp_path: Path) -> None:
     cfg = ACCEPTED[name]()
-    spec = load_model_spec(str(_write(cfg, tmp_path, name)))
+    spec = load_model_spec(str(hf_config_dir(cfg, tmp_path, name)))
     expected = _hf_params(cfg)
     # Exact, not within 0.5%: a forgotten bias (h per layer) or q/k norm (2 d per layer) is far below 0.5%.
     assert tf.model_params(spec) == expected
@@ -101,14 +96,14 @@ def test_accepted_config_has_transformers_parameter_count(name: str, tmp_path: P
 
 def test_llama31_8b_config_is_the_llama3_8b_preset(tmp_path: Path) -> None:
     # Same published dimensions (Dubey et al. 2024, Table 3); only the name, context and RoPE scaling differ.
-    spec = load_model_spec(str(_write(ACCEPTED["Llama-3.1-8B"](), tmp_path, "Llama-3.1-8B")))
+    spec = load_model_spec(str(hf_config_dir(ACCEPTED["Llama-3.1-8B"](), tmp_path, "Llama-3.1-8B")))
     assert tf.model_params(spec) == tf.model_params(PRESETS["llama3-8b"]) == 8_030_261_248
     assert spec.rope_scaling is not None and spec.rope_scaling["rope_type"] == "llama3"
 
 
 def test_qwen3_head_dim_drives_costs(tmp_path: Path) -> None:
     # Qwen3-0.6B: h 1024, a 16, k 8, d 128, so the attention width a d = 2048 is twice h.
-    spec = load_model_spec(str(_write(ACCEPTED["Qwen3-0.6B"](), tmp_path, "Qwen3-0.6B")))
+    spec = load_model_spec(str(hf_config_dir(ACCEPTED["Qwen3-0.6B"](), tmp_path, "Qwen3-0.6B")))
     assert (spec.head_dim, spec.qk_norm, spec.qkv_bias) == (128, True, False)
     h, f, a, k, d = 1024, 3072, 16, 8, 128
     # q, o: h x a d; k, v: h x k d; SwiGLU 3 h f.
@@ -125,14 +120,9 @@ def test_qwen3_head_dim_drives_costs(tmp_path: Path) -> None:
 # ---- refused: the message must name the field and its value ----------------------------------------------------
 
 REFUSED = {
-    "Mixtral-8x7B": (lambda: transformers.MixtralConfig(
-        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2),
-        ["num_local_experts=8", "num_experts_per_tok=2", "Mixture-of-Experts is not supported yet"]),
-    "DeepSeek-V3": (lambda: transformers.DeepseekV3Config(),  # its defaults are DeepSeek-V3's sizes
-                    ["n_routed_experts=256", "Mixture-of-Experts is not supported yet"]),
-    "Qwen1.5-MoE-A2.7B": (lambda: transformers.Qwen2MoeConfig(num_experts=60, num_experts_per_tok=4),
-                          ["num_experts=60", "Mixture-of-Experts"]),
+    # Mixture-of-Experts types paraplan does not read (those it reads: tests/unit/test_moe_models.py).
+    "OLMoE-1B-7B": (lambda: transformers.OlmoeConfig(num_experts=64, num_experts_per_tok=8),
+                    ["'olmoe'", "num_experts=64", "num_experts_per_tok=8", "Mixture-of-Experts"]),
     "gpt-neox-20b": (lambda: transformers.GPTNeoXConfig(
         vocab_size=50432, hidden_size=6144, intermediate_size=24576, num_hidden_layers=44, num_attention_heads=64,
         use_parallel_residual=True, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
@@ -162,9 +152,35 @@ REFUSED = {
 def test_unmodelled_config_is_refused_by_field(name: str, tmp_path: Path) -> None:
     make, needles = REFUSED[name]
     with pytest.raises(ModelSpecError) as exc:
-        load_model_spec(str(_write(make(), tmp_path, name) / "config.json"))
+        load_model_spec(str(hf_config_dir(make(), tmp_path, name) / "config.json"))
     for needle in needles:
         assert needle in str(exc.value)
+
+
+# ---- Mixture-of-Experts configs: read (and counted), but planning them is refused -------------------------------
+
+MOE = {  # name: (config, routed experts, experts per token)
+    "Mixtral-8x7B": (lambda: transformers.MixtralConfig(
+        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2), 8, 2),
+    "DeepSeek-V3": (lambda: transformers.DeepseekV3Config(), 256, 8),  # its defaults are DeepSeek-V3's sizes
+    "Qwen1.5-MoE-A2.7B": (lambda: transformers.Qwen2MoeConfig(num_experts=60, num_experts_per_tok=4), 60, 4),
+}
+
+
+@pytest.mark.parametrize("name", list(MOE))
+def test_moe_config_reads_but_planning_refuses(name: str, tmp_path: Path) -> None:
+    from paraplan.catalog import load_cluster_spec
+    from paraplan.planner.search import search_plans
+    from paraplan.types import TrainSpec
+
+    make, experts, top_k = MOE[name]
+    cfg = make()
+    spec = load_model_spec(str(hf_config_dir(cfg, tmp_path, name) / "config.json"))
+    assert spec.moe is not None and (spec.moe.n_experts, spec.moe.top_k) == (experts, top_k)
+    assert tf.model_params(spec) == _hf_params(cfg)
+    with pytest.raises(ModelSpecError, match="MoE planning is not supported yet"):
+        search_plans(spec, load_cluster_spec("8xH100-80GB"), TrainSpec(global_batch=64, seq_len=4096))
 
 
 def test_config_without_model_type_is_refused(tmp_path: Path) -> None:
@@ -190,7 +206,7 @@ TINY = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_lay
 ])
 def test_built_chain_computes_what_transformers_computes(cfg, tmp_path: Path) -> None:
     hf_cfg = cfg()
-    spec = load_model_spec(str(_write(hf_cfg, tmp_path, "m")))
+    spec = load_model_spec(str(hf_config_dir(hf_cfg, tmp_path, "m")))
     chain = build_model(spec, seed=0)
     hf_cfg._attn_implementation = "sdpa"
     reference = transformers.AutoModelForCausalLM.from_config(hf_cfg)
@@ -215,7 +231,7 @@ def test_built_chain_computes_what_transformers_computes(cfg, tmp_path: Path) ->
 # ---- sliding windows, as transformers applies them -----------------------------------------------------------
 
 def _spec(cfg, tmp_path: Path, folder: str = "m") -> ModelSpec:
-    return load_model_spec(str(_write(cfg, tmp_path, folder)))
+    return load_model_spec(str(hf_config_dir(cfg, tmp_path, folder)))
 
 
 def test_mistral_sliding_window_bounds_the_planned_seq_len(tmp_path: Path) -> None:
@@ -256,7 +272,7 @@ def test_mistral_without_window_and_window_beyond_context(tmp_path: Path) -> Non
 # ---- names and folders ---------------------------------------------------------------------------------------
 
 def test_names_come_from_the_folder_or_model_type(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    folder = _write(transformers.Qwen3Config(**TINY, head_dim=32), tmp_path, "Qwen3-tiny")
+    folder = hf_config_dir(transformers.Qwen3Config(**TINY, head_dim=32), tmp_path, "Qwen3-tiny")
     assert load_model_spec(str(folder)).name == "Qwen3-tiny"
     assert load_model_spec(str(folder / "config.json")).name == "Qwen3-tiny"
     monkeypatch.chdir(folder)
