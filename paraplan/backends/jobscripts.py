@@ -27,6 +27,8 @@ from pathlib import Path
 from paraplan.types import Backend, LaunchSpec, Plan
 
 DEFAULT_RDZV_PORT = 29500
+# The rendezvous host written into a multi-node run's commands when none was given (a dry run, --slurm).
+PLACEHOLDER_HOST = "NODE0_HOST"
 LOGS_DIR = "logs"
 SLURM_FILE = "launch.sbatch"
 HOSTFILE = "hostfile"
@@ -82,6 +84,28 @@ def node_log_name(nnodes: int, node_rank: int) -> str:
     """The node's combined log in the run directory: ``train.log`` on one node, ``train.node<K>.log`` on several
     (nodes may share the run directory)."""
     return "train.log" if nnodes == 1 else f"train.node{node_rank}.log"
+
+
+def commands_script(spec: LaunchSpec, workdir: Path) -> str:
+    """``commands.sh``: this run's bare torchrun command (the same on every node), ``bash commands.sh K`` on node K,
+    its output appended to the node's log. Without a rendezvous endpoint it asks for ``NODE0_HOST``."""
+    env = " ".join(f"{k}={v}" for k, v in JOB_ENV.items())
+    command = shlex.join(spec.command).replace(
+        f"--rdzv-endpoint={PLACEHOLDER_HOST}:",
+        f'--rdzv-endpoint="${{{PLACEHOLDER_HOST}:?set {PLACEHOLDER_HOST} to the address of node 0}}":')
+    log = str(Path(spec.run_dir) / node_log_name(spec.nnodes, 0)).replace("train.node0.log", "train.node$node.log")
+    return "\n".join([
+        "#!/bin/bash",
+        "# This run's bare torchrun command, the same on every node: `bash commands.sh K` on node K (`paraplan "
+        "launch` runs it after its checks).",
+        "set -euo pipefail",
+        f"cd {shlex.quote(str(workdir))}",
+        "node=${1:-0}",
+        f'if ! [ "$node" -ge 0 ] 2>/dev/null || [ "$node" -ge {spec.nnodes} ]; then',
+        f'  echo "node rank $node: this run has {spec.nnodes} node(s), 0..{spec.nnodes - 1}" >&2; exit 1',
+        "fi",
+        f'env {env} {command} 2>&1 | tee -a "{log}"',
+    ]) + "\n"
 
 
 def slurm_script(plan: Plan, backend: Backend, run_dir: Path, max_restarts: int, workdir: Path,

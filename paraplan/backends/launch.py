@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
 import shutil
 import signal
 import subprocess
@@ -37,8 +36,8 @@ from paraplan.backends.checks import check_stage_tiling, paged_layers
 from paraplan.backends.data import check_corpus, resolve_data_paths
 from paraplan.backends.deepspeed import DS_CONFIG_FILE, build_ds_config, emit_deepspeed, resolve_nvme_path, uses_nvme
 from paraplan.backends.jobscripts import (
-    COMMANDS_FILE, DEFAULT_RDZV_PORT, HOSTFILE, JOB_ENV, LOGS_DIR, README_FILE, SLURM_FILE, deepspeed_command,
-    deepspeed_hostfile, node_log_name, run_readme, slurm_script, torchrun_command,
+    COMMANDS_FILE, DEFAULT_RDZV_PORT, HOSTFILE, JOB_ENV, LOGS_DIR, PLACEHOLDER_HOST, README_FILE, SLURM_FILE,
+    commands_script, deepspeed_command, deepspeed_hostfile, node_log_name, run_readme, slurm_script, torchrun_command,
 )
 from paraplan.backends.torch_native import CONFIG_FILE, build_torch_config, emit_torch
 from paraplan.backends.train_common import METRICS_FILE
@@ -229,7 +228,7 @@ def build_launch_spec(
     paths = resolve_data_paths(data)
     nodes = plan.cluster.nodes
     if nodes > 1 and rdzv_endpoint is None:  # a dry run or a SLURM script: a placeholder the user replaces
-        rdzv_endpoint = f"NODE0_HOST:{DEFAULT_RDZV_PORT}"
+        rdzv_endpoint = f"{PLACEHOLDER_HOST}:{DEFAULT_RDZV_PORT}"
     if rdzv_endpoint is not None and rdzv_id is None:
         rdzv_id = f"paraplan-{Path(run_dir).absolute().name}"
     command = torchrun_command(
@@ -248,19 +247,6 @@ def build_launch_spec(
     )
 
 
-def emit_run_dir(plan: Plan, backend: Backend, run_dir: Path, steps: int, data: list[str] | None,
-                 nvme_path: Path | None = None, **launch: object) -> LaunchSpec:
-    """Write every file of the run into ``run_dir`` (created if missing) and return the LaunchSpec.
-
-    Args:
-        launch: :func:`build_launch_spec`'s keywords (node_rank, rdzv_endpoint, rdzv_id, checkpoint_every,
-            max_restarts).
-    """
-    spec = build_launch_spec(plan, backend, run_dir, steps, data, **launch)  # type: ignore[arg-type]
-    _write_run_dir(plan, spec, nvme_path)
-    return spec
-
-
 def _write_run_dir(plan: Plan, spec: LaunchSpec, nvme_path: Path | None = None, hosts: list[str] | None = None) -> None:
     run_dir = Path(spec.run_dir)
     # Both write through write_atomic, which creates run_dir.
@@ -270,20 +256,7 @@ def _write_run_dir(plan: Plan, spec: LaunchSpec, nvme_path: Path | None = None, 
         emit_torch(plan, run_dir)
     write_atomic(run_dir / "plan.json", plan.model_dump_json(indent=2))
     write_atomic(run_dir / "launch.json", spec.model_dump_json(indent=2))
-    env = " ".join(f"{k}={v}" for k, v in JOB_ENV.items())
-    script = ["#!/bin/bash", "# This run's bare torchrun command on each node: `bash commands.sh K` on node K "
-              "(`paraplan launch` runs it after its checks).", "set -euo pipefail",
-              f"cd {shlex.quote(str(Path.cwd()))}", 'node=${1:-0}', 'case "$node" in']
-    placeholder = f"--rdzv-endpoint=NODE0_HOST:"
-    for k in range(spec.nnodes):  # the same torchrun command on every node, its output in the node's log
-        log = Path(spec.run_dir) / node_log_name(spec.nnodes, k)
-        line = shlex.join(spec.command)
-        if placeholder in line:  # no endpoint given: the script asks for node 0's address
-            line = line.replace(placeholder, '--rdzv-endpoint="${NODE0_HOST:?set NODE0_HOST to node 0\'s address}":')
-        script.append(f"  {k}) env {env} {line} 2>&1 | tee -a {shlex.quote(str(log))} ;;")
-    script += [f'  *) echo "node rank $node: this run has {spec.nnodes} node(s), 0..{spec.nnodes - 1}" >&2; exit 1 ;;',
-               "esac"]
-    write_atomic(run_dir / COMMANDS_FILE, "\n".join(script) + "\n")
+    write_atomic(run_dir / COMMANDS_FILE, commands_script(spec, Path.cwd()))
     write_atomic(run_dir / SLURM_FILE, slurm_script(plan, spec.backend, run_dir, spec.max_restarts, Path.cwd()))
     ds_launch = None
     if spec.backend == "deepspeed":

@@ -475,7 +475,7 @@ def launch_cmd(
     """Write DeepSpeed or native torch launch files for a plan and train with torchrun, on one node or many."""
     import shlex
 
-    from paraplan.backends.jobscripts import launch_command
+    from paraplan.backends.jobscripts import DEFAULT_RDZV_PORT, launch_command
     from paraplan.backends.launch import launch_plan
 
     previous = _previous_launch(resume) if resume is not None else None
@@ -505,7 +505,7 @@ def launch_cmd(
         raise LaunchError(f"--hosts names {len(host_list)} host(s); the plan has {plan.cluster.nodes} node(s)")
     endpoint = rdzv_endpoint
     if endpoint is None and host_list is not None and plan.cluster.nodes > 1:
-        endpoint = f"{host_list[0]}:29500"
+        endpoint = f"{host_list[0]}:{DEFAULT_RDZV_PORT}"
     assert run is not None
     spec, rows = launch_plan(
         plan, backend, run, steps=steps or 20, data=data, dry_run=dry_run or slurm,  # type: ignore[arg-type]
@@ -531,13 +531,11 @@ def launch_cmd(
     if not dry_run:
         from paraplan.cli.render import render_measured
 
-        if rows:
+        if rows or spec.nnodes == 1:
             render_measured(console, plan, rows)
-        elif spec.nnodes > 1:
+        else:
             console.print(f"metrics.jsonl is written by global rank 0, on the node that holds it (in {run} when "
                           "the run directory is shared)", highlight=False)
-        else:
-            render_measured(console, plan, rows)
 
 
 def _previous_launch(run: Path):
