@@ -340,16 +340,16 @@ class ModelSpec(_Frozen):
             seq_len: tokens per sequence of the training setup.
 
         Raises:
-            ModelSpecError: a Mixture-of-Experts model (``moe`` set): read and counted, not planned yet.
+            ModelSpecError: a Mixture-of-Experts model whose dense layers are not all first (``layer_freq`` > 1):
+                the planner's stages count the dense blocks as a prefix of the chain.
             TrainSpecError: ``seq_len`` exceeds ``max_seq_len`` (no positions beyond it), or exceeds
                 ``sliding_window`` (windowed attention then differs from the full causal attention paraplan costs).
         """
-        if self.moe is not None:
+        if self.moe is not None and self.moe.layer_freq > 1:
             raise ModelSpecError(
-                f"{self.name} is a Mixture-of-Experts model (model_type {self.model_type}, {self.moe.n_experts} "
-                f"experts, top-{self.moe.top_k}): MoE planning is not supported yet. paraplan reads it and counts "
-                "its parameters (`paraplan models`), but its cost models price dense blocks only, so it cannot "
-                "plan, estimate or launch it; use a dense model"
+                f"{self.name} interleaves dense and MoE layers (layer_freq {self.moe.layer_freq}): paraplan plans "
+                "MoE models whose dense layers come first (DeepSeek's first_k_dense_replace) or that have none; "
+                "set decoder_sparse_step to 1"
             )
         if seq_len > self.max_seq_len:
             raise TrainSpecError(
@@ -511,7 +511,7 @@ class StrategyOverride(_Frozen):
         "dp": "dp", "tp": "tp", "pp": "pp", "mb": "micro_batch_size", "micro_batch": "micro_batch_size",
         "zero": "zero_stage", "offload": "offload_optimizer", "recompute": "recompute", "sp": "sequence_parallel",
         "cp": "cp", "vpp": "vpp", "schedule": "schedule", "offload_param": "offload_param",
-        "offload_ratio": "offload_ratio", "offload_act": "offload_activations",
+        "offload_ratio": "offload_ratio", "offload_act": "offload_activations", "ep": "ep", "etp": "etp",
     }
 
     dp: int | None = Field(default=None, gt=0)
@@ -534,6 +534,8 @@ class StrategyOverride(_Frozen):
     cp: int | None = Field(default=None, gt=0)
     vpp: int | None = Field(default=None, gt=0)
     schedule: Schedule | None = None
+    ep: int | None = Field(default=None, gt=0, description="Expert-parallel degree (Mixture-of-Experts models).")
+    etp: int | None = Field(default=None, gt=0, description="Expert tensor-parallel degree (MoE models).")
 
     @model_validator(mode="before")
     @classmethod
@@ -657,6 +659,12 @@ class Strategy(_Frozen):
                                                   "K/V exchanged per layer (Llama 3 paper sec. 3.3.2).")
     vpp: int = Field(default=1, gt=0, description="Model chunks (virtual stages) per pipeline rank.")
     schedule: Schedule = Field(default="1f1b", description="Pipeline schedule; see SCHEDULE_CLASSES.")
+    ep: int = Field(default=1, gt=0, description="Expert-parallel degree: each MoE layer's routed experts are split "
+                    "over ep ranks, tokens dispatched to them and combined back by all-to-all (Lepikhin et al. 2021, "
+                    "GShard). The expert layers refold each pipeline stage's tp x cp x dp ranks into etp x ep x edp "
+                    "(Megatron-Core parallel_state.py), so ep x etp divides dp x cp x tp.")
+    etp: int = Field(default=1, gt=0, description="Expert tensor-parallel degree: each expert's matrices split over "
+                     "etp ranks (Megatron-Core --expert-tensor-parallel-size).")
     stages: list[StagePlan]
 
     @model_validator(mode="before")
@@ -673,6 +681,9 @@ class Strategy(_Frozen):
         if not self.selective_recompute and any(st.selective_blocks for st in self.stages):
             raise ValueError("stages have selective_blocks but selective_recompute is false")
         check_schedule(self.pp, self.vpp, self.schedule)
+        if (self.dp * self.cp * self.tp) % (self.ep * self.etp):
+            raise ValueError(f"ep x etp = {self.ep} x {self.etp} must divide dp x cp x tp = {self.dp * self.cp * self.tp} "
+                             "(the expert groups tile each pipeline stage's ranks)")
         if self.offload_param != "none" and self.zero_stage != 3:
             raise ValueError(f"offload_param={self.offload_param} needs ZeRO stage 3 (only partitioned parameters are "
                              f"offloaded), got stage {self.zero_stage}")
@@ -689,6 +700,12 @@ class Strategy(_Frozen):
     @property
     def world_size(self) -> int:
         return self.dp * self.tp * self.pp * self.cp
+
+    @property
+    def edp(self) -> int:
+        """Expert-data-parallel size ``world / (pp ep etp)``: the ranks that hold the same experts and reduce their
+        gradients (Megatron-Core parallel_state.py ``expert_data_parallel_size``)."""
+        return self.world_size // (self.pp * self.ep * self.etp)
 
     def virtual_stages(self) -> list[VirtualStage]:
         """Every model chunk in model order with its rank and chain range (one per rank when vpp is 1).
@@ -751,10 +768,23 @@ class MemoryBreakdown(_Frozen):
     optimizer: float
     activations: float
     other: float
+    expert_params: float = Field(default=0.0, ge=0, description="Of params: the routed experts' (MoE models).")
+    expert_grads: float = Field(default=0.0, ge=0, description="Of grads: the routed experts'.")
+    expert_optimizer: float = Field(default=0.0, ge=0, description="Of optimizer: the routed experts'.")
 
     @property
     def total(self) -> float:
         return self.params + self.grads + self.optimizer + self.activations + self.other
+
+    @property
+    def expert_states(self) -> float:
+        """Parameters, gradients and optimizer states of the routed experts (0 for dense models)."""
+        return self.expert_params + self.expert_grads + self.expert_optimizer
+
+    @property
+    def dense_states(self) -> float:
+        """Parameters, gradients and optimizer states of everything but the routed experts."""
+        return self.params + self.grads + self.optimizer - self.expert_states
 
 
 class Prediction(_Frozen):
@@ -814,6 +844,12 @@ class Plan(_Frozen):
                 f"strategy trains dp x micro_batch_size x grad_accum = {s.dp} x {s.micro_batch_size} x "
                 f"{s.grad_accum} = {per_step} sequences per step but train.global_batch is {gb}; re-plan instead of "
                 "editing the plan")
+        moe = self.model.moe
+        if moe is None and (s.ep, s.etp) != (1, 1):
+            raise ValueError(f"ep={s.ep}, etp={s.etp}: {self.model.name} has no experts; expert parallelism needs a "
+                             "Mixture-of-Experts model")
+        if moe is not None and moe.n_experts % s.ep:
+            raise ValueError(f"ep={s.ep} does not divide the {moe.n_experts} experts of {self.model.name}")
         if self.model.n_layers is not None and sum(st.n_blocks for st in s.stages) != self.model.n_layers:
             raise ValueError(f"the stages hold {sum(st.n_blocks for st in s.stages)} blocks but {self.model.name} "
                              f"has {self.model.n_layers}")

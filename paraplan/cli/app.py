@@ -180,7 +180,7 @@ def models_cmd(
 
     if as_json:
         print_json([{**s.model_dump(exclude_none=True), "params": model_params(s), "active_params": active(s),
-                     "planning_supported": s.moe is None} for s in PRESETS.values()])
+                     "planning_supported": s.moe is None or s.moe.layer_freq == 1} for s in PRESETS.values()])
         return
     from rich.table import Table
 
@@ -189,7 +189,7 @@ def models_cmd(
         table.add_column(col, justify="left" if col in ("name", "family", "notes") else "right")
     for name, s in PRESETS.items():
         notes = "" if s.moe is None else (f"MoE: {s.moe.n_experts} experts, top-{s.moe.top_k}, "
-                                          f"{format_count(active(s))} active (planning not yet supported)")
+                                          f"{format_count(active(s))} active")
         table.add_row(name, s.family, format_count(model_params(s)), str(s.n_layers), str(s.hidden),
                       str(s.ffn_hidden), str(s.n_heads), str(s.n_kv_heads), str(s.vocab), notes)
     console.print(table)
@@ -386,6 +386,7 @@ def plan_summary(plan: Plan) -> dict:
             "offload_blocks": [st.offload_blocks for st in s.stages],
             "sequence_parallel": s.sequence_parallel, "selective_recompute": s.selective_recompute,
             "selective_policy": s.selective_policy, "cp": s.cp, "vpp": s.vpp, "schedule": s.schedule,
+            "ep": s.ep, "etp": s.etp, "expert_data_parallel": s.edp,
             "recompute_blocks": [st.recompute_blocks for st in s.stages],
             "selective_blocks": [st.selective_blocks for st in s.stages],
             "stage_blocks": [st.n_blocks for st in s.stages],

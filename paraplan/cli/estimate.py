@@ -18,7 +18,10 @@ def estimate_summary(est, cluster, compute_source: str) -> dict:
         "hfu": est.hfu,
         "peak_memory_bytes": est.peak_memory_bytes,
         "memory_breakdown_bytes": {"params": m.params, "grads": m.grads, "optimizer": m.optimizer,
-                                   "activations": m.activations, "other": m.other},
+                                   "activations": m.activations, "other": m.other,
+                                   "expert_params": m.expert_params, "expert_grads": m.expert_grads,
+                                   "expert_optimizer": m.expert_optimizer, "dense_states": m.dense_states,
+                                   "expert_states": m.expert_states},
         "hardware_tflops_per_device": est.hardware_tflops_per_device,
         "tokens_per_s": est.tokens_per_s,
         "memory_capacity_bytes": est.memory_capacity_bytes,
@@ -46,7 +49,9 @@ def _render(console, spec, cluster, train, st, est, compute_source: str) -> None
     from paraplan.units import format_bytes, format_seconds
 
     sched = "" if st.pp == 1 else f" {st.schedule}" if st.schedule != "1f1b" or st.vpp == 1 else " interleaved_1f1b"
+    experts = (f" ep={st.ep}" + (f" etp={st.etp}" if st.etp > 1 else "")) if spec.moe is not None else ""
     title = (f"{spec.name} on {cluster.name}: dp={st.dp} tp={st.tp} pp={st.pp}" + (f" cp={st.cp}" if st.cp > 1 else "")
+             + experts
              + sched + (f" vpp={st.vpp}" if st.vpp > 1 else "") + f", micro-batch {st.micro_batch_size} (x "
              f"{est.grad_accum} per step), global batch {train.global_batch} x seq {train.seq_len}, {train.dtype}, "
              f"ZeRO-{st.zero_stage}, recompute {st.recompute}" + (", SP" if st.sequence_parallel else "")
@@ -100,6 +105,13 @@ def register(app: typer.Typer, guard) -> None:
         micro_batch: Annotated[Optional[int], typer.Option(help="Sequences per micro-batch.", min=1)] = None,
         cp: Annotated[int, typer.Option(help="Context-parallel degree (sequence sharded over cp ranks).", min=1)] = 1,
         vpp: Annotated[int, typer.Option(help="Model chunks (virtual stages) per pipeline rank.", min=1)] = 1,
+        ep: Annotated[int, typer.Option(help="Expert-parallel degree (MoE models; divides the experts).", min=1)] = 1,
+        etp: Annotated[int, typer.Option(help="Expert tensor-parallel degree (MoE models).", min=1)] = 1,
+        routing_imbalance: Annotated[float, typer.Option(
+            help="MoE: tokens the busiest expert rank receives over the balanced mean (an assumption; 1 = balanced).",
+            min=1.0)] = 1.0,
+        capacity_factor: Annotated[Optional[float], typer.Option(
+            help="MoE: expert capacity factor (tokens beyond it are dropped); default dropless.", min=0.0)] = None,
         schedule: Annotated[str, typer.Option(
             help="Pipeline schedule: 1f1b (interleaved when --vpp > 1), interleaved_1f1b, zero_bubble, zbv (--vpp 2) "
                  "or gpipe.")] = "1f1b",
@@ -149,7 +161,8 @@ def register(app: typer.Typer, guard) -> None:
                 from None
         knobs = {"dp": dp, "tp": tp, "pp": pp, "micro_batch_size": micro_batch, "cp": cp, "vpp": vpp,
                  "schedule": schedule, "sequence_parallel": sequence_parallel, "recompute": recompute,
-                 "zero_stage": zero, "offload_optimizer": offload_optimizer}
+                 "zero_stage": zero, "offload_optimizer": offload_optimizer, "ep": ep, "etp": etp,
+                 "routing_imbalance": routing_imbalance, "capacity_factor": capacity_factor}
         if strategy:
             knobs.update(cli.parse_strategy(strategy).model_dump(exclude_none=True))
         missing = [k for k in ("dp", "tp", "pp", "micro_batch_size") if knobs[k] is None]

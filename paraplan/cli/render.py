@@ -51,13 +51,15 @@ def render_plans(console: Console, plans: list[Plan]) -> None:
     title = (f"{best.model.name} on {best.cluster.name}: global batch {best.train.global_batch} x seq "
              f"{best.train.seq_len}, {best.train.dtype} (compute from {best.predicted.compute_source})")
     table = Table(title=title)
-    for col in ("#", "dp", "tp", "pp", "cp", "mb", "accum", "schedule", "ZeRO", "sp", "recompute", "offload", "step",
-                "tokens/s", "MFU", "peak mem / capacity"):
+    moe = best.model.moe is not None
+    for col in ("#", "dp", "tp", "pp", "cp", *(("ep", "etp") if moe else ()), "mb", "accum", "schedule", "ZeRO", "sp",
+                "recompute", "offload", "step", "tokens/s", "MFU", "peak mem / capacity"):
         table.add_column(col, justify="right")
     for i, plan in enumerate(plans, 1):
         s, p = plan.strategy, plan.predicted
         table.add_row(
-            str(i), str(s.dp), str(s.tp), str(s.pp), str(s.cp), str(s.micro_batch_size), str(s.grad_accum),
+            str(i), str(s.dp), str(s.tp), str(s.pp), str(s.cp), *((str(s.ep), str(s.etp)) if moe else ()),
+            str(s.micro_batch_size), str(s.grad_accum),
             schedule_label(plan), str(s.zero_stage), "yes" if s.sequence_parallel else "-", recompute_label(plan),
             offload_label(plan), format_seconds(p.step_time_s),
             # A CPU's peak FLOP/s in the catalog is nominal, so its MFU would mean nothing.
@@ -103,9 +105,15 @@ def render_plans(console: Console, plans: list[Plan]) -> None:
 
 
 def format_memory_breakdown(m: MemoryBreakdown) -> str:
-    """``params 1.2 GiB, grads ..., optimizer ..., activations ..., other ...`` (bytes per device)."""
-    return (f"params {format_bytes(m.params)}, grads {format_bytes(m.grads)}, optimizer {format_bytes(m.optimizer)}, "
-            f"activations {format_bytes(m.activations)}, other {format_bytes(m.other)}")
+    """``params 1.2 GiB, grads ..., optimizer ..., activations ..., other ...`` (bytes per device); for a
+    Mixture-of-Experts model also the model states split into dense and expert parts."""
+    out = (f"params {format_bytes(m.params)}, grads {format_bytes(m.grads)}, optimizer {format_bytes(m.optimizer)}, "
+           f"activations {format_bytes(m.activations)}, other {format_bytes(m.other)}")
+    if m.expert_states > 0:
+        out += (f"; model states: dense {format_bytes(m.dense_states)}, expert {format_bytes(m.expert_states)} "
+                f"(expert params {format_bytes(m.expert_params)}, grads {format_bytes(m.expert_grads)}, optimizer "
+                f"{format_bytes(m.expert_optimizer)})")
+    return out
 
 
 def measured_summary(rows: list[dict]) -> dict:

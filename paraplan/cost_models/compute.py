@@ -101,3 +101,21 @@ def block_times(spec: ModelSpec, dev: DeviceSpec, dtype: str, b: int, s: int, t:
     attn_fwd, attn_bwd = attn_fwd * cp, attn_bwd * cp
     op = sum(x for i, x in enumerate(each) if i in tf.OP_POLICY_RECOMPUTED_GEMMS) + elem
     return KernelTimes(gemm + attn_fwd + elem, 2 * gemm + attn_bwd + 2 * elem, attn_fwd, gemm, op)
+
+
+def moe_model_block_times(work, dev: DeviceSpec, dtype: str, kernel: str, cp: int = 1) -> KernelTimes:
+    """One dense or MoE block of a Mixture-of-Experts model from its :class:`paraplan.cost_models.moe.BlockWork`.
+
+    Formula: as :func:`block_times`: forward ``sum_gemm count t_gemm + t_attn_fwd + t_elem``, backward ``2 sum_gemm
+        + t_attn_bwd + 2 t_elem``; the flash attention core runs half of ``work.attn_flops`` (causal), ``cp``
+        times the local core with context parallelism. Each local expert's GEMMs are priced at their own shape
+        (a grouped GEMM of ``E/ep`` experts of ``m_e`` tokens each runs near the sum of its members).
+    Source: :mod:`paraplan.cost_models.efficiency`; Narayanan et al. SC'21 sec. 5.1 (backward = 2x forward).
+    """
+    db = DTYPE_BYTES[dtype]
+    gemm = sum(count * eff.gemm_time_s(dev, dtype, m, k, n, db) for m, k, n, count in work.gemms)
+    elem = eff.memory_time_s(dev, work.elementwise_bytes)
+    if kernel == "unfused":
+        raise ValueError("the unfused attention kernel is not modelled for MoE models; use flash2 or flash1")
+    attn_fwd = eff.flash_attention_time_s(dev, dtype, work.attn_flops / 2, kernel) * cp
+    return KernelTimes(gemm + attn_fwd + elem, 2 * gemm + 2.5 * attn_fwd + 2 * elem, attn_fwd, gemm, 0.0)

@@ -135,6 +135,12 @@ class CostOptions:
             "interleaved_1f1b", "zero_bubble" (ZB-H1 in the interleaved loop placement, torch's
             ScheduleInterleavedZeroBubble), "zbv" (ZB-V, 2 chunks per device in V placement, Qi et al. 2024 sec. 6)
             or "gpipe" (all forwards, then all backwards: the 1F1B bubble, but every stage holds all m micro-batches).
+        ep, etp: expert-parallel and expert tensor-parallel degrees (Mixture-of-Experts models; 1 otherwise).
+        routing_imbalance: tokens the busiest expert rank receives over the balanced mean (>= 1; 1.0 = balanced,
+            as Megatron-Bridge's force-balanced benchmarks): a stated assumption, not predicted
+            (``moe.routed_load``).
+        capacity_factor: expert capacity (Switch Transformers): tokens beyond ``capacity_factor x`` the balanced
+            load are dropped; None: dropless.
     """
 
     vpp: int = 1
@@ -146,6 +152,10 @@ class CostOptions:
     overlap_tp: bool = False
     framework_efficiency: float = FRAMEWORK_EFFICIENCY
     schedule: str = "1f1b"
+    ep: int = 1
+    etp: int = 1
+    routing_imbalance: float = 1.0
+    capacity_factor: float | None = None
 
 
 SCHEDULES = ("1f1b", "interleaved_1f1b", "zero_bubble", "zbv", "gpipe")
@@ -154,17 +164,21 @@ SELECTIVE_POLICIES = ("attention", "op")
 
 @dataclass(frozen=True)
 class Affine:
-    """``const + per_block n + per_recompute r + per_selective q + per_paged a`` for a stage of n blocks, r of them
-    fully and q selectively recomputed and a of them with their activations paged out."""
+    """``const + per_block n + per_recompute r + per_selective q + per_paged a + per_dense d`` for a stage of n
+    blocks, r of them fully and q selectively recomputed, a of them with their activations paged out and, in a
+    Mixture-of-Experts model, d of them dense blocks (``per_block`` is then an MoE block's and ``per_dense`` the
+    difference a dense block makes)."""
 
     const: float = 0.0
     per_block: float = 0.0
     per_recompute: float = 0.0
     per_selective: float = 0.0
     per_paged: float = 0.0
+    per_dense: float = 0.0
 
-    def __call__(self, n: float, r: float = 0.0, q: float = 0.0, a: float = 0.0) -> float:
-        return self.const + self.per_block * n + self.per_recompute * r + self.per_selective * q + self.per_paged * a
+    def __call__(self, n: float, r: float = 0.0, q: float = 0.0, a: float = 0.0, d: float = 0.0) -> float:
+        return (self.const + self.per_block * n + self.per_recompute * r + self.per_selective * q
+                + self.per_paged * a + self.per_dense * d)
 
 
 @dataclass(frozen=True)
@@ -189,6 +203,8 @@ class LayerCost:
     selective_s: float = 0.0
     sel_act_bytes: float = 0.0
     wgrad_s: float = 0.0
+    expert_params: float = 0.0  # routed-expert parameters per device (MoE blocks; ``params`` holds the rest)
+    a2a_s: float = 0.0  # of tp_fwd_s + tp_bwd_s: the dispatch/combine all-to-alls and etp collectives (MoE)
 
     @property
     def time_s(self) -> float:
@@ -213,6 +229,9 @@ class ModeTerms:
     h2d_s: Affine
     d2h_s: Affine
     disk_s: Affine
+    expert_params: Affine = Affine()
+    expert_grads: Affine = Affine()
+    expert_optimizer: Affine = Affine()
 
 
 @dataclass(frozen=True)
@@ -232,10 +251,15 @@ class StageCost:
     host_bytes: float = 0.0
     nvme_bytes: float = 0.0
     channels_s: tuple[tuple[str, float], ...] = ()  # (what, seconds per micro-batch) of each stage-time term
+    expert_params_bytes: float = 0.0  # of params_bytes, grads_bytes, optimizer_bytes: the routed experts' share
+    expert_grads_bytes: float = 0.0
+    expert_optimizer_bytes: float = 0.0
 
     def breakdown(self) -> MemoryBreakdown:
         return MemoryBreakdown(params=self.params_bytes, grads=self.grads_bytes, optimizer=self.optimizer_bytes,
-                               activations=self.activation_bytes, other=self.other_bytes)
+                               activations=self.activation_bytes, other=self.other_bytes,
+                               expert_params=self.expert_params_bytes, expert_grads=self.expert_grads_bytes,
+                               expert_optimizer=self.expert_optimizer_bytes)
 
     @property
     def memory_bytes(self) -> float:
@@ -305,6 +329,10 @@ class CandidateCosts:
             raise StrategyError(f"cp={opts.cp} must be >= 1 and divide the sequence length {train.seq_len}")
         if not 0 < opts.framework_efficiency <= 1:
             raise StrategyError(f"framework efficiency must be in (0, 1] (got {opts.framework_efficiency})")
+        self._check_experts(spec, dp, tp, pp, opts)
+        if spec.moe is not None and profile is not None:
+            raise ProfileError(f"{spec.name} is a Mixture-of-Experts model: its costs come from the analytic model "
+                               "(profiles time one block kind); plan it without --profile")
         self.options = opts
         self.vpp = opts.vpp
         self.cp = opts.cp
@@ -320,15 +348,26 @@ class CandidateCosts:
         self.dp_spans = dp_spans_nodes(cluster, tp, self.dp_shard)
         self.dp_per_node = dp_per_node(cluster, tp, self.dp_shard)
         self.cp_spans = dp_spans_nodes(cluster, tp, opts.cp)  # cp ranks sit next to the tp ranks (mesh .., cp, tp)
+        # Mixture-of-Experts: expert states shard and reduce over the expert-data-parallel group (moe.py).
+        self.ep, self.etp = opts.ep, opts.etp
+        self.edp = self.dp_shard * tp // (opts.ep * opts.etp)
+        self.edp_spans = dp_spans_nodes(cluster, opts.ep * opts.etp, self.edp)
+        self.edp_per_node = dp_per_node(cluster, opts.ep * opts.etp, self.edp)
+        self.n_dense = spec.moe.first_dense_layers if spec.moe is not None else 0  # dense blocks, first in the chain
+        # Embedding and head formulas (transformer.py) read h and v only: an MoE model uses its dense twin there.
+        self.layer_spec = spec.model_copy(update={"moe": None, "mla": None}) if spec.moe is not None else spec
         key = (tp, opts.cp, micro_batch_size, self.sp, opts.selective_policy, opts.attention, opts.overlap_tp,
-               opts.framework_efficiency, dp * tp * pp * opts.cp)
+               opts.framework_efficiency, dp * tp * pp * opts.cp, opts.ep, opts.etp, opts.routing_imbalance,
+               opts.capacity_factor)
         self.layer_key = key  # what the layer costs depend on (a search shares work between equal keys)
         # Work shared with the search's other candidates: layer costs, mode terms (and the planner's bounds' terms),
         # each keyed by what it depends on.
         self.shared: dict = layer_cache if layer_cache is not None else {}
         if key not in self.shared:
-            self.shared[key] = (self._layer("block"), self._layer("embed"), self._layer("head"))
-        self.block, self.embed, self.head = self.shared[key]
+            dense = self._moe_model_block(False) if self.n_dense else None
+            block = self._moe_model_block(True) if spec.moe is not None else self._layer("block")
+            self.shared[key] = (block, self._layer("embed"), self._layer("head"), dense)
+        self.block, self.embed, self.head, self.dense_block = self.shared[key]
         s, h = self.s_local, spec.hidden or 0
         # Megatron sends 1/t of the boundary activation per tp rank (scatter/gather optimization, Narayanan et al.
         # SC'21 sec. 4.1; sequence parallelism keeps it sharded anyway); forward activation out and gradient back,
@@ -346,6 +385,80 @@ class CandidateCosts:
         self.host_capacity_bytes = cluster.host_memory_bytes / cluster.devices_per_node
         self.nvme_capacity_bytes = cluster.nvme_capacity_bytes / cluster.devices_per_node
         self.overhead_bytes = OVERHEAD_BYTES[cluster.device.kind]
+
+    @staticmethod
+    def _check_experts(spec: ModelSpec, dp: int, tp: int, pp: int, opts: CostOptions) -> None:
+        """Refuse expert settings the frameworks would refuse (Megatron-Core parallel_state.py, moe arguments)."""
+        if spec.moe is None:
+            if (opts.ep, opts.etp) != (1, 1):
+                raise StrategyError(f"ep={opts.ep}, etp={opts.etp}: {spec.name} has no experts; use ep=1, etp=1")
+            return
+        if opts.ep < 1 or opts.etp < 1 or spec.moe.n_experts % opts.ep:
+            raise StrategyError(f"ep={opts.ep} must divide the {spec.moe.n_experts} experts of {spec.name}")
+        if (dp * opts.cp * tp) % (opts.ep * opts.etp):
+            raise StrategyError(f"ep x etp = {opts.ep * opts.etp} must divide dp x cp x tp = {dp * opts.cp * tp}: the "
+                                "expert groups tile each pipeline stage's ranks (Megatron-Core parallel_state.py)")
+        if spec.moe.expert_ffn_hidden % opts.etp:
+            raise StrategyError(f"etp={opts.etp} must divide the expert MLP width {spec.moe.expert_ffn_hidden}")
+        if tp > 1 and not opts.sequence_parallel:
+            raise StrategyError("Mixture-of-Experts with tp > 1 needs sequence parallelism (Megatron-Core refuses "
+                                "it otherwise): add sp=true")
+        if opts.routing_imbalance < 1:
+            raise StrategyError(f"routing imbalance is max/mean expert load, >= 1 (got {opts.routing_imbalance})")
+        if opts.attention == "unfused":
+            raise StrategyError("the unfused attention kernel is not modelled for MoE models; use flash2 or flash1")
+        if opts.selective_policy == "op":
+            raise StrategyError("torchtitan's op-level selective policy is not modelled for MoE blocks; use the "
+                                "attention policy")
+        if spec.moe.first_dense_layers and opts.vpp > 1:
+            raise StrategyError(f"{spec.name} starts with {spec.moe.first_dense_layers} dense layers: interleaved "
+                                "(vpp > 1) stages are not modelled for it; use vpp=1")
+
+    def _moe_model_block(self, moe_layer: bool) -> LayerCost:
+        """A dense or MoE block of a Mixture-of-Experts model (:func:`moe.block_work`): GEMMs and element-wise work
+        on the efficiency curves, attention-side TP collectives as a dense block's, context-parallel K/V
+        exchange, and per MoE block four all-to-alls per micro-batch (dispatch and combine forward, their
+        gradients backward) over the ep group, plus an all-gather and reduce-scatter of the routed copies over
+        the etp group each way when etp > 1.
+
+        Source: moe.all_to_all_time_s (pairwise exchange); Megatron-Core MoEAlltoAllTokenDispatcher (the etp
+            all-gather / reduce-scatter of the dispatched tokens); as :meth:`_layer` for the rest.
+        Assumptions: the all-to-alls are exposed (not overlapped with compute; DeepSeek-V3's DualPipe and
+            Megatron's EP overlap would hide part of them); the block's activations under selective recomputation
+            are all but the attention core's, as a dense block's.
+        """
+        from paraplan.cost_models import moe as moe_costs
+
+        opts, b, t = self.options, self.b, self.tp
+        load = moe_costs.routed_load(opts.capacity_factor, opts.routing_imbalance)
+        work = moe_costs.block_work(self.spec, moe_layer, b, self.s_local, t, self.ep, self.etp, self.dtype_bytes,
+                                    self.sp, load)
+        dev = self.cluster.device
+        kt = compute.moe_model_block_times(work, dev, self.train.dtype, opts.attention, self.cp)
+        if dev.kind == "cuda":
+            pace = eff.straggler_factor(self.dp * self.tp * self.pp * self.cp)
+            kt = kt.scaled(1.0 / (opts.framework_efficiency * pace))
+        h = self.spec.hidden or 0
+        coll = self._tp_collective_s(b * self.s_local * h * self.dtype_bytes)
+        tp_fwd = tp_bwd = 2 * coll
+        cp_fwd = cp_bwd = 0.0
+        if self.cp > 1:
+            kv = b * self.train.seq_len * work.kv_elements * self.dtype_bytes / t
+            cp_fwd = collective_time_s(self.cluster, "all_gather", kv, self.cp, self.cp_spans)
+            cp_bwd = collective_time_s(self.cluster, "reduce_scatter", kv, self.cp, self.cp_spans)
+        a2a = 2 * moe_costs.all_to_all_time_s(self.cluster, work.a2a_bytes, self.ep, self.etp)
+        if self.etp > 1:
+            a2a += (collective_time_s(self.cluster, "all_gather", work.etp_bytes, self.etp, False)
+                    + collective_time_s(self.cluster, "reduce_scatter", work.etp_bytes, self.etp, False))
+        if opts.overlap_tp:
+            tp_fwd, tp_bwd = max(0.0, tp_fwd - kt.gemm_fwd_s), max(0.0, tp_bwd - 2 * kt.gemm_fwd_s)
+        act = work.act_bytes
+        if self.cp > 1:  # the attention keeps the all-gathered K and V for its backward
+            act += b * (self.train.seq_len - self.s_local) * work.kv_elements * self.dtype_bytes / t
+        tp_fwd, tp_bwd = tp_fwd + cp_fwd + a2a, tp_bwd + cp_bwd + a2a
+        return LayerCost(kt.fwd_s, kt.bwd_s, tp_fwd, tp_bwd, work.params, act, work.ckpt_bytes, kt.fwd_s + tp_fwd,
+                         kt.attn_fwd_s + cp_fwd, work.act_bytes, kt.gemm_fwd_s, expert_params=work.expert_params,
+                         a2a_s=2 * a2a)
 
     # ---- layers -------------------------------------------------------------------------------------------------
     def _tp_collective_s(self, n_bytes: float) -> float:
@@ -395,7 +508,7 @@ class CandidateCosts:
     def _layer(self, kind: LayerKind) -> LayerCost:
         if self.spec.family == "custom":
             return self._measured_layer(kind)
-        spec, t, b, s = self.spec, self.tp, self.b, self.s_local
+        spec, t, b, s = self.layer_spec, self.tp, self.b, self.s_local
         db, h = self.dtype_bytes, spec.hidden or 0
         v_pad = tf.padded_vocab(spec, t)
         pad_params = (v_pad - (spec.vocab or 0)) * h
@@ -472,9 +585,9 @@ class CandidateCosts:
             share = fwd / ref.fwd_s
             return KernelTimes(fwd, bwd, ref.attn_fwd_s * share, ref.gemm_fwd_s * share, ref.op_recompute_s * share)
         if kind == "embed":
-            times = compute.embed_times(self.spec, dev, dtype, b, s)
+            times = compute.embed_times(self.layer_spec, dev, dtype, b, s)
         elif kind == "head":
-            times = compute.head_times(self.spec, dev, dtype, b, s, t, self.sp)
+            times = compute.head_times(self.layer_spec, dev, dtype, b, s, t, self.sp)
         else:
             times = compute.block_times(self.spec, dev, dtype, b, s, t, self.sp, self.options.attention, self.cp)
         return times.scaled(1.0 / (self.options.framework_efficiency * pace) if dev.kind == "cuda" else 1.0)
@@ -539,40 +652,88 @@ class CandidateCosts:
             out.append(self.head)
         return out
 
-    def stage_params(self, stage: int, n_blocks: float) -> float:
-        """Parameters per device of a stage. A tied LM head on another stage than the embedding keeps its own copy
-        (Megatron-LM); on the same stage (pp = 1, or rank 0 of ZB-V) the matrix is held once."""
+    def stage_params(self, stage: int, n_blocks: float, dense_blocks: float = 0) -> float:
+        """Parameters per device of a stage (an MoE model's: all but the routed experts, :meth:`stage_expert_params`)
+        holding ``n_blocks`` blocks, ``dense_blocks`` of them an MoE model's dense blocks. A tied LM head on another
+        stage than the embedding keeps its own copy (Megatron-LM); on the same stage (pp = 1, or rank 0 of ZB-V)
+        the matrix is held once."""
         params = n_blocks * self.block.params + sum(lc.params for lc in self.fixed_layers(stage))
+        if self.dense_block is not None:
+            params += dense_blocks * (self.dense_block.params - self.block.params)
         if self.spec.tied_embeddings and stage == 0 and (self.pp == 1 or self.schedule == "zbv"):
-            params -= tf.padded_vocab(self.spec, self.tp) * (self.spec.hidden or 0) / self.tp
+            params -= tf.padded_vocab(self.layer_spec, self.tp) * (self.spec.hidden or 0) / self.tp
         return params
 
+    def stage_expert_params(self, n_blocks: float, dense_blocks: float = 0) -> float:
+        """Routed-expert parameters per device of a stage: ``(n - d) E (3 h f_e) / (ep etp)`` (0 for dense models)."""
+        return (n_blocks - dense_blocks) * self.block.expert_params
+
+    @property
+    def bound_blocks(self) -> int:
+        """Blocks the planner's lower bounds spread over the stages: all of them, or an MoE model's MoE blocks only
+        (its dense blocks then count as free, which keeps every bound a bound whichever kind costs more)."""
+        return (self.spec.n_layers or 0) - (self.n_dense if self.dense_block is not None else 0)
+
+    def dense_blocks_per_stage(self, n_blocks: list[int]) -> list[int]:
+        """Dense blocks of an MoE model in each stage of a contiguous layout (vpp 1): they are the chain's first
+        ``first_dense_layers`` blocks. All zeros for dense models (whose blocks are all ``self.block``)."""
+        out, before = [], 0
+        for n in n_blocks:
+            out.append(max(0, min(n, self.n_dense - before)))
+            before += n
+        return out
+
+    def _dense_delta(self, pick) -> float:
+        """``pick(dense block) - pick(MoE block)``: the per_dense coefficient of a term (0 without dense blocks)."""
+        return pick(self.dense_block) - pick(self.block) if self.dense_block is not None else 0.0
+
     def compute_terms(self, stage: int) -> Affine:
-        """Compute time per micro-batch of the stage (forward, backward, recomputation, TP/CP collectives, p2p)."""
+        """Compute time per micro-batch of the stage (forward, backward, recomputation, TP/CP collectives, p2p).
+        An MoE model's dense blocks take their own time; recomputing or selectively recomputing a block is priced
+        at the MoE block's (assumption: at most ``first_dense_layers`` blocks differ)."""
         fixed = sum(lc.time_s for lc in self.fixed_layers(stage)) + self.p2p_s
-        return Affine(fixed, self.block.time_s, self.block.recompute_s, self.block.selective_s)
+        return Affine(fixed, self.block.time_s, self.block.recompute_s, self.block.selective_s,
+                      per_dense=self._dense_delta(lambda lc: lc.time_s))
 
     def backward_terms(self, stage: int) -> Affine:
         """Backward time of one micro-batch (it includes the recomputed forwards): the window DP reduction hides in."""
         fixed = sum(lc.bwd_s + lc.tp_bwd_s for lc in self.fixed_layers(stage))
-        return Affine(fixed, self.block.bwd_s + self.block.tp_bwd_s, self.block.recompute_s, self.block.selective_s)
+        return Affine(fixed, self.block.bwd_s + self.block.tp_bwd_s, self.block.recompute_s, self.block.selective_s,
+                      per_dense=self._dense_delta(lambda lc: lc.bwd_s + lc.tp_bwd_s))
 
     def forward_terms(self, stage: int) -> Affine:
         fixed = sum(lc.fwd_s + lc.tp_fwd_s for lc in self.fixed_layers(stage))
-        return Affine(fixed, self.block.fwd_s + self.block.tp_fwd_s)
+        return Affine(fixed, self.block.fwd_s + self.block.tp_fwd_s,
+                      per_dense=self._dense_delta(lambda lc: lc.fwd_s + lc.tp_fwd_s))
 
     def activation_terms(self, stage: int) -> Affine:
         """Activation bytes held at the peak, excluding the one-block working space of recomputation (a paged block
-        holds none on the device)."""
+        holds none on the device). An MoE model's dense blocks are counted at the MoE block's activations, an upper
+        bound (their MLP saves ``4 f`` per token against the routed copies' ``K (h + 4 f_e)``: DeepSeek-V3 73,728
+        vs 122,880 elements), so that recomputing whichever blocks a stage recomputes first never over-credits."""
         k = self.inflight(stage)
         fixed = sum(lc.act_bytes for lc in self.fixed_layers(stage))
         blk = self.block
         return Affine(k * fixed, k * blk.act_bytes, k * (blk.ckpt_bytes - blk.act_bytes),
                       k * (blk.sel_act_bytes - blk.act_bytes), -k * blk.act_bytes)
 
-    def state_memory(self, mode: Mode, n_params: float) -> tuple[float, float, float, float, float]:
+    def expert_state_memory(self, mode: Mode, n_expert: float) -> tuple[float, float, float]:
+        """(params, grads, optimizer) bytes per device of ``n_expert`` routed-expert parameters per device.
+
+        Formula: as :meth:`state_memory` with the ZeRO shards over ``edp = dp cp tp / (ep etp)`` instead of dp cp.
+        Source: moe.expert_data_parallel_size (Megatron-Core parallel_state.py: expert gradients are reduced, and
+            the distributed optimizer shards them, over the expert-data-parallel group).
+        """
+        p_b, g_b, o_b = self.state_bytes
+        e = self.edp
+        return (n_expert * p_b / (e if mode.zero_stage >= 3 else 1), n_expert * g_b / (e if mode.zero_stage >= 2 else 1),
+                n_expert * o_b / (e if mode.zero_stage >= 1 else 1))
+
+    def state_memory(self, mode: Mode, n_params: float, n_expert: float = 0.0
+                     ) -> tuple[float, float, float, float, float]:
         """(params, grads, optimizer) bytes on the device, then bytes in host memory and on NVMe, per device, of a
-        stage holding ``n_params`` parameters per device.
+        stage holding ``n_params`` parameters per device (and ``n_expert`` routed-expert parameters, priced by
+        :meth:`expert_state_memory`; MoE models are planned without offload).
 
         Formula: ZeRO-1 divides optimizer states by d = dp x cp, ZeRO-2 also gradients, ZeRO-3 also parameters.
             Optimizer offload (share ``ratio``) moves that share of the optimizer states and the gradient
@@ -613,6 +774,12 @@ class CandidateCosts:
         if mode.offload_optimizer == "nvme" or mode.offload_param == "nvme":
             host += offload.swap_buffer_bytes(mode.offload_param, mode.offload_optimizer, self.spec, self.tp, d,
                                               n_opt, p_b)
+        if n_expert:
+            if mode.offloads:
+                raise StrategyError(f"{self.spec.name}: offloading a Mixture-of-Experts model's states is not "
+                                    "modelled; plan it with offload=none")
+            ep_, eg, eo = self.expert_state_memory(mode, n_expert)
+            params, grads, optim = params + ep_, grads + eg, optim + eo
         return params, grads, optim, host, nvme
 
     def zero3_working_bytes(self, mode: Mode) -> float:
@@ -627,10 +794,10 @@ class CandidateCosts:
         """
         if mode.zero_stage < 3:
             return 0.0
-        largest = max(self.block.params, self.embed.params, self.head.params)
+        largest = max(self.block.params + self.block.expert_params, self.embed.params, self.head.params)
         live = 2 * largest
-        tensor = offload.largest_tensor_elements(self.spec, self.tp)
-        if mode.offload_param != "none" and tensor is not None:
+        tensor = offload.largest_tensor_elements(self.spec, self.tp) if mode.offload_param != "none" else None
+        if tensor is not None:
             live = max(tensor, min(live, DEEPSPEED_MAX_LIVE_PARAMETERS))
         return live * self.state_bytes[0]
 
@@ -642,13 +809,17 @@ class CandidateCosts:
             return 0.0
         return offload.reduce_bucket_elements(self.spec, self.tp) * self.state_bytes[1]
 
-    def _coll(self, op: str, n_bytes: float) -> float:
+    def _coll(self, op: str, n_bytes: float, expert: bool = False) -> float:
+        if expert:  # over the expert-data-parallel group (moe.expert_data_parallel_size)
+            return collective_time_s(self.cluster, op, n_bytes, self.edp, self.edp_spans,  # type: ignore[arg-type]
+                                     self.edp_per_node)
         return collective_time_s(self.cluster, op, n_bytes, self.dp_shard, self.dp_spans,  # type: ignore[arg-type]
                                  self.dp_per_node)
 
-    def comm_times(self, mode: Mode, n_params: float) -> tuple[float, float, float]:
+    def comm_times(self, mode: Mode, n_params: float, n_expert: float = 0.0) -> tuple[float, float, float]:
         """(per micro-batch ZeRO traffic, per-step gradient reduction, per-step parameter gather) for a stage
-        holding ``n_params`` per device, before overlap.
+        holding ``n_params`` per device (and ``n_expert`` routed-expert parameters, whose collectives run over the
+        expert-data-parallel group after the dense ones: Megatron-Core's expert gradient buffers), before overlap.
 
         Formula: ZeRO-0: one gradient all-reduce per step; ZeRO-1: reduce-scatter + all-gather per step (same
             volume); ZeRO-2: a reduce-scatter per micro-batch + one all-gather per step; ZeRO-3: per micro-batch two
@@ -657,18 +828,22 @@ class CandidateCosts:
             ../shared/FORMULAS.md on gradient accumulation re-gathering under ZeRO-3.
         """
         p_b, g_b, _ = self.state_bytes
-        grads, params = n_params * g_b, n_params * p_b
-        if mode.zero_stage == 0:
-            return 0.0, self._coll("all_reduce", grads), 0.0
-        rs, ag = self._coll("reduce_scatter", grads), self._coll("all_gather", params)
-        if mode.zero_stage == 1:
-            return 0.0, rs, ag
-        if mode.zero_stage == 2:
-            return rs, 0.0, ag
-        return 2 * ag + rs, 0.0, 0.0
+        out = (0.0, 0.0, 0.0)
+        for n, expert in ((n_params, False), (n_expert, True)):
+            if not n:
+                continue
+            grads, params = n * g_b, n * p_b
+            if mode.zero_stage == 0:
+                times = (0.0, self._coll("all_reduce", grads, expert), 0.0)
+            else:
+                rs, ag = self._coll("reduce_scatter", grads, expert), self._coll("all_gather", params, expert)
+                times = {1: (0.0, rs, ag), 2: (rs, 0.0, ag)}.get(mode.zero_stage, (2 * ag + rs, 0.0, 0.0))
+            out = (out[0] + times[0], out[1] + times[1], out[2] + times[2])
+        return out
 
-    def optimizer_times(self, mode: Mode, n_params: float) -> tuple[float, float]:
-        """(device optimizer step, offload work) per step, seconds, of a stage holding ``n_params`` per device.
+    def optimizer_times(self, mode: Mode, n_params: float, n_expert: float = 0.0) -> tuple[float, float]:
+        """(device optimizer step, offload work) per step, seconds, of a stage holding ``n_params`` per device
+        (and ``n_expert`` routed-expert parameters, their optimizer sharded over edp; never offloaded).
 
         Formula: device: ``n_dev (param + grad + 2 x optimizer bytes) / (memory bandwidth x efficiency)`` for the
             ``n_dev`` parameters whose optimizer stays (reads and writes of every state). Offloaded share
@@ -685,6 +860,7 @@ class CandidateCosts:
         """
         p_b, g_b, o_b = self.state_bytes
         n_opt = n_params / (self.dp_shard if mode.zero_stage >= 1 else 1)
+        n_opt += n_expert / (self.edp if mode.zero_stage >= 1 else 1)
         c = self.cluster
         n_off = n_opt * mode.ratio if mode.offload_optimizer != "none" else 0.0
         device = eff.memory_time_s(c.device, (n_opt - n_off) * (p_b + g_b + 2 * o_b)) if n_opt > n_off else 0.0
@@ -759,85 +935,96 @@ class CandidateCosts:
         """The mode-dependent terms of a stage, affine in its block count (each quantity is linear in the stage's
         parameters ``n * block.params + fixed``, so two evaluations fix it exactly). Memoized: they depend only on
         the stage's fixed parameters and the mode."""
-        key = ("mode", self.tp, self.dp_shard, self.stage_params(stage, 0), mode)
+        key = ("mode", self.tp, self.dp_shard, self.stage_params(stage, 0), mode, self.ep, self.etp, self.edp)
         if key not in self.shared:
             self.shared[key] = self._compute_mode_terms(stage, mode)
         return self.shared[key]
 
     def _compute_mode_terms(self, stage: int, mode: Mode) -> ModeTerms:
-        fixed = self.stage_params(stage, 0)
-        slope = self.block.params
+        # Each term is linear in the stage's dense and expert parameters, which are affine in (n, d): evaluating it
+        # at (n, d) = (0, 0), (1, 0) and (1, 1) fixes it exactly.
+        at = [(self.stage_params(stage, n, d), self.stage_expert_params(n, d)) for n, d in ((0, 0), (1, 0), (1, 1))]
 
         def affine(fn) -> Affine:
-            at0 = fn(fixed)
-            return Affine(at0, fn(fixed + slope) - at0)
+            v0, v1 = fn(*at[0]), fn(*at[1])
+            return Affine(v0, v1 - v0, per_dense=fn(*at[2]) - v1 if self.dense_block is not None else 0.0)
 
         other = Affine(self.overhead_bytes + self.zero3_working_bytes(mode) + self.bucket_bytes(mode))
-        host = affine(lambda x: self.state_memory(mode, x)[3])
+        host = affine(lambda x, e: self.state_memory(mode, x, e)[3])
         if self.cluster.device.kind == "cpu":
             # A CPU process's "device" memory is host memory: what an offload keeps on the host (gradient
             # partitions, swap buffers) counts against it.
             other, host = Affine(other.const + host.const, host.per_block), Affine()
         return ModeTerms(
-            params=affine(lambda x: self.state_memory(mode, x)[0]),
-            grads=affine(lambda x: self.state_memory(mode, x)[1]),
-            optimizer=affine(lambda x: self.state_memory(mode, x)[2]),
+            params=affine(lambda x, e: self.state_memory(mode, x, e)[0]),
+            grads=affine(lambda x, e: self.state_memory(mode, x, e)[1]),
+            optimizer=affine(lambda x, e: self.state_memory(mode, x, e)[2]),
             host=host,
-            nvme=affine(lambda x: self.state_memory(mode, x)[4]),
+            nvme=affine(lambda x, e: self.state_memory(mode, x, e)[4]),
             other=other,
-            zero_comm=affine(lambda x: self.comm_times(mode, x)[0]),
-            grad_reduce=affine(lambda x: self.comm_times(mode, x)[1]),
-            param_gather=affine(lambda x: self.comm_times(mode, x)[2]),
-            optimizer_s=affine(lambda x: self.optimizer_times(mode, x)[0]),
-            offload_s=affine(lambda x: self.optimizer_times(mode, x)[1]),
-            h2d_s=affine(lambda x: self.transfer_times(mode, x)[0]),
-            d2h_s=affine(lambda x: self.transfer_times(mode, x)[1]),
-            disk_s=affine(lambda x: self.transfer_times(mode, x)[2]),
+            zero_comm=affine(lambda x, e: self.comm_times(mode, x, e)[0]),
+            grad_reduce=affine(lambda x, e: self.comm_times(mode, x, e)[1]),
+            param_gather=affine(lambda x, e: self.comm_times(mode, x, e)[2]),
+            optimizer_s=affine(lambda x, e: self.optimizer_times(mode, x, e)[0]),
+            offload_s=affine(lambda x, e: self.optimizer_times(mode, x, e)[1]),
+            h2d_s=affine(lambda x, e: self.transfer_times(mode, x)[0]),
+            d2h_s=affine(lambda x, e: self.transfer_times(mode, x)[1]),
+            disk_s=affine(lambda x, e: self.transfer_times(mode, x)[2]),
+            expert_params=affine(lambda x, e: self.expert_state_memory(mode, e)[0]),
+            expert_grads=affine(lambda x, e: self.expert_state_memory(mode, e)[1]),
+            expert_optimizer=affine(lambda x, e: self.expert_state_memory(mode, e)[2]),
         )
 
     def stage_cost(self, stage: int, n_blocks: int, recompute_blocks: int, mode: Mode,
-                   selective_blocks: int = 0, paged_blocks: int = 0) -> StageCost:
+                   selective_blocks: int = 0, paged_blocks: int = 0, dense_blocks: int = 0) -> StageCost:
         """Time and memory of stage ``stage`` holding ``n_blocks`` blocks, ``recompute_blocks`` of them recomputed in
-        full, ``selective_blocks`` selectively and ``paged_blocks`` with their activations paged out.
+        full, ``selective_blocks`` selectively and ``paged_blocks`` with their activations paged out; in an MoE
+        model ``dense_blocks`` of them are its dense blocks (:meth:`dense_blocks_per_stage`).
 
         Stage time per micro-batch: with overlap the max of compute, ZeRO traffic, host->device, device->host and
         NVMe transfers (:meth:`transfer_times`, :meth:`paging_costs`: ZeRO-Infinity's prefetching puts each on its
         own channel), else their sum.
         """
-        n, r, q, a = n_blocks, recompute_blocks, selective_blocks, paged_blocks
+        n, r, q, a, d = n_blocks, recompute_blocks, selective_blocks, paged_blocks, dense_blocks
         terms = self.mode_terms(stage, mode)
         h2d_a, d2h_a, disk_a, host_a, nvme_a = self.paging_costs()
-        channels = (("compute", self.compute_terms(stage)(n, r, q)), ("ZeRO traffic", terms.zero_comm(n)),
-                    ("host->device", terms.h2d_s(n) + a * h2d_a), ("device->host", terms.d2h_s(n) + a * d2h_a),
-                    ("NVMe", terms.disk_s(n) + a * disk_a))
-        grad_reduce, gather = terms.grad_reduce(n), terms.param_gather(n)
+
+        def of(term: Affine) -> float:  # a mode term at this stage's block counts
+            return term(n, d=d)
+
+        channels = (("compute", self.compute_terms(stage)(n, r, q, d=d)), ("ZeRO traffic", of(terms.zero_comm)),
+                    ("host->device", of(terms.h2d_s) + a * h2d_a), ("device->host", of(terms.d2h_s) + a * d2h_a),
+                    ("NVMe", of(terms.disk_s) + a * disk_a))
+        grad_reduce, gather = of(terms.grad_reduce), of(terms.param_gather)
         if self.options.overlap_dp:
             t = max(x for _, x in channels)
-            dp_s = max(0.0, grad_reduce - self.backward_terms(stage)(n, r, q))
-            dp_s += max(0.0, gather - self.forward_terms(stage)(n, r))
+            dp_s = max(0.0, grad_reduce - self.backward_terms(stage)(n, r, q, d=d))
+            dp_s += max(0.0, gather - self.forward_terms(stage)(n, r, d=d))
         else:
             t = sum(x for _, x in channels)
             dp_s = grad_reduce + gather
-        opt_s, off_s = terms.optimizer_s(n), terms.offload_s(n)
+        opt_s, off_s = of(terms.optimizer_s), of(terms.offload_s)
         act = self.stage_activation_bytes(stage, n, r, q, a)
         k = self.inflight(stage)
         return StageCost(
             time_per_micro_batch_s=t, step_extra_s=dp_s + opt_s + off_s, dp_comm_s=dp_s, optimizer_s=opt_s,
-            offload_s=off_s, params_bytes=terms.params(n), grads_bytes=terms.grads(n),
-            optimizer_bytes=terms.optimizer(n), activation_bytes=act, other_bytes=terms.other(n),  # incl. host (CPU)
-            host_bytes=terms.host(n) + a * k * host_a, nvme_bytes=terms.nvme(n) + a * k * nvme_a,
-            channels_s=channels,
+            offload_s=off_s, params_bytes=of(terms.params), grads_bytes=of(terms.grads),
+            optimizer_bytes=of(terms.optimizer), activation_bytes=act, other_bytes=of(terms.other),  # incl. host (CPU)
+            host_bytes=of(terms.host) + a * k * host_a, nvme_bytes=of(terms.nvme) + a * k * nvme_a,
+            channels_s=channels, expert_params_bytes=of(terms.expert_params),
+            expert_grads_bytes=of(terms.expert_grads), expert_optimizer_bytes=of(terms.expert_optimizer),
         )
 
     def stage_memory_bytes(self, stage: int, n_blocks: int, recompute_blocks: int, mode: Mode,
-                           selective_blocks: int = 0, paged_blocks: int = 0) -> float:
+                           selective_blocks: int = 0, paged_blocks: int = 0, dense_blocks: int = 0) -> float:
         """Peak memory per device of a stage: ``stage_cost(...).memory_bytes`` without computing its times (the
         planner's memory lower bound evaluates it thousands of times).
 
         Formula: model states of the stage's parameters under the mode (:meth:`state_memory`) + activations
             (:meth:`stage_activation_bytes`) + overhead + ZeRO-3 gather buffers.
         """
-        params, grads, optim, host, _ = self.state_memory(mode, self.stage_params(stage, n_blocks))
+        params, grads, optim, host, _ = self.state_memory(mode, self.stage_params(stage, n_blocks, dense_blocks),
+                                                          self.stage_expert_params(n_blocks, dense_blocks))
         act = self.stage_activation_bytes(stage, n_blocks, recompute_blocks, selective_blocks, paged_blocks)
         shared = host if self.cluster.device.kind == "cpu" else 0.0  # a CPU process's host bytes are its memory
         return (params + grads + optim + act + shared + self.overhead_bytes + self.zero3_working_bytes(mode)
@@ -864,6 +1051,11 @@ class CandidateCosts:
 
             per_mb = flops("embed") + (self.spec.n_layers or 0) * flops("block") + flops("head")
             return per_mb * self.train.global_batch / self.b
+        if self.spec.moe is not None:  # active parameters' FLOPs (moe.model_flops_per_token, full s x s square)
+            from paraplan.cost_models import moe as moe_costs
+
+            tokens = self.train.global_batch * self.train.seq_len
+            return moe_costs.model_flops_per_token(self.spec, self.train.seq_len) * tokens
         return tf.model_flops_per_step(self.spec, self.train.global_batch, self.train.seq_len)
 
 

@@ -189,6 +189,15 @@ def validate_strategy(
                             "recomputed)")
     if st.recompute not in ("none", "selective", "op", "full"):
         raise StrategyError(f"--recompute {st.recompute}: use none, selective, op or full")
+    if spec.moe is None and (st.ep, st.etp) != (1, 1):
+        raise StrategyError(f"--ep/--etp: {spec.name} has no experts; expert parallelism needs a Mixture-of-Experts "
+                            "model (drop ep and etp)")
+    if spec.moe is not None and mode.offloads:
+        raise StrategyError(f"{spec.name}: offloading a Mixture-of-Experts model's states is not modelled; drop the "
+                            "offload options")
+    if spec.moe is not None and st.offload_activations:
+        raise StrategyError(f"{spec.name}: paging a Mixture-of-Experts model's activations is not modelled; drop "
+                            "offload_act")
     if st.recompute == "op" and not tf.op_policy_supported(spec):
         raise StrategyError(f"--recompute op: torchtitan's op-level policy is priced for Llama blocks without "
                             f"biased projections; {spec.name} is not one. Use selective or full")
@@ -224,9 +233,11 @@ def estimate_strategy(
             f"--stage-blocks: rank {short[0]} holds {blocks[short[0]]} blocks but its {st.vpp} chunks need at least "
             f"{costs.min_blocks(short[0])} (one per chunk besides the embedding's and the head's)")
     mode = st.mode()
+    dense = costs.dense_blocks_per_stage(blocks)
     stages: list[StageCost] = [
         costs.stage_cost(s, n, n if st.recompute == "full" else 0, mode,
-                         n if st.recompute in ("selective", "op") else 0, n if st.offload_activations else 0)
+                         n if st.recompute in ("selective", "op") else 0, n if st.offload_activations else 0,
+                         dense[s])
         for s, n in enumerate(blocks)
     ]
     pred = predict(costs, stages)
@@ -235,7 +246,11 @@ def estimate_strategy(
     peak = cluster.device.peak_flops_per_s[train.dtype]
     # Context parallelism does not change the FLOPs of a step (the load-balanced split spreads them evenly).
     step, model = pred.step_time_s, pred.model_flops_per_step
-    hardware = tf.hardware_flops_per_step(spec, train.global_batch, train.seq_len, st.recompute)
+    if spec.moe is not None:  # recomputation repeats the blocks' forward: a third of their model FLOPs
+        head = 3.0 * 2.0 * train.global_batch * train.seq_len * (spec.hidden or 0) * (spec.vocab or 0)
+        hardware = model + ((model - head) / 3 if st.recompute == "full" else 0.0)
+    else:
+        hardware = tf.hardware_flops_per_step(spec, train.global_batch, train.seq_len, st.recompute)
     return StrategyEstimate(
         step_time_s=step, pipeline_s=pred.compute_s, bubble_s=pred.bubble_s, dp_comm_s=pred.dp_comm_s,
         optimizer_s=pred.optimizer_s + pred.offload_s, tokens_per_s=pred.tokens_per_s, model_flops_per_step=model,

@@ -1,7 +1,7 @@
 """Analytic costs of Mixture-of-Experts decoders: FLOPs, model-state memory split into dense and expert states,
 token dispatch/combine all-to-all traffic and time, routed-token activations and MLA's compressed KV.
 
-Standalone: not yet used by :mod:`paraplan.cost_models.estimate` or the planner (issue 11, part 2).
+Used by :class:`paraplan.cost_models.costs.CandidateCosts` for models with ``moe`` set (:func:`block_work`).
 
 Notation as :mod:`paraplan.models.moe`: h hidden, v vocabulary, a heads, k key/value heads, d head dimension,
 f dense MLP inner size; E routed experts, K top-k, f_e routed expert inner size, S shared experts of f_s each;
@@ -311,26 +311,6 @@ def all_to_all_time_s(cluster: ClusterSpec, n_bytes: float, ep: int, etp: int = 
 
 # ---- 4. Activations: routed tokens, MLA's compressed KV ----------------------------------------------------------
 
-def routed_activation_bytes(spec: ModelSpec, tokens: int, dtype_bytes: int, etp: int = 1, tp: int = 1,
-                            load: float = 1.0) -> float:
-    """Bytes one MoE layer's MLP saves for backward on one rank (no recomputation).
-
-    Formula: routed copies received ``T K load`` x ``(h + 4 f_e / etp)`` (the permuted token copy feeding gate and
-        up; gate, up, silu(gate), their product feeding down) + shared experts ``T 4 S f_s / tp`` + router
-        ``T 2 E x 4`` bytes (fp32 logits and probabilities); all but the router times dtype_bytes.
-    Source: the SwiGLU terms of transformer.block_activation_bytes (Korthikanti et al. 2022 sec. 4.1 method)
-        applied per routed copy; each rank receives T K copies on average when every rank routes T tokens.
-    Assumptions: the block input and its normed copy are counted with the attention part (as the dense 4h);
-        router in fp32 (Megatron-Core ``--moe-router-dtype fp32``); ``load`` as :func:`routed_load`.
-    """
-    h = _dims(spec)[0]
-    moe = spec.moe
-    assert moe is not None
-    routed = tokens * moe.top_k * load * (h + 4 * moe.expert_ffn_hidden / etp) * dtype_bytes
-    shared = tokens * 4 * moe.n_shared_experts * (moe.shared_expert_ffn_hidden or 0) / tp * dtype_bytes
-    return float(routed + shared + tokens * 2 * moe.n_experts * 4)
-
-
 def mla_compressed_kv_bytes(spec: ModelSpec, tokens: int, dtype_bytes: int) -> float:
     """MLA's compressed KV per layer: ``T (r_kv + d_r) dtype_bytes`` (the latent c_KV and the shared rotary key).
 
@@ -342,3 +322,133 @@ def mla_compressed_kv_bytes(spec: ModelSpec, tokens: int, dtype_bytes: int) -> f
     if spec.mla is None:
         raise ModelSpecError(f"{spec.name} has no multi-head latent attention (mla is not set)")
     return float(tokens * (spec.mla.kv_lora_rank + spec.mla.qk_rope_head_dim) * dtype_bytes)
+
+
+# ---- 5. One block on one rank: what costs.CandidateCosts prices ------------------------------------------------
+
+@dataclass(frozen=True)
+class BlockWork:
+    """The work and memory of one dense or MoE block of an MoE model on one rank, for one micro-batch.
+
+    ``gemms``: forward GEMMs ``(M, K, N, count)``; ``elementwise_bytes``: bytes the forward's element-wise kernels
+    move; ``attn_flops``: forward FLOPs of the attention core over the full ``s x s`` square (a causal kernel runs
+    half); ``act_bytes``/``ckpt_bytes``: saved for backward without / with full recomputation; ``params``:
+    dense (non-expert) parameters per device; ``expert_params``: routed-expert parameters per device;
+    ``a2a_bytes``: bytes one dispatch (or combine) all-to-all sends from this rank; ``etp_bytes``: the routed copies
+    all-gathered over the etp group (0 when etp = 1); ``kv_elements``: K and V elements per token that context
+    parallelism exchanges.
+    """
+
+    gemms: tuple[tuple[int, int, int, int], ...]
+    elementwise_bytes: float
+    attn_flops: float
+    act_bytes: float
+    ckpt_bytes: float
+    params: float
+    expert_params: float
+    a2a_bytes: float
+    etp_bytes: float
+    kv_elements: float
+
+
+def _ceil(x: float) -> int:
+    return max(1, -(-int(round(x * 1e6)) // 1_000_000))
+
+
+def block_work(spec: ModelSpec, moe_layer: bool, b: int, s: int, t: int, ep: int, etp: int, dtype_bytes: int,
+               sp: bool, load: float = 1.0) -> BlockWork:
+    """GEMM shapes, element-wise traffic, saved activations, parameters and all-to-all bytes of one block.
+
+    Args:
+        spec: an MoE model (family llama, ``moe`` set), GQA or MLA attention.
+        moe_layer: price the MoE block (else the dense block of ``ffn_hidden``).
+        b, s: micro-batch and the rank's sequence length (``S / cp``).
+        t: tensor-parallel degree of the attention (and dense / shared-expert MLPs); ep, etp: expert degrees.
+        dtype_bytes: bytes per activation element (2 for bf16).
+        sp: sequence parallelism (Megatron-Core requires it for MoE with t > 1: the router sees ``b s / t`` tokens).
+        load: token copies the busiest rank receives relative to the balanced ``T K`` (:func:`routed_load`).
+
+    Formula (tokens ``M = b s`` for the attention GEMMs, ``T = M / t`` routed by this rank under sp, else ``M``):
+        attention GEMMs: GQA q ``(M, h, a d/t)``, k and v ``(M, h, k d/t)``, o ``(M, a d/t, h)``; MLA q_a
+            ``(M, h, r_q/t)``, q_b ``(M, r_q, a (d_n + d_r)/t)`` (or q ``(M, h, a (d_n + d_r)/t)``), kv_a ``(M, h,
+            (r_kv + d_r)/t)``, kv_b ``(M, r_kv, a (d_n + d_v)/t)``, o ``(M, a d_v/t, h)``.
+        dense MLP ``(M, h, f/t)`` x 2 and ``(M, f/t, h)``. MoE: router ``(T, h, E)``; each of the ``E/ep`` local
+            experts gets ``m_e = ep T K load / E`` copies, ``etp`` times that after the etp all-gather, and runs
+            ``(etp m_e, h, f_e/etp)`` x 2 and ``(etp m_e, f_e/etp, h)``; shared experts as a dense MLP of
+            ``S f_s``.
+        saved activations per token (times ``dtype_bytes``): ``4 h`` around the norms (``/t`` under sp), GQA
+            ``(2 a d + 2 k d)/t``, MLA ``(2 a (d_n + d_r) + 2 a d_v + 2 r_q + 2 r_kv + d_r)/t`` (q, k, v, the
+            attention output; the latents and their norms); dense MLP ``4 f/t``; MoE: each routed copy ``h + 4 f_e /
+            etp`` (the permuted copy feeding gate and up; gate, up, silu(gate), their product), shared ``4 S f_s/t``, the router's fp32 logits and
+            probabilities ``8 E`` per routed token.
+        element-wise bytes: ``10 h`` per token for norms and residuals (``/t`` under sp), rotary on q and k, the
+            latents' norms, SwiGLU ``3 f`` per MLP token (``3 f_e`` per routed copy), and ``4 h`` per routed copy
+            for the permutation into and out of the expert order.
+    Source: the module definitions of transformers DeepseekV3Attention / MixtralAttention, MixtralExperts,
+        DeepseekV3MoE; the GEMM split of Megatron-Core (column/row parallel linears; experts under
+        ``--expert-tensor-parallel-size`` with the alltoall token dispatcher all-gathering the routed tokens over
+        the etp group); activation method of Korthikanti et al. 2022 sec. 4.1, as transformer.block_activation_bytes.
+    Assumptions: all attention projections, the latent down-projections too, split by t (exact at t = 1); flash
+        attention (no ``s^2`` activations); no token dropping unless ``load`` says so.
+    """
+    h, f, a, k, _ = _dims(spec)
+    moe = spec.moe
+    assert moe is not None
+    M = b * s
+    T = M / t if sp and t > 1 else M
+    rep_tokens = M / t if sp and t > 1 else M
+    parts = block_params(spec, moe_layer)
+    mla = spec.mla
+    gemms: list[tuple[int, int, int, int]] = []
+    if mla is not None:
+        qk, dv = mla.qk_nope_head_dim + mla.qk_rope_head_dim, mla.v_head_dim
+        if mla.q_lora_rank is not None:
+            gemms += [(M, h, _ceil(mla.q_lora_rank / t), 1), (M, mla.q_lora_rank, _ceil(a * qk / t), 1)]
+            latent_q = mla.q_lora_rank
+        else:
+            gemms.append((M, h, _ceil(a * qk / t), 1))
+            latent_q = 0
+        gemms += [(M, h, _ceil((mla.kv_lora_rank + mla.qk_rope_head_dim) / t), 1),
+                  (M, mla.kv_lora_rank, _ceil(a * (mla.qk_nope_head_dim + dv) / t), 1), (M, _ceil(a * dv / t), h, 1)]
+        attn_flops = 2.0 * b * s * s * a * (qk + dv) / t
+        attn_act = (2 * a * qk + 2 * a * dv + 2 * latent_q + 2 * mla.kv_lora_rank + mla.qk_rope_head_dim) / t
+        attn_elem = (2 * a * mla.qk_rope_head_dim + 2 * mla.qk_rope_head_dim + 4 * latent_q + 4 * mla.kv_lora_rank) / t
+        kv_elements = a * qk + a * dv
+    else:
+        d = spec.attention_head_dim
+        assert d
+        gemms += [(M, h, _ceil(a * d / t), 1), (M, h, _ceil(k * d / t), 2), (M, _ceil(a * d / t), h, 1)]
+        attn_flops = 4.0 * b * s * s * a * d / t
+        attn_act = (2 * a * d + 2 * k * d + (a * d + k * d if spec.qk_norm else 0)) / t
+        attn_elem = (4 if spec.qk_norm else 2) * (a * d + k * d) / t
+        kv_elements = 2 * k * d
+    act = rep_tokens * 4 * h + M * attn_act
+    elem = rep_tokens * 10 * h + M * attn_elem
+    a2a = etp_bytes = 0.0
+    expert_params = 0.0
+    if not moe_layer:
+        gemms += [(M, h, _ceil(f / t), 2), (M, _ceil(f / t), h, 1)]
+        act += M * 4 * f / t
+        elem += M * 3 * f / t
+        dense_params = parts.attention / t + parts.norms + parts.dense_mlp / t
+    else:
+        E, K, fe = moe.n_experts, moe.top_k, moe.expert_ffn_hidden
+        copies = T * K * load * etp  # routed copies this rank's experts process (after the etp all-gather)
+        m_e = _ceil(copies * ep / E)
+        gemms += [(_ceil(T), h, E, 1), (m_e, h, _ceil(fe / etp), 2 * E // ep), (m_e, _ceil(fe / etp), h, E // ep)]
+        if moe.n_shared_experts:
+            fs = moe.n_shared_experts * (moe.shared_expert_ffn_hidden or 0)
+            gemms += [(M, h, _ceil(fs / t), 2), (M, _ceil(fs / t), h, 1)]
+            act += M * 4 * fs / t
+            elem += M * 3 * fs / t
+        act += copies * (h + 4 * fe / etp) + T * 8 * E / dtype_bytes
+        elem += copies * (3 * fe / etp + 4 * h)
+        dense_params = parts.attention / t + parts.norms + parts.router + parts.shared_experts / t
+        expert_params = parts.routed_experts / (ep * etp)
+        a2a = all_to_all_volume(_ceil(T), spec, ep, dtype_bytes, load).per_all_to_all
+        etp_bytes = copies * h * dtype_bytes if etp > 1 else 0.0
+    return BlockWork(
+        gemms=tuple(gemms), elementwise_bytes=elem * dtype_bytes, attn_flops=attn_flops,
+        act_bytes=act * dtype_bytes, ckpt_bytes=rep_tokens * h * dtype_bytes, params=dense_params,
+        expert_params=expert_params, a2a_bytes=a2a, etp_bytes=etp_bytes, kv_elements=kv_elements,
+    )

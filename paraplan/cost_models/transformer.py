@@ -18,7 +18,7 @@ from paraplan.types import ModelSpec
 def _dims(spec: ModelSpec) -> tuple[int, int, int, int, int]:
     if spec.moe is not None:  # every dense formula below starts here: none may price an MoE block as dense
         raise ModelSpecError(f"{spec.name} is a Mixture-of-Experts model: the dense block formulas do not describe "
-                             "it (MoE planning is not supported yet)")
+                             "it (paraplan.cost_models.moe prices its blocks)")
     assert spec.hidden and spec.ffn_hidden and spec.n_heads and spec.n_kv_heads and spec.vocab
     return spec.hidden, spec.ffn_hidden, spec.n_heads, spec.n_kv_heads, spec.vocab
 

@@ -14,6 +14,11 @@ per layer):
     y_k  binary    state mode k (ZeRO stage x tier of optimizer states and parameters, ZeRO-Infinity), one for all
                    stages, since DeepSpeed applies one ZeRO config to the whole engine
     w_sk integer   blocks of stage s under mode k: ``w_sk <= L y_k``, ``sum_k w_sk = n_s`` (linearizes n_s y_k)
+    d_s  integer   Mixture-of-Experts models with dense first layers (DeepSeek's first_k_dense_replace): the
+                   dense blocks among stage s's n_s (the rest are MoE blocks). Contiguity: the D dense blocks are
+                   the chain's first, so ``sum_s d_s = D``, ``d_s <= n_s`` and, with the binary ``u_s`` (stage s
+                   holds an MoE block: ``n_s - d_s <= L u_s``, ``u_s <= u_{s+1}``), ``d_{s+1} <= D (1 - u_s)``;
+                   ``v_sk = d_s y_k`` linearizes the mode terms' dense part as ``w_sk`` does. Absent otherwise.
     t_s            stage time per micro-batch: ``>=`` each of compute, ZeRO traffic, host->device, device->host and
                    NVMe transfers when they overlap compute (their max: ZeRO-Infinity's prefetching), else ``>=``
                    their sum
@@ -142,6 +147,21 @@ def solve_stage_milp(
     # Contiguity/partition: every block in exactly one stage.
     prob += pulp.lpSum(v.n) == L, "partition"
     prob += pulp.lpSum(v.y) == 1, "one_state_mode"
+    D = costs.n_dense if costs.dense_block is not None else 0
+    if D:  # an MoE model's dense blocks: the first D of the chain (module docstring)
+        v.d = [var(f"d_{s}", 0, D, "Integer") for s in range(p)]
+        v.dw = [[var(f"v_{s}_{k}", 0, D, "Integer") for k in range(len(modes))] for s in range(p)]
+        u = [var(f"u_{s}", 0, 1, "Binary") for s in range(p)]
+        prob += pulp.lpSum(v.d) == D, "dense_blocks"
+        for s in range(p):
+            prob += v.d[s] <= v.n[s], f"dense_within_stage_{s}"
+            prob += v.n[s] - v.d[s] <= L * u[s], f"holds_moe_{s}"
+            prob += pulp.lpSum(v.dw[s]) == v.d[s], f"dense_mode_split_{s}"
+            for k in range(len(modes)):
+                prob += v.dw[s][k] <= D * v.y[k], f"dense_mode_link_{s}_{k}"
+            if s + 1 < p:
+                prob += u[s] <= u[s + 1], f"moe_suffix_{s}"
+                prob += v.d[s + 1] <= D * (1 - u[s]), f"dense_prefix_{s}"
     for s in range(p):
         _add_stage(prob, costs, modes, v, s, recompute, L)
     # Step time (ms): m max_s t_s + w (sum_s t_s - max_s t_s) + max_s extra_s (costs.pipeline_time_s).
@@ -166,8 +186,8 @@ def solve_stage_milp(
     return MilpResult(
         n_blocks=[round(x.value()) for x in v.n], recompute_blocks=[round(x.value()) for x in v.r],
         selective_blocks=[round(x.value() or 0) for x in v.q],
-        mode=modes[k_best], paged_blocks=[round(x.value() or 0) for x in v.a], objective_s=pulp.value(prob.objective) / MS, status=status, gap=gap,
-        solve_time_s=elapsed,
+        mode=modes[k_best], paged_blocks=[round(x.value() or 0) for x in v.a],
+        objective_s=pulp.value(prob.objective) / MS, status=status, gap=gap, solve_time_s=elapsed,
     )
 
 
@@ -185,15 +205,22 @@ class _Vars:
     tau: list
     T: pulp.LpVariable
     U: pulp.LpVariable
+    d: list | None = None  # dense blocks per stage (MoE models with dense first layers)
+    dw: list | None = None  # d_s y_k
 
     def affine(self, a: Affine, s: int, scale: float = 1.0):
-        """A mode-independent term ``a0 + a1 n_s + a2 r_s + a3 q_s + a4 a_s``."""
-        return scale * (a.const + a.per_block * self.n[s] + a.per_recompute * self.r[s]
-                        + a.per_selective * self.q[s] + a.per_paged * self.a[s])
+        """A mode-independent term ``a0 + a1 n_s + a2 r_s + a3 q_s + a4 a_s (+ a5 d_s)``."""
+        out = (a.const + a.per_block * self.n[s] + a.per_recompute * self.r[s] + a.per_selective * self.q[s]
+               + a.per_paged * self.a[s])
+        if self.d is not None:
+            out += a.per_dense * self.d[s]
+        return scale * out
 
     def by_mode(self, terms: list[ModeTerms], pick, s: int, scale: float = 1.0):
-        """A mode term ``a0 + a1 n_s`` summed over modes as ``a0 y_k + a1 w_sk`` (exact: ``w_sk = n_s y_k``)."""
-        return pulp.lpSum(scale * (pick(tk).const * self.y[k] + pick(tk).per_block * self.w[s][k])
+        """A mode term ``a0 + a1 n_s (+ a5 d_s)`` summed over modes as ``a0 y_k + a1 w_sk (+ a5 v_sk)`` (exact:
+        ``w_sk = n_s y_k``, ``v_sk = d_s y_k``)."""
+        return pulp.lpSum(scale * (pick(tk).const * self.y[k] + pick(tk).per_block * self.w[s][k]
+                                   + (pick(tk).per_dense * self.dw[s][k] if self.dw is not None else 0))
                           for k, tk in enumerate(terms))
 
 

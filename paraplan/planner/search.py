@@ -65,13 +65,17 @@ class Candidate:
     cp: int = 1
     vpp: int = 1
     schedule: str = "1f1b"
+    ep: int = 1
+    etp: int = 1
 
     def options(self) -> CostOptions:
         return CostOptions(vpp=self.vpp, cp=self.cp, sequence_parallel=self.sequence_parallel,
-                           selective_policy=self.selective or "attention", schedule=self.schedule)
+                           selective_policy=self.selective or "attention", schedule=self.schedule, ep=self.ep,
+                           etp=self.etp)
 
     def label(self) -> str:
         knobs = (f" cp={self.cp}" if self.cp > 1 else "") + (" sp" if self.sequence_parallel else "")
+        knobs += (f" ep={self.ep}" if self.ep > 1 else "") + (f" etp={self.etp}" if self.etp > 1 else "")
         knobs += f" {self.selective}-selective" if self.selective else ""
         if self.pp > 1 and (self.schedule != "1f1b" or self.vpp > 1):
             knobs += f" {self.schedule}" + (f" vpp={self.vpp}" if self.vpp > 1 else "")
@@ -87,6 +91,25 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def expert_degrees(spec: ModelSpec, dp: int, tp: int, cp: int, override: StrategyOverride) -> list[tuple[int, int]]:
+    """(ep, etp) pairs searched for a candidate of a Mixture-of-Experts model ((1, 1) for a dense one): ep among
+    the divisors of the expert count E, etp 1 or tp (Megatron-Core's default ``expert_tensor_parallel_size =
+    tp``) dividing the expert MLP width, with ``ep etp`` dividing ``dp cp tp`` (the expert groups tile a
+    pipeline stage: Megatron-Core parallel_state.py); restricted by ``override``."""
+    moe = spec.moe
+    if moe is None:
+        return [(1, 1)]
+    etps = sorted({1, tp}) if override.etp is None else [override.etp]
+    out = []
+    for etp in etps:
+        if moe.expert_ffn_hidden % etp:
+            continue
+        for ep in _divisors(moe.n_experts):
+            if (override.ep is None or ep == override.ep) and (dp * cp * tp) % (ep * etp) == 0:
+                out.append((ep, etp))
+    return out
+
+
 def enumerate_candidates(
     spec: ModelSpec, cluster: ClusterSpec, train: TrainSpec, override: StrategyOverride,
     micro_batches: list[int] | None = None,
@@ -94,7 +117,8 @@ def enumerate_candidates(
     """All (dp, tp, pp, cp, b) with ``dp tp pp cp = world``, tp within a node dividing the attention and KV heads,
     ``pp <= L``, cp dividing the sequence in ``2 cp`` load-balanced chunks of at least
     :data:`CP_MIN_TOKENS_PER_RANK` tokens per rank (cp = 1 always) and ``global_batch`` divisible by ``dp b``;
-    restricted by ``override``.
+    for a Mixture-of-Experts model each with every (ep, etp) of :func:`expert_degrees`; restricted by
+    ``override``.
 
     ``micro_batches`` None tries every b dividing ``global_batch / dp`` (memory bounds it later: a candidate whose
     leanest configuration cannot fit is never solved); a profile passes the sizes it measured.
@@ -126,6 +150,14 @@ def enumerate_candidates(
         )
     if o.pp is not None and o.pp > L:
         raise StrategyError(f"pp={o.pp} exceeds the model's {L} blocks")
+    if spec.moe is None and (o.ep or 1, o.etp or 1) != (1, 1):
+        raise StrategyError(f"--strategy ep/etp: {spec.name} has no experts (expert parallelism needs a "
+                            "Mixture-of-Experts model); drop ep and etp")
+    if spec.moe is not None and spec.moe.first_dense_layers and (o.vpp or 1) > 1:
+        raise StrategyError(f"--strategy vpp={o.vpp}: {spec.name} starts with dense layers, and interleaved stages "
+                            "are not modelled for it; use vpp=1")
+    if spec.moe is not None and o.ep is not None and spec.moe.n_experts % o.ep:
+        raise StrategyError(f"--strategy ep={o.ep} must divide the {spec.moe.n_experts} experts of {spec.name}")
     sched, vpp = o.schedule, o.vpp
     if sched == "zbv" and vpp not in (None, 2) or sched == "interleaved_1f1b" and vpp == 1:
         raise StrategyError(f"--strategy schedule={sched} with vpp={vpp}: zbv runs 2 chunks per rank (vpp=2), "
@@ -159,7 +191,8 @@ def enumerate_candidates(
                         continue
                     if train.global_batch % (dp * b) == 0:
                         divisible_batch = True
-                        out.append(Candidate(dp, tp, pp, b, cp=cp))
+                        out += [Candidate(dp, tp, pp, b, cp=cp, ep=ep, etp=etp)
+                                for ep, etp in expert_degrees(spec, dp, tp, cp, o)]
     if not out and not divisible_batch:
         raise TrainSpecError(
             f"global batch {train.global_batch} is not divisible by dp x micro-batch for any strategy on "
@@ -200,7 +233,7 @@ def _matches(mode: Mode, override: StrategyOverride) -> bool:
             and (o.offload_ratio is None and mode.ratio in (1.0, *OFFLOAD_RATIOS) or mode.ratio == o.offload_ratio))
 
 
-def mode_rules(cluster: ClusterSpec, cand: Candidate, override: StrategyOverride, backend: str
+def mode_rules(cluster: ClusterSpec, cand: Candidate, override: StrategyOverride, backend: str, moe: bool = False
                ) -> list[tuple[Mode, str | None]]:
     """Every ZeRO stage x memory-tier mode (:func:`_tier_modes`) the override leaves, each with the rule that
     excludes it (None: allowed).
@@ -210,19 +243,21 @@ def mode_rules(cluster: ClusterSpec, cand: Candidate, override: StrategyOverride
     memory: no swapper), offloads parameters only at ZeRO-3, and partial offload (``ratio``) only at ZeRO-3. On a
     CPU cluster the host tier is the device's own memory, so only NVMe counts. torch (FSDP2): ``CPUOffloadPolicy``
     puts parameters, gradients and optimizer states on the host together, on CUDA only; nothing on NVMe.
-    The rules depend only on the device kind, whether dp x cp is 1 and pp > 1, the override and the backend, so
-    they are computed once per such key (memoized).
+    Mixture-of-Experts models (``moe``) are planned without offload (their expert states' tiers are not modelled).
+    The rules depend only on the device kind, whether dp x cp is 1 and pp > 1, the override, the backend and
+    ``moe``, so they are computed once per such key (memoized).
     """
-    key = (cluster.device.kind, cand.dp * cand.cp == 1, cand.pp > 1, override.model_dump_json(), backend)
+    single = cand.dp * cand.cp * cand.tp // (cand.ep * cand.etp) == 1 and cand.dp * cand.cp == 1
+    key = (cluster.device.kind, single, cand.pp > 1, override.model_dump_json(), backend, moe)
     if key not in _MODE_RULES:
-        _MODE_RULES[key] = _mode_rules(cluster.device.kind, cand.dp * cand.cp == 1, cand.pp > 1, override, backend)
+        _MODE_RULES[key] = _mode_rules(cluster.device.kind, single, cand.pp > 1, override, backend, moe)
     return list(_MODE_RULES[key])
 
 
 _MODE_RULES: dict[tuple, list[tuple[Mode, str | None]]] = {}
 
 
-def _mode_rules(kind: str, single: bool, piped: bool, override: StrategyOverride, backend: str
+def _mode_rules(kind: str, single: bool, piped: bool, override: StrategyOverride, backend: str, moe: bool = False
                 ) -> list[tuple[Mode, str | None]]:
     out: list[tuple[Mode, str | None]] = []
     forced_ratio = [Mode(3, "cpu", ratio=override.offload_ratio)] if override.offload_ratio not in (None, 1.0) \
@@ -233,7 +268,9 @@ def _mode_rules(kind: str, single: bool, piped: bool, override: StrategyOverride
         zero, opt, par = mode.zero_stage, mode.offload_optimizer, mode.offload_param
         torch_ok = not mode.offloads or (zero, opt, par, mode.ratio) == (3, "cpu", "cpu", 1.0)
         why = None
-        if opt != "none" and zero == 0:
+        if moe and mode.offloads:
+            why = "offload of a Mixture-of-Experts model's states (not modelled: expert states stay on the device)"
+        elif opt != "none" and zero == 0:
             why = "optimizer offload needs ZeRO >= 1 (DeepSpeed offloads the partitioned optimizer states)"
         elif "cpu" in (opt, par) and kind == "cpu":
             why = "offload to host memory on a CPU cluster (device memory is already host memory; NVMe is not)"
@@ -254,10 +291,12 @@ def _mode_rules(kind: str, single: bool, piped: bool, override: StrategyOverride
     return out
 
 
-def paging_allowed(override: StrategyOverride) -> bool:
+def paging_allowed(override: StrategyOverride, spec: ModelSpec | None = None) -> bool:
     """Whether stages may page activations (both backends run it: ``train_common.paged_activations``): unless
-    ``--strategy offload_act=false`` forbids it, or ``recompute=full/selective/op`` gives every block another
-    treatment."""
+    ``--strategy offload_act=false`` forbids it, ``recompute=full/selective/op`` gives every block another
+    treatment, or the model is a Mixture-of-Experts one (paging its blocks is not modelled)."""
+    if spec is not None and spec.moe is not None:
+        return False
     return override.offload_activations is not False and override.recompute in (None, "none")
 
 
@@ -280,6 +319,10 @@ def backend_rejection(spec: ModelSpec, cand: Candidate, global_batch: int, backe
     if backend == "unconstrained":
         return None
     m = global_batch // (cand.dp * cand.micro_batch_size)
+    if spec.moe is not None:
+        why = _moe_backend_rejection(cand, backend)
+        if why:
+            return why
     tp_dims = {"n_heads": spec.n_heads, "n_kv_heads": spec.n_kv_heads, "ffn_hidden": spec.ffn_hidden}
     if cand.tp > 1 and spec.family != "llama":
         return (f"tp > 1 for a {spec.family} model (the backends split only Llama-style blocks; "
@@ -324,6 +367,18 @@ def backend_rejection(spec: ModelSpec, cand: Candidate, global_batch: int, backe
     if backend == "torch" and cand.pp > 1 and cand.schedule != "1f1b" and m % max(1, m // cand.pp):
         return ("a micro-batch count that is not a multiple of the schedule's rounds max(1, m // pp) (torch's "
                 "interleaved and zero-bubble schedules need it)")
+    return None
+
+
+def _moe_backend_rejection(cand: Candidate, backend: str) -> str | None:
+    """What keeps the backends from running a Mixture-of-Experts candidate (torch_expert_parallel.py: experts
+    sharded over ep ranks of the data-parallel group, tp = cp = etp = 1; the DeepSpeed backend runs none)."""
+    if backend == "deepspeed":
+        return ("a Mixture-of-Experts model under --backend deepspeed (its backend does not run MoE models; "
+                "--backend torch runs expert parallelism)")
+    if backend in ("torch", "any") and (cand.tp > 1 or cand.cp > 1 or cand.etp > 1):
+        return (f"tp, cp or etp > 1 for a Mixture-of-Experts model under --backend {backend} (the torch backend "
+                "runs expert parallelism with tp = cp = etp = 1; --backend unconstrained prices it anyway)")
     return None
 
 
@@ -375,23 +430,28 @@ def _with_knobs(base: list[Candidate], spec: ModelSpec, cluster: ClusterSpec, tr
     L = spec.n_layers or 0
 
     def saves_memory(cand: Candidate) -> bool:
-        key = (cand.tp, cand.cp, cand.micro_batch_size, cand.sequence_parallel, cand.selective)
+        key = (cand.tp, cand.cp, cand.micro_batch_size, cand.sequence_parallel, cand.selective, cand.ep, cand.etp)
         if key not in saves:
             c = CandidateCosts(spec, cluster, train, cand.dp, cand.tp, 1, cand.micro_batch_size, profile,
                                CostOptions(cp=cand.cp, sequence_parallel=cand.sequence_parallel,
-                                           selective_policy=cand.selective or "attention"))
+                                           selective_policy=cand.selective or "attention", ep=cand.ep,
+                                           etp=cand.etp))
             saves[key] = c.block.sel_act_bytes < c.block.act_bytes
         return saves[key]
 
     policies = forced or [None, "attention", "op"]
     if not forced:  # unforced, a policy the block cannot run is not tried (forced, its rule is reported)
         policies = [pol for pol in policies if pol is None or spec.family != "custom"
-                    and (pol != "op" or tf.op_policy_supported(spec))]
+                    and (pol != "op" or tf.op_policy_supported(spec) and spec.moe is None)]
     for cand in base:
         sps = [False, True] if cand.tp > 1 else [False]
+        if spec.moe is not None and cand.tp > 1:  # Megatron-Core requires sp for MoE with tp > 1
+            sps = [True]
         if override.sequence_parallel is not None:
             sps = [override.sequence_parallel]
         schedules = schedule_options(cand.pp, L, override)
+        if spec.moe is not None and spec.moe.first_dense_layers:  # CandidateCosts: dense-first MoE runs vpp 1
+            schedules = [(sc, v) for sc, v in schedules if v == 1]
         for sp in sps:
             sp_why = "sequence parallelism with tp=1 (it shards activations over the tp group)" \
                 if sp and cand.tp == 1 else None
@@ -413,7 +473,7 @@ def _with_knobs(base: list[Candidate], spec: ModelSpec, cluster: ClusterSpec, tr
                     if pol is not None and why is None:
                         if spec.family == "custom":
                             why = "selective recomputation of a factory model (its blocks' operations are not known)"
-                        elif pol == "op" and not tf.op_policy_supported(spec):
+                        elif pol == "op" and (not tf.op_policy_supported(spec) or spec.moe is not None):
                             why = ("torchtitan's op-level selective policy for a block with biased projections or "
                                    "a non-Llama block (its matmuls are not the ones the policy saves)")
                     if why is None and cand.pp > 1 and override.schedule is None and \
@@ -438,7 +498,7 @@ def memory_lower_bound(costs: CandidateCosts, modes: list[Mode], recompute: str 
     stage p-2 has the least memory among them for any (n, r). Used to skip candidates that cannot fit before any
     MILP is solved.
     """
-    L, p = costs.spec.n_layers or 0, costs.pp
+    L, p = costs.bound_blocks, costs.pp
     k = -(-L // p)
     vertices = {(0, 0), (min(1, k), 0), (k, 0)} | ({(0, min(1, k)), (0, k)} if selective else set())
     rq = {"none": [(0, 0)], "full": [(k, 0)], "selective": [(0, k)]}.get(recompute or "", sorted(vertices))
@@ -480,7 +540,8 @@ def _least_time_sum(costs: CandidateCosts) -> float:
     """``sum_s t_s`` without recomputation or ZeRO traffic: every block once, the embedding and head once each, the
     point-to-point transfers on every stage (``sum_s compute_terms(s)(n_s)`` for any split)."""
     L = costs.spec.n_layers or 0
-    return L * costs.block.time_s + costs.embed.time_s + costs.head.time_s + costs.pp * costs.p2p_s
+    dense = costs.n_dense * (costs.dense_block.time_s - costs.block.time_s) if costs.dense_block is not None else 0.0
+    return L * costs.block.time_s + dense + costs.embed.time_s + costs.head.time_s + costs.pp * costs.p2p_s
 
 
 def _least_recompute_s(costs: CandidateCosts, over, n, b_r, b_q):
@@ -548,7 +609,7 @@ def busiest_lower_bound(costs: CandidateCosts, modes: list[Mode], capacity: floa
     """
     import numpy as np
 
-    L, p, m = costs.spec.n_layers or 0, costs.pp, costs.m
+    L, p, m = costs.bound_blocks, costs.pp, costs.m
     w, k, total = costs.bubble_weight(), -(-L // p), _least_time_sum(costs)
     best = float("inf")
     for s in sorted({0, max(p - 2, 0), p - 1}):
@@ -585,7 +646,7 @@ def partition_lower_bound(costs: CandidateCosts, modes: list[Mode], capacity: fl
     """
     import numpy as np
 
-    L, p, m = costs.spec.n_layers or 0, costs.pp, costs.m
+    L, p, m = costs.bound_blocks, costs.pp, costs.m
     w = costs.bubble_weight()
     blk = costs.block
     n = np.arange(L + 1, dtype=float)[None, :]
@@ -704,9 +765,10 @@ def _plan_key(cand: Candidate, res: MilpResult) -> tuple:
 def _stage_plans(costs: CandidateCosts, res: MilpResult) -> tuple[list[StagePlan], list[StageCost]]:
     stages, stage_costs = [], []
     head = 0 if costs.schedule == "zbv" else costs.pp - 1  # the rank whose last chunk holds the LM head
+    dense = costs.dense_blocks_per_stage(res.n_blocks)
     for s, (n, r, q, a) in enumerate(zip(res.n_blocks, res.recompute_blocks, res.selective_blocks,
                                          res.paged_blocks)):
-        sc = costs.stage_cost(s, n, r, res.mode, q, a)
+        sc = costs.stage_cost(s, n, r, res.mode, q, a, dense[s])
         stages.append(StagePlan(index=s, first_layer=0, last_layer=0, n_blocks=n, recompute_blocks=r,
                                 selective_blocks=q, offload_blocks=a, chunk_blocks=split_chunks(n, costs.vpp, s == 0, s == head),
                                 time_per_micro_batch_s=sc.time_per_micro_batch_s, memory_bytes=sc.memory_bytes))
@@ -763,7 +825,7 @@ def search_plans(
     capacity = memory_fraction * cluster.device.memory_bytes
 
     layer_cache: dict = {}
-    paging = paging_allowed(override)
+    paging = paging_allowed(override, spec)
 
     def costs_of(cand: Candidate) -> CandidateCosts:
         costs = CandidateCosts(spec, cluster, train, cand.dp, cand.tp, cand.pp, cand.micro_batch_size, profile,
@@ -773,7 +835,7 @@ def search_plans(
 
     for cand, why_knob in _with_knobs(base, spec, cluster, train, profile, override, backend):
         n_cands += 1
-        rules = mode_rules(cluster, cand, override, backend)
+        rules = mode_rules(cluster, cand, override, backend, spec.moe is not None)
         modes = [m for m, why in rules if why is None]
         why_not = why_knob or backend_rejection(spec, cand, train.global_batch, backend, train.seq_len,
                                                 cluster.device.kind)
@@ -870,7 +932,7 @@ def search_plans(
                             activation_tier="nvme" if cluster.device.kind == "cpu" else "cpu", sequence_parallel=cand.sequence_parallel,
                             selective_recompute=any(st.selective_blocks for st in stages),
                             selective_policy=cand.selective or "attention", cp=cand.cp, vpp=cand.vpp,
-                            schedule=cand.schedule, stages=stages)
+                            schedule=cand.schedule, ep=cand.ep, etp=cand.etp, stages=stages)
         info = SolverInfo(status=status, gap=gap, solver="HiGHS via PuLP", candidates=n_cands,  # type: ignore
                           milps_solved=solved, search_time_s=elapsed, excluded=rejected)
         plans.append(Plan(model=spec, cluster=cluster, train=train, strategy=strategy,

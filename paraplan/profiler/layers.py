@@ -93,7 +93,7 @@ def profile_model(
         during profiling (None on GPU).
 
     Raises:
-        ProfileError: an empty or invalid micro-batch list, a bad ``seq_len``, ``dtype``, ``warmup``, ``repeats`` or
+        ProfileError: a Mixture-of-Experts model, an empty or invalid micro-batch list, a bad ``seq_len``, ``dtype``, ``warmup``, ``repeats`` or
             device, a custom chain without blocks or vocabulary, a layer that needs more memory than the device
             has free (:func:`check_profile_memory`, before anything is allocated), or one that runs out of it.
     """
@@ -197,6 +197,10 @@ def _check_args(
     spec: ModelSpec, micro_batch_sizes: list[int], seq_len: int, dtype: str, warmup: int, repeats: int
 ) -> list[int]:
     """Validated, sorted, distinct micro-batch sizes."""
+    if spec.moe is not None:
+        raise ProfileError(f"{spec.name} is a Mixture-of-Experts model: profiling it is not supported (a profile times "
+                           "one block kind, and its routed experts' time depends on ep); plan and estimate it with "
+                           "the analytic model, without --profile")
     if not micro_batch_sizes:
         raise ProfileError("no micro-batch sizes given; profile at least one, e.g. 1,2,4")
     bad = [b for b in micro_batch_sizes if isinstance(b, bool) or not isinstance(b, int) or b <= 0]

@@ -157,7 +157,7 @@ def test_unmodelled_config_is_refused_by_field(name: str, tmp_path: Path) -> Non
         assert needle in str(exc.value)
 
 
-# ---- Mixture-of-Experts configs: read (and counted), but planning them is refused -------------------------------
+# ---- Mixture-of-Experts configs: read, counted and planned -------------------------------
 
 MOE = {  # name: (config, routed experts, experts per token)
     "Mixtral-8x7B": (lambda: transformers.MixtralConfig(
@@ -168,19 +168,30 @@ MOE = {  # name: (config, routed experts, experts per token)
 }
 
 
+# Clusters whose devices hold each model's states (Mixtral 46.7B x 16 bytes of AdamW states needs > 8 H100s).
+# Each with an ep that divides its experts.
+MOE_CLUSTERS = {"Mixtral-8x7B": ("2x8xH100-80GB", 8), "DeepSeek-V3": ("32x8xH100-80GB", 32),
+                "Qwen1.5-MoE-A2.7B": ("8xH100-80GB", 4)}
+
+
 @pytest.mark.parametrize("name", list(MOE))
-def test_moe_config_reads_but_planning_refuses(name: str, tmp_path: Path) -> None:
+def test_moe_config_reads_and_plans(name: str, tmp_path: Path) -> None:
     from paraplan.catalog import load_cluster_spec
     from paraplan.planner.search import search_plans
-    from paraplan.types import TrainSpec
+    from paraplan.types import StrategyOverride, TrainSpec
 
     make, experts, top_k = MOE[name]
     cfg = make()
     spec = load_model_spec(str(hf_config_dir(cfg, tmp_path, name) / "config.json"))
     assert spec.moe is not None and (spec.moe.n_experts, spec.moe.top_k) == (experts, top_k)
     assert tf.model_params(spec) == _hf_params(cfg)
-    with pytest.raises(ModelSpecError, match="MoE planning is not supported yet"):
-        search_plans(spec, load_cluster_spec("8xH100-80GB"), TrainSpec(global_batch=64, seq_len=4096))
+    if spec.moe.layer_freq > 1:  # Qwen2-MoE's decoder_sparse_step > 1 interleaves dense layers: refused
+        pytest.skip("interleaved dense layers")
+    cluster, ep = MOE_CLUSTERS[name]
+    plan = search_plans(spec, load_cluster_spec(cluster), TrainSpec(global_batch=64, seq_len=4096),
+                        backend="unconstrained", override=StrategyOverride(ep=ep))[0]
+    assert plan.strategy.ep == ep
+    assert plan.predicted.memory_breakdown_bytes.expert_states > 0
 
 
 def test_config_without_model_type_is_refused(tmp_path: Path) -> None:

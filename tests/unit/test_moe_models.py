@@ -19,12 +19,12 @@ from conftest import assert_user_error, hf_config_dir, make_plan, run_cli  # noq
 from paraplan.catalog import load_cluster_spec  # noqa: E402
 from paraplan.cost_models import transformer as tf  # noqa: E402
 from paraplan.cost_models.estimate import StrategySpec, estimate_strategy  # noqa: E402
-from paraplan.errors import ModelSpecError  # noqa: E402
+from paraplan.errors import ModelSpecError, StrategyError  # noqa: E402
 from paraplan.models.build import count_parameters  # noqa: E402
 from paraplan.models.moe import count_params  # noqa: E402
 from paraplan.models.presets import PRESETS, load_model_spec  # noqa: E402
 from paraplan.planner.search import search_plans  # noqa: E402
-from paraplan.types import MLASpec, ModelSpec, TrainSpec  # noqa: E402
+from paraplan.types import MLASpec, ModelSpec, StrategyOverride, TrainSpec  # noqa: E402
 
 
 
@@ -277,46 +277,109 @@ def test_moe_layouts_paraplan_does_not_read_are_refused(make, needles: list[str]
         assert needle in str(exc.value)
 
 
-# ---- planning, estimating, building and launching refuse MoE models --------------------------------------------
+# ---- planning and estimating MoE models (issue 11) --------------------------------------------------------------
 
-REFUSAL = "MoE planning is not supported yet"
-
-
-@pytest.mark.parametrize("name", ["moe-tiny", "deepseek-tiny", "deepseek-v3"])
-def test_library_refuses_to_plan_or_estimate_moe(name: str) -> None:
-    spec, cluster = PRESETS[name], load_cluster_spec("cpu:2")
-    train = TrainSpec(global_batch=8, seq_len=64, dtype="fp32")
-    with pytest.raises(ModelSpecError, match=REFUSAL):
-        search_plans(spec, cluster, train)
-    with pytest.raises(ModelSpecError, match=REFUSAL):  # before the strategy's own checks (tp=3 is invalid)
-        estimate_strategy(spec, cluster, train, StrategySpec(dp=2, tp=3, pp=1, micro_batch_size=1))
-    with pytest.raises(ModelSpecError, match="Mixture-of-Experts"):  # no dense formula prices an MoE block
-        tf.block_params(spec)
-    with pytest.raises(ModelSpecError, match="not supported yet"):  # nor is it built as a dense chain
-        count_parameters(spec)
+CPU2 = ("cpu:2", TrainSpec(global_batch=8, seq_len=64, dtype="fp32"))
 
 
-def test_cli_plan_estimate_profile_launch_refuse_moe(tmp_path: Path) -> None:
+def test_estimate_splits_expert_states_by_hand() -> None:
+    """moe-tiny (h 256, E 4, f_e 512, 4 MoE layers), fp32 AdamW (4 + 4 + 8 bytes), dp 2: routed experts hold
+    4 x 4 x 3 x 256 x 512 = 6,291,456 parameters. ep 2 keeps half on each rank (edp = 2 / 2 = 1, nothing for ZeRO
+    to shard); ep 1 keeps all and ZeRO-1 shards their optimizer over edp = 2."""
+    spec, (cluster, train) = PRESETS["moe-tiny"], CPU2
+    experts = 4 * 4 * 3 * 256 * 512
+    for ep, params, optimizer in ((2, experts / 2 * 4, experts / 2 * 8), (1, experts * 4, experts * 8 / 2)):
+        est = estimate_strategy(spec, load_cluster_spec(cluster), train,
+                                StrategySpec(dp=2, tp=1, pp=1, micro_batch_size=1, zero_stage=1, ep=ep))
+        m = est.memory_breakdown_bytes
+        assert (m.expert_params, m.expert_grads, m.expert_optimizer) == (params, params, optimizer)
+        assert m.expert_states + m.dense_states == pytest.approx(m.params + m.grads + m.optimizer)
+    with pytest.raises(StrategyError, match="must divide the 4 experts"):
+        estimate_strategy(spec, load_cluster_spec(cluster), train,
+                          StrategySpec(dp=2, tp=1, pp=1, micro_batch_size=1, ep=3))
+    with pytest.raises(StrategyError, match="ep x etp = 4 must divide dp x cp x tp = 2"):
+        estimate_strategy(spec, load_cluster_spec(cluster), train,
+                          StrategySpec(dp=2, tp=1, pp=1, micro_batch_size=1, ep=4))
+    with pytest.raises(StrategyError, match="has no experts"):
+        estimate_strategy(PRESETS["llama-tiny"], load_cluster_spec(cluster), train,
+                          StrategySpec(dp=2, tp=1, pp=1, micro_batch_size=1, ep=2))
+
+
+def test_dense_first_layers_sit_on_the_first_stages() -> None:
+    """deepseek-tiny's layer 0 is dense: in a contiguous layout it belongs to the first stage holding a block."""
+    spec, (cluster, train) = PRESETS["deepseek-tiny"], CPU2
+    from paraplan.cost_models.costs import CandidateCosts, CostOptions
+
+    costs = CandidateCosts(spec, load_cluster_spec("cpu:4"), train, 1, 1, 4, 1, options=CostOptions())
+    assert costs.dense_blocks_per_stage([1, 1, 1, 1]) == [1, 0, 0, 0]
+    assert costs.dense_blocks_per_stage([0, 2, 1, 1]) == [0, 1, 0, 0]
+    assert costs.dense_block is not None and costs.dense_block.expert_params == 0 < costs.block.expert_params
+
+
+def test_milp_layout_of_dense_and_moe_blocks_matches_brute_force() -> None:
+    """The MILP's per-stage dense/MoE counts (module docstring of planner.milp) against every contiguous split of
+    deepseek-tiny's 4 blocks over 2 stages, each priced by the evaluator with its dense count."""
+    from paraplan.cost_models.costs import CandidateCosts, CostOptions, Mode, predict
+    from paraplan.planner.milp import solve_stage_milp
+
+    spec, (_, train) = PRESETS["deepseek-tiny"], CPU2
+    costs = CandidateCosts(spec, load_cluster_spec("cpu:2"), train, 1, 1, 2, 1, options=CostOptions())
+    mode = Mode(0)
+    res = solve_stage_milp(costs, [mode], recompute="none")
+    assert res is not None
+
+    def step(split: list[int]) -> float:
+        dense = costs.dense_blocks_per_stage(split)
+        return predict(costs, [costs.stage_cost(s, n, 0, mode, dense_blocks=dense[s])
+                               for s, n in enumerate(split)]).step_time_s - 0.0
+
+    best = min(([n0, 4 - n0] for n0 in range(0, 5)), key=step)
+    assert res.n_blocks == best
+    assert res.objective_s == pytest.approx(step(best), rel=1e-6)
+
+
+def test_library_plans_moe_with_expert_parallelism() -> None:
+    spec, (cluster, train) = PRESETS["moe-tiny"], CPU2
+    plans = search_plans(spec, load_cluster_spec(cluster), train, top_k=3, backend="unconstrained")
+    for plan in plans:
+        s = plan.strategy
+        assert 4 % s.ep == 0 and (s.dp * s.cp * s.tp) % (s.ep * s.etp) == 0
+        assert plan.predicted.memory_breakdown_bytes.expert_states > 0
+    with pytest.raises(StrategyError, match="must divide the 4 experts"):
+        search_plans(spec, load_cluster_spec(cluster), train, override=StrategyOverride(ep=3))
+
+
+def test_cli_plans_and_estimates_moe(tmp_path: Path) -> None:
     common = ["--cluster", "cpu:2", "--global-batch", "8", "--seq-len", "64"]
-    assert_user_error(run_cli("plan", "moe-tiny", *common, "-o", str(tmp_path / "p.json")), REFUSAL)
-    assert not (tmp_path / "p.json").exists()
+    result = run_cli("plan", "moe-tiny", *common, "--backend", "unconstrained", "--strategy", "ep=2",
+                     "-o", str(tmp_path / "p.json"))
+    assert result.exit_code == 0, result.output
+    assert "model states: dense" in result.output and "expert" in result.output
+    assert json.loads((tmp_path / "p.json").read_text())["strategy"]["ep"] == 2
+    result = run_cli("estimate", "deepseek-tiny", *common, "--dp", "2", "--tp", "1", "--pp", "1",
+                     "--micro-batch", "1", "--ep", "2", "--json")
+    assert result.exit_code == 0, result.output
+    m = json.loads(result.output)["memory_breakdown_bytes"]
+    assert m["expert_states"] > 0 and m["dense_states"] > 0
     assert_user_error(run_cli("estimate", "deepseek-tiny", *common, "--dp", "2", "--tp", "1", "--pp", "1",
-                              "--micro-batch", "1"), REFUSAL)
+                              "--micro-batch", "1", "--ep", "3"), "must divide the 8 experts")
     assert_user_error(run_cli("profile", "moe-tiny", "--seq-len", "8", "--no-links", "-o",
-                              str(tmp_path / "prof.json")), "Mixture-of-Experts", "not supported yet")
-    plan = tmp_path / "plan.json"  # a hand-written plan of an MoE model
-    plan.write_text(make_plan("moe-tiny", dp=2).model_dump_json())
-    assert_user_error(run_cli("launch", str(plan), "--dry-run", "--run-dir", str(tmp_path / "run")), REFUSAL)
+                              str(tmp_path / "prof.json")), "Mixture-of-Experts", "without --profile")
+    assert not (tmp_path / "prof.json").exists()
 
 
-def test_cli_models_lists_moe_presets_as_not_plannable() -> None:
+def test_dense_blocks_are_still_refused_by_the_dense_formulas() -> None:
+    with pytest.raises(ModelSpecError, match="Mixture-of-Experts"):  # no dense formula prices an MoE block
+        tf.block_params(PRESETS["moe-tiny"])
+
+
+def test_cli_models_lists_moe_presets() -> None:
     result = run_cli("models")
     assert result.exit_code == 0, result.output
     row = next(line for line in result.output.splitlines() if "mixtral-8x7b" in line)
-    assert "46.70B" in row and "12.88B active" in row and "planning not yet supported" in row
-    assert "planning not yet supported" not in next(line for line in result.output.splitlines()
-                                                    if "llama3-8b" in line)
+    assert "46.70B" in row and "12.88B active" in row
+    assert "active" not in next(line for line in result.output.splitlines() if "llama3-8b" in line)
     listed = {p["name"]: p for p in json.loads(run_cli("models", "--json").output)}
     assert listed["deepseek-v3"]["params"] == count_params(PRESETS["deepseek-v3"]).total
     assert listed["deepseek-v3"]["active_params"] == count_params(PRESETS["deepseek-v3"]).active
-    assert (listed["deepseek-v3"]["planning_supported"], listed["llama3-8b"]["planning_supported"]) == (False, True)
+    assert (listed["deepseek-v3"]["planning_supported"], listed["llama3-8b"]["planning_supported"]) == (True, True)
