@@ -665,6 +665,10 @@ class Strategy(_Frozen):
                     "(Megatron-Core parallel_state.py), so ep x etp divides dp x cp x tp.")
     etp: int = Field(default=1, gt=0, description="Expert tensor-parallel degree: each expert's matrices split over "
                      "etp ranks (Megatron-Core --expert-tensor-parallel-size).")
+    routing_imbalance: float = Field(default=1.0, ge=1.0, description="Assumption the plan was priced under: tokens "
+                                     "the busiest expert rank receives over the balanced mean (1 = balanced).")
+    capacity_factor: float | None = Field(default=None, gt=0, description="Expert capacity factor (Switch "
+                                          "Transformers): tokens beyond it are dropped; None: dropless.")
     stages: list[StagePlan]
 
     @model_validator(mode="before")

@@ -123,7 +123,8 @@ STRATEGY_HELP = (
     "(ZeRO-3 parameters: none, cpu or nvme), offload_ratio (share of the optimizer offloaded, ZeRO-3 cpu), "
     "offload_act (false forbids paging activations), recompute (none; selective = the attention core of "
     "every block; op = torchtitan's op-level selective policy on every block; full = every block), sp (Megatron "
-    "sequence parallelism with tp > 1: true/false), schedule (1f1b, interleaved_1f1b, zero_bubble, zbv). "
+    "sequence parallelism with tp > 1: true/false), schedule (1f1b, interleaved_1f1b, zero_bubble, zbv), ep and etp "
+    "(expert-parallel and expert tensor-parallel degrees of a Mixture-of-Experts model). "
     "Example: dp=2,tp=2,pp=2,mb=2,zero=1,sp=true,schedule=interleaved_1f1b,vpp=2"
 )
 
@@ -317,6 +318,11 @@ def plan_cmd(
     device_memory: Annotated[Optional[str], typer.Option(
         help="Memory per device, e.g. 1.5GiB: a budget that replaces the cluster's (on cpu:N, this machine's memory "
              "split between the processes), so a plan must offload to fit.")] = None,
+    routing_imbalance: Annotated[float, typer.Option(
+        help="MoE: tokens the busiest expert rank receives over the balanced mean (an assumption; 1 = balanced).",
+        min=1.0)] = 1.0,
+    capacity_factor: Annotated[Optional[float], typer.Option(
+        help="MoE: expert capacity factor (tokens beyond it are dropped); default dropless.", min=0.0)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary instead of the table.")] = False,
     output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the best plan.")] = Path("plan.json"),
 ) -> None:
@@ -338,7 +344,8 @@ def plan_cmd(
     with _SearchStatus() as on_progress:
         plans = search_plans(spec, clus, train, prof, override, top_k=1 if as_json else top, backend=backend,
                              time_limit_s=time_limit, profile_path=str(profile) if profile else None,
-                             memory_fraction=memory_fraction, progress=on_progress)
+                             memory_fraction=memory_fraction, progress=on_progress,
+                             routing_imbalance=routing_imbalance, capacity_factor=capacity_factor)
     _warn_thread_mismatch(prof, clus)
     write_atomic(output, plans[0].model_dump_json(indent=2), "-o")
     if as_json:

@@ -288,14 +288,17 @@ def all_to_all_time_s(cluster: ClusterSpec, n_bytes: float, ep: int, etp: int = 
     """Time of one all-to-all in which each of ``ep`` ranks sends ``n_bytes`` to the others (the (ep-1)/ep share
     of its buffer already taken out, as :func:`all_to_all_volume` gives it).
 
-    Formula: within a node ``n_bytes / bw + (ep - 1) lat``. Spanning ``N`` nodes with ``g`` ranks each: the share
-        ``(g - 1)/(ep - 1)`` of ``n_bytes`` goes over NVLink and ``(ep - g)/(ep - 1)`` over the rank's own NIC,
-        one after the other: ``intra + inter`` with ``(g - 1)`` intra-node and ``(ep - g)`` inter-node latencies.
+    Formula: within a node ``n_bytes / bw + (ep - 1) lat``. Spanning ``N`` nodes with ``g`` ranks each,
+        hierarchically: the share ``(g - 1)/(ep - 1)`` of ``n_bytes`` goes over NVLink and ``(ep - g)/(ep - 1)``
+        over the rank's own NIC, one after the other, the inter-node part aggregated per destination node (NCCL's
+        PXN forwards through the NVLink peer on the destination's rail; DeepEP's internode kernels likewise), so
+        ``intra + inter`` with ``(g - 1)`` intra-node and ``(N - 1)`` inter-node latencies.
     Source: Thakur, Rabenseifner & Gropp 2005, "Optimization of Collective Communication Operations in MPICH",
         pairwise-exchange all-to-all ``(p - 1) alpha + n beta (p - 1)/p``; the bandwidth factor (n-1)/n of
         nccl-tests doc/PERFORMANCE.md; link bandwidth and latency from comm.link (which has no all-to-all).
     Assumptions: rail-optimized nodes (one NIC per GPU), the intra- and inter-node parts not overlapped
-        (conservative); no hierarchical aggregation (DeepEP / node-limited routing would cut the inter-node part).
+        (conservative); no node-limited routing (DeepSeek-V3 sends each token to at most 4 nodes, which would cut
+        the inter-node bytes).
     """
     if ep <= 1 or n_bytes <= 0:
         return 0.0
@@ -306,7 +309,8 @@ def all_to_all_time_s(cluster: ClusterSpec, n_bytes: float, ep: int, etp: int = 
     bw_i, lat_i = link(cluster, False)
     bw_x, lat_x = link(cluster, True)
     intra = (n_bytes * (g - 1) / (ep - 1) / bw_i + (g - 1) * lat_i) if g > 1 else 0.0
-    return intra + n_bytes * (ep - g) / (ep - 1) / bw_x + (ep - g) * lat_x
+    nodes = -(-ep // g)
+    return intra + n_bytes * (ep - g) / (ep - 1) / bw_x + (nodes - 1) * lat_x
 
 
 # ---- 4. Activations: routed tokens, MLA's compressed KV ----------------------------------------------------------

@@ -373,10 +373,10 @@ def backend_rejection(spec: ModelSpec, cand: Candidate, global_batch: int, backe
 def _moe_backend_rejection(cand: Candidate, backend: str) -> str | None:
     """What keeps the backends from running a Mixture-of-Experts candidate (torch_expert_parallel.py: experts
     sharded over ep ranks of the data-parallel group, tp = cp = etp = 1; the DeepSpeed backend runs none)."""
-    if backend == "deepspeed":
-        return ("a Mixture-of-Experts model under --backend deepspeed (its backend does not run MoE models; "
-                "--backend torch runs expert parallelism)")
-    if backend in ("torch", "any") and (cand.tp > 1 or cand.cp > 1 or cand.etp > 1):
+    if backend in ("deepspeed", "any"):
+        return (f"a Mixture-of-Experts model under --backend {backend} (the DeepSpeed backend does not run MoE "
+                "models; --backend torch runs expert parallelism)")
+    if backend == "torch" and (cand.tp > 1 or cand.cp > 1 or cand.etp > 1):
         return (f"tp, cp or etp > 1 for a Mixture-of-Experts model under --backend {backend} (the torch backend "
                 "runs expert parallelism with tp = cp = etp = 1; --backend unconstrained prices it anyway)")
     return None
@@ -780,7 +780,8 @@ def search_plans(
     spec: ModelSpec, cluster: ClusterSpec, train: TrainSpec, profile: ModelProfile | None = None,
     override: StrategyOverride | None = None, top_k: int = 3, backend: BackendChoice = "any",
     time_limit_s: float = 10.0, profile_path: str | None = None, memory_fraction: float = 0.95,
-    progress: Callable[[SearchProgress], None] | None = None,
+    progress: Callable[[SearchProgress], None] | None = None, routing_imbalance: float = 1.0,
+    capacity_factor: float | None = None,
 ) -> list[Plan]:
     """Find the ``top_k`` fastest predicted plans.
 
@@ -791,6 +792,8 @@ def search_plans(
             the incumbent.
         memory_fraction: share of device memory a plan may fill; the rest is headroom for allocator fragmentation
             and what the model does not see (default 0.95).
+        routing_imbalance, capacity_factor: Mixture-of-Experts routing assumptions (CostOptions), recorded in the
+            plan's strategy.
 
     Raises:
         NoFeasiblePlanError: nothing fits; the message gives the least memory per device any candidate needs.
@@ -828,8 +831,10 @@ def search_plans(
     paging = paging_allowed(override, spec)
 
     def costs_of(cand: Candidate) -> CandidateCosts:
+        opts = dataclasses.replace(cand.options(), routing_imbalance=routing_imbalance,
+                                   capacity_factor=capacity_factor)
         costs = CandidateCosts(spec, cluster, train, cand.dp, cand.tp, cand.pp, cand.micro_batch_size, profile,
-                               cand.options(), layer_cache)
+                               opts, layer_cache)
         costs.usable_capacity_bytes = capacity
         return costs
 
@@ -932,7 +937,8 @@ def search_plans(
                             activation_tier="nvme" if cluster.device.kind == "cpu" else "cpu", sequence_parallel=cand.sequence_parallel,
                             selective_recompute=any(st.selective_blocks for st in stages),
                             selective_policy=cand.selective or "attention", cp=cand.cp, vpp=cand.vpp,
-                            schedule=cand.schedule, ep=cand.ep, etp=cand.etp, stages=stages)
+                            schedule=cand.schedule, ep=cand.ep, etp=cand.etp, routing_imbalance=routing_imbalance,
+                            capacity_factor=capacity_factor, stages=stages)
         info = SolverInfo(status=status, gap=gap, solver="HiGHS via PuLP", candidates=n_cands,  # type: ignore
                           milps_solved=solved, search_time_s=elapsed, excluded=rejected)
         plans.append(Plan(model=spec, cluster=cluster, train=train, strategy=strategy,

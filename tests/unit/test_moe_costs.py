@@ -188,8 +188,9 @@ def test_all_to_all_time():
     assert m.all_to_all_time_s(c, n, ep=1) == 0
     # ep 8 within a node: n / bw + 7 latencies
     assert m.all_to_all_time_s(c, n, ep=8) == pytest.approx(n / bw_i + 7 * c.intra_node_latency_s)
-    # ep 16 over 2 nodes, 8 per node: 7/15 of the bytes over NVLink, 8/15 over the NIC
-    want = (n * 7 / 15 / bw_i + 7 * c.intra_node_latency_s + n * 8 / 15 / bw_x + 8 * c.inter_node_latency_s)
+    # ep 16 over 2 nodes, 8 per node: 7/15 of the bytes over NVLink, 8/15 over the NIC, aggregated per
+    # destination node: one inter-node latency
+    want = (n * 7 / 15 / bw_i + 7 * c.intra_node_latency_s + n * 8 / 15 / bw_x + 1 * c.inter_node_latency_s)
     assert m.ep_spans_nodes(c, 16)
     assert m.all_to_all_time_s(c, n, ep=16) == pytest.approx(want)
     assert m.all_to_all_time_s(c, n, ep=16) > m.all_to_all_time_s(c, n, ep=8)
@@ -202,3 +203,24 @@ def test_routed_activation_and_mla_kv_by_hand():
     assert m.mla_compressed_kv_bytes(DS, 100, 2) == 16000
     with pytest.raises(ModelSpecError):
         m.mla_compressed_kv_bytes(TINY, 100, 2)
+
+
+def test_moe_tiny_block_work_by_hand():
+    """moe-tiny (h 256, a 4, k 2, d 64, E 4, K 2, f_e 512), b 1, s 8, t 1, ep 2, bf16; M = T = 8 tokens."""
+    w = m.block_work(TINY, True, b=1, s=8, t=1, ep=2, etp=1, dtype_bytes=2, sp=False)
+    # q (8, 256, 256), k and v (8, 256, 128), o (8, 256, 256); router (8, 256, 4); 16 routed copies over 4 experts
+    # on 2 ranks: each local expert gets 16 x 2 / 4 = 8 copies; gate and up (8, 256, 512) x 2 local experts = 4,
+    # down (8, 512, 256) x 2
+    assert w.gemms == ((8, 256, 256, 1), (8, 256, 128, 2), (8, 256, 256, 1), (8, 256, 4, 1), (8, 256, 512, 4),
+                       (8, 512, 256, 2))
+    assert w.attn_flops == 4 * 8 * 8 * 4 * 64
+    # saved: 8 x 4h = 8192; q, o 2 x 256, k, v 2 x 128 per token: 8 x 768 = 6144; routed 16 x (256 + 4 x 512) = 36864;
+    # router fp32 8 x 8 x 4 bytes = 128 elements of 2 bytes
+    assert w.act_bytes == (8192 + 6144 + 36864 + 128) * 2
+    assert w.ckpt_bytes == 8 * 256 * 2
+    # attention 2 x 256^2 + 2 x 256 x 128 = 196608, norms 512, router 1024; experts 4 x 3 x 256 x 512 / 2
+    assert (w.params, w.expert_params) == (196608 + 512 + 1024, 4 * 3 * 256 * 512 / 2)
+    # each rank sends half of its 16 copies of 256 bf16 values
+    assert w.a2a_bytes == 8 * 256 * 2 and w.etp_bytes == 0
+    # element-wise: 10h x 8 = 20480, rotary 2 (256 + 128) x 8 = 6144, SwiGLU + permutation 16 (3 x 512 + 4 x 256)
+    assert w.elementwise_bytes == (20480 + 6144 + 40960) * 2
