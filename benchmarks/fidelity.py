@@ -2,6 +2,7 @@
 
 Usage:
     python benchmarks/fidelity.py [--data PATH] [--markdown] [--json OUT]
+    python benchmarks/fidelity.py --moe [--markdown] [--write]   (the Mixture-of-Experts table: moe_fidelity.py)
 
 For each row the model, cluster and strategy the source states go into paraplan's estimator
 (:func:`paraplan.cost_models.estimate.estimate_strategy`, the cost model ``paraplan plan`` optimizes); the
@@ -538,7 +539,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="fit the framework efficiency, leaving each source out in turn, and exit")
     parser.add_argument("--framework-efficiency", type=float, default=None,
                         help="override the cost model's FRAMEWORK_EFFICIENCY (1.0 = the uncalibrated kernel model)")
+    parser.add_argument("--moe", action="store_true",
+                        help="the Mixture-of-Experts table instead (data/moe_runs.jsonl, benchmarks/moe_fidelity.py)")
+    parser.add_argument("--write", action="store_true",
+                        help="with --moe: also write its report to benchmarks/results/moe_fidelity.md")
     args = parser.parse_args(argv)
+    if args.moe:  # same conventions, its own module (this file's directory holds it)
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import moe_fidelity
+
+        return moe_fidelity.main((["--markdown"] if args.markdown else []) + (["--write"] if args.write else [])
+                                 + ([] if args.data == DEFAULT_DATA else ["--data", str(args.data)]))
     rows = [json.loads(line) for line in args.data.read_text().splitlines() if line.strip()]
     if args.calibrate:
         print(calibrate(rows))

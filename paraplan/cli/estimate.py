@@ -126,7 +126,9 @@ def register(app: typer.Typer, guard) -> None:
         offload_optimizer: Annotated[bool, typer.Option(
             "--offload-optimizer", help="Optimizer states in host memory (--strategy offload=nvme,offload_param=nvme,"
                                         "offload_act=true for the other tiers).")] = False,
-        attention: Annotated[str, typer.Option(help="flash2, flash1 or unfused.")] = "flash2",
+        attention: Annotated[str, typer.Option(
+            help="flash3 (Hopper-native: FlashAttention-3, cuDNN/TransformerEngine), flash2, flash1 or unfused.")
+        ] = "flash2",
         tp_comm_overlap: Annotated[bool, typer.Option("--tp-comm-overlap",
                                                       help="TP collectives overlap the GEMMs.")] = False,
         dp_overlap: Annotated[Optional[bool], typer.Option(

@@ -124,7 +124,8 @@ class CostOptions:
         selective_policy: what a selectively recomputed block repeats: "attention" (the attention core, Korthikanti
             et al. 2022 sec. 4.3) or "op" (torchtitan's op-level policy, ``transformer.block_op_policy_activation_bytes``).
             Which blocks run selectively is the stage's choice (``selective_blocks``), not an option.
-        attention: "flash2" (FlashAttention-2 class: flash-attn 2, torch SDPA, cuDNN), "flash1" (FlashAttention-1
+        attention: "flash3" (Hopper-native fused attention: FlashAttention-3, cuDNN / TransformerEngine on H100),
+            "flash2" (FlashAttention-2 class: flash-attn 2, torch SDPA), "flash1" (FlashAttention-1
             and its Triton port) or "unfused" (materialized scores, as Megatron-LM in 2021).
         overlap_dp: data-parallel / ZeRO communication overlaps compute as described in the module docstring;
             None: on for CUDA clusters, off for CPU (gloo) clusters.
@@ -141,6 +142,8 @@ class CostOptions:
             (``moe.routed_load``).
         capacity_factor: expert capacity (Switch Transformers): tokens beyond ``capacity_factor x`` the balanced
             load are dropped; None: dropless.
+        dispatcher: how MoE tokens travel: "alltoall" (NCCL all-to-all, Megatron-Core's alltoall dispatcher and
+            the torch backend; ``moe.all_to_all_time_s``) or "deepep" (node-aware forwarding, ``moe.deepep_time_s``).
     """
 
     vpp: int = 1
@@ -156,6 +159,7 @@ class CostOptions:
     etp: int = 1
     routing_imbalance: float = 1.0
     capacity_factor: float | None = None
+    dispatcher: str = "alltoall"
 
 
 SCHEDULES = ("1f1b", "interleaved_1f1b", "zero_bubble", "zbv", "gpipe")
@@ -358,7 +362,7 @@ class CandidateCosts:
         self.layer_spec = spec.model_copy(update={"moe": None, "mla": None}) if spec.moe is not None else spec
         key = (tp, opts.cp, micro_batch_size, self.sp, opts.selective_policy, opts.attention, opts.overlap_tp,
                opts.framework_efficiency, dp * tp * pp * opts.cp, opts.ep, opts.etp, opts.routing_imbalance,
-               opts.capacity_factor)
+               opts.capacity_factor, opts.dispatcher)
         self.layer_key = key  # what the layer costs depend on (a search shares work between equal keys)
         # Work shared with the search's other candidates: layer costs, mode terms (and the planner's bounds' terms),
         # each keyed by what it depends on.
@@ -403,6 +407,8 @@ class CandidateCosts:
         if tp > 1 and not opts.sequence_parallel:
             raise StrategyError("Mixture-of-Experts with tp > 1 needs sequence parallelism (Megatron-Core refuses "
                                 "it otherwise): add sp=true")
+        if opts.dispatcher not in ("alltoall", "deepep"):
+            raise StrategyError(f"MoE dispatcher '{opts.dispatcher}': use alltoall or deepep")
         if opts.routing_imbalance < 1:
             raise StrategyError(f"routing imbalance is max/mean expert load, >= 1 (got {opts.routing_imbalance})")
         if opts.attention == "unfused":
@@ -410,9 +416,6 @@ class CandidateCosts:
         if opts.selective_policy == "op":
             raise StrategyError("torchtitan's op-level selective policy is not modelled for MoE blocks; use the "
                                 "attention policy")
-        if spec.moe.first_dense_layers and opts.vpp > 1:
-            raise StrategyError(f"{spec.name} starts with {spec.moe.first_dense_layers} dense layers: interleaved "
-                                "(vpp > 1) stages are not modelled for it; use vpp=1")
 
     def _moe_model_block(self, moe_layer: bool) -> LayerCost:
         """A dense or MoE block of a Mixture-of-Experts model (:func:`moe.block_work`): GEMMs and element-wise work
@@ -446,7 +449,12 @@ class CandidateCosts:
             kv = b * self.train.seq_len * work.kv_elements * self.dtype_bytes / t
             cp_fwd = collective_time_s(self.cluster, "all_gather", kv, self.cp, self.cp_spans)
             cp_bwd = collective_time_s(self.cluster, "reduce_scatter", kv, self.cp, self.cp_spans)
-        a2a = 2 * moe_costs.all_to_all_time_s(self.cluster, work.a2a_bytes, self.ep, self.etp)
+        if opts.dispatcher == "deepep":
+            tokens = b * self.s_local / (t if self.sp and t > 1 else 1)
+            a2a = 2 * moe_costs.deepep_time_s(self.cluster, tokens, self.spec, self.ep, self.dtype_bytes, self.etp,
+                                              load)
+        else:
+            a2a = 2 * moe_costs.all_to_all_time_s(self.cluster, work.a2a_bytes, self.ep, self.etp)
         if self.etp > 1:
             a2a += (collective_time_s(self.cluster, "all_gather", work.etp_bytes, self.etp, False)
                     + collective_time_s(self.cluster, "reduce_scatter", work.etp_bytes, self.etp, False))

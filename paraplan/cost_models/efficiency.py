@@ -37,8 +37,14 @@ from typing import Literal
 
 from paraplan.types import DeviceSpec
 
-AttentionKernel = Literal["flash2", "flash1", "unfused"]
-ATTENTION_KERNELS: tuple[str, ...] = ("flash2", "flash1", "unfused")
+AttentionKernel = Literal["flash3", "flash2", "flash1", "unfused"]
+ATTENTION_KERNELS: tuple[str, ...] = ("flash3", "flash2", "flash1", "unfused")
+# "flash3": Hopper-native fused attention (FlashAttention-3; cuDNN's fused attention, which TransformerEngine and so
+# Megatron-Core use on Hopper, is of the same class). Shah et al. 2024 report 1.5-2.0x FlashAttention-2's speed on
+# H100; the middle, 1.75x, is taken for forward and backward alike. The pytorch/benchmark FA3 run (PR #2391: 590-621
+# TFLOP/s at head dim 128, s 4k-16k, 60-63% of the H100 peak) agrees with 1.75 x 35% = 61%. On other devices
+# FlashAttention-3 does not run: their flash2 figure stands in.
+FA3_OVER_FA2_H100 = 1.75
 
 # Achieved fraction of the datasheet memory bandwidth for streaming element-wise kernels. Assumption (stated, not
 # measured here): STREAM-like copies reach 80-90% of HBM bandwidth on A100/H100; fused framework kernels less.
@@ -73,7 +79,7 @@ _AMPERE = DeviceEfficiency(
     matmul_ceiling=267.9 / 312, n_sm=108,
     # FlashAttention-2's 50-73% is the forward; its backward is slower: the lower end is used for fwd + bwd.
     # FlashAttention(-1, and its Triton port): the middle of 25-40%.
-    attention_fraction={"flash2": 0.50, "flash1": 0.325},
+    attention_fraction={"flash3": 0.50, "flash2": 0.50, "flash1": 0.325},
     sources={"matmul_ceiling": _MAMF + ": A100 SXM 267.9 of 312 TFLOP/s (85.9%)",
              "n_sm": "NVIDIA A100 Tensor Core GPU Architecture whitepaper: 108 SMs",
              "attention_fraction": _FA2},
@@ -87,7 +93,7 @@ _HOPPER = DeviceEfficiency(
     matmul_ceiling=698.6 / 989, n_sm=132,
     # FlashAttention-2 (no Hopper-specific instructions) reaches 35% of the H100 peak (FA3 paper); the FA1-class
     # Triton kernel is scaled from the A100 figures by the same Hopper penalty, 0.325 x 0.35 / 0.50 = 0.23.
-    attention_fraction={"flash2": 0.35, "flash1": 0.325 * 0.35 / 0.50},
+    attention_fraction={"flash3": 0.35 * FA3_OVER_FA2_H100, "flash2": 0.35, "flash1": 0.325 * 0.35 / 0.50},
     sources={"matmul_ceiling": _MSMF + " (the burst MAMF is 792.1, " + _MAMF + ")",
              "n_sm": "NVIDIA H100 Tensor Core GPU Architecture whitepaper: 132 SMs (SXM5)",
              "attention_fraction": _FA3 + "; flash1 scaled from " + _FA2},
@@ -95,7 +101,7 @@ _HOPPER = DeviceEfficiency(
 # Blackwell: the power-saturated rate with all 8 GPUs busy (n = 40 runs); no published attention-kernel fraction, so
 # FlashAttention-2's Hopper figure stands in (an assumption); SM count not used (no wave quantization).
 _BLACKWELL = DeviceEfficiency(
-    matmul_ceiling=1426.4 / 2250, n_sm=0, attention_fraction={"flash2": 0.35, "flash1": 0.23},
+    matmul_ceiling=1426.4 / 2250, n_sm=0, attention_fraction={"flash3": 0.35, "flash2": 0.35, "flash1": 0.23},
     sources={"matmul_ceiling": "stas00/ml-engineering, compute/accelerator/benchmarks/README.md: B200 bf16 MSMF "
                                "1426.4 TFLOP/s, all 8 GPUs x 5 rounds (MAMF 1751)",
              "attention_fraction": "assumption: " + _FA3 + " (Hopper figure)"},
@@ -103,11 +109,11 @@ _BLACKWELL = DeviceEfficiency(
 # Devices without a published matmul or attention measurement: the planner's former constant (0.6 of peak for
 # GEMMs) and FlashAttention-2's Hopper figure; stated assumptions, not measurements.
 _GENERIC_GPU = DeviceEfficiency(
-    matmul_ceiling=0.6, n_sm=0, attention_fraction={"flash2": 0.35, "flash1": 0.23},
+    matmul_ceiling=0.6, n_sm=0, attention_fraction={"flash3": 0.35, "flash2": 0.35, "flash1": 0.23},
     sources={"all": "assumption: no published MAMF / attention measurement in the sources used here"},
 )
 _CPU = DeviceEfficiency(
-    matmul_ceiling=0.6, n_sm=0, attention_fraction={"flash2": 0.3, "flash1": 0.3},
+    matmul_ceiling=0.6, n_sm=0, attention_fraction={"flash3": 0.3, "flash2": 0.3, "flash1": 0.3},
     sources={"all": "nominal; CPU plans should use a measured profile (paraplan profile)"},
 )
 

@@ -118,6 +118,34 @@ def rank_blocks(st: StrategySpec, n_layers: int) -> list[int]:
     return out
 
 
+def dense_blocks_per_rank(st: StrategySpec, spec: ModelSpec, blocks: list[int]) -> list[int]:
+    """Dense blocks of an MoE model with dense first layers on each pipeline rank (zeros otherwise).
+
+    The dense blocks are the chain's first ``first_dense_layers``; they fill the virtual stages in model order
+    (``types.virtual_stage_ranks``), each rank's blocks split over its vpp chunks as ``stage_blocks`` gives them per
+    virtual stage, else as evenly as possible (the first chunks taking the remainder).
+    """
+    n_dense = spec.moe.first_dense_layers if spec.moe is not None else 0
+    out = [0] * st.pp
+    if not n_dense:
+        return out
+    ranks = virtual_stage_ranks(st.pp, st.vpp, st.schedule)
+    if st.stage_blocks is not None and len(st.stage_blocks) == st.pp * st.vpp and st.vpp > 1:
+        chunks = list(st.stage_blocks)
+    else:
+        seen = [0] * st.pp
+        chunks = []
+        for rank in ranks:
+            n, c = blocks[rank], seen[rank]
+            chunks.append(n // st.vpp + (1 if c < n % st.vpp else 0))
+            seen[rank] += 1
+    before = 0
+    for k, rank in enumerate(ranks):
+        out[rank] += max(0, min(chunks[k], n_dense - before))
+        before += chunks[k]
+    return out
+
+
 def validate_strategy(
     spec: ModelSpec, cluster: ClusterSpec, train: TrainSpec, st: StrategySpec, profile: ModelProfile | None = None,
 ) -> None:
@@ -233,7 +261,7 @@ def estimate_strategy(
             f"--stage-blocks: rank {short[0]} holds {blocks[short[0]]} blocks but its {st.vpp} chunks need at least "
             f"{costs.min_blocks(short[0])} (one per chunk besides the embedding's and the head's)")
     mode = st.mode()
-    dense = costs.dense_blocks_per_stage(blocks)
+    dense = dense_blocks_per_rank(st, spec, blocks)
     stages: list[StageCost] = [
         costs.stage_cost(s, n, n if st.recompute == "full" else 0, mode,
                          n if st.recompute in ("selective", "op") else 0, n if st.offload_activations else 0,

@@ -313,6 +313,45 @@ def all_to_all_time_s(cluster: ClusterSpec, n_bytes: float, ep: int, etp: int = 
     return intra + n_bytes * (ep - g) / (ep - 1) / bw_x + (nodes - 1) * lat_x
 
 
+DISPATCHERS = ("alltoall", "deepep")
+
+
+def deepep_time_s(cluster: ClusterSpec, tokens: float, spec: ModelSpec, ep: int, dtype_bytes: int, etp: int = 1,
+                  load: float = 1.0) -> float:
+    """Time of one dispatch (or combine) with DeepEP-style node-aware forwarding.
+
+    Within a node it is the all-to-all of :func:`all_to_all_time_s`. Spanning ``N`` nodes of ``g`` ranks: each token
+    crosses InfiniBand once per distinct remote node among its K experts' nodes, to the GPU of the same in-node index
+    there, which forwards it over NVLink to the GPUs holding its experts; the InfiniBand and NVLink parts run
+    concurrently.
+
+    Formula: IB bytes ``T r h db`` with ``r = (N - 1)(1 - (1 - 1/N)^K)`` the expected remote nodes a token reaches
+        under a uniform router; NVLink bytes ``T K load h db (g - 1)/g`` (every copy's last hop inside its
+        destination node, unless the receiving GPU holds the expert); time ``max(IB / bw_x + (N - 1) lat_x,
+        NVLink / bw_i + (g - 1) lat_i)``.
+    Source: DeepSeek-V3 technical report (arXiv 2412.19437) sec. 3.2.2 (cross-node all-to-all: IB to the same
+        in-node index, then NVLink, IB and NVLink fully overlapped, each token's IB traffic deduplicated per node);
+        deepseek-ai/DeepEP README ("normal kernels": NVLink and RDMA forwarding).
+    Assumptions: no node-limited routing (DeepSeek-V3's limit of 4 nodes per token would cap r at 4 minus the
+        local node's share); ``load`` scales the NVLink part only (the busiest rank receives more copies).
+    """
+    h = _dims(spec)[0]
+    assert spec.moe is not None
+    K = spec.moe.top_k
+    if ep <= 1 or tokens <= 0:
+        return 0.0
+    if not ep_spans_nodes(cluster, ep, etp):
+        return all_to_all_time_s(cluster, tokens * K * h * dtype_bytes * load * (ep - 1) / ep, ep, etp)
+    g = max(1, min(ep, cluster.devices_per_node // etp))
+    nodes = -(-ep // g)
+    remote = (nodes - 1) * (1 - (1 - 1 / nodes) ** K)
+    bw_i, lat_i = link(cluster, False)
+    bw_x, lat_x = link(cluster, True)
+    ib = tokens * remote * h * dtype_bytes / bw_x + (nodes - 1) * lat_x
+    nvl = tokens * K * load * h * dtype_bytes * (g - 1) / g / bw_i + (g - 1) * lat_i
+    return max(ib, nvl)
+
+
 # ---- 4. Activations: routed tokens, MLA's compressed KV ----------------------------------------------------------
 
 def mla_compressed_kv_bytes(spec: ModelSpec, tokens: int, dtype_bytes: int) -> float:

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 import pulp
 
 from paraplan.cost_models.costs import Affine, CandidateCosts, Mode, ModeTerms
+from paraplan.errors import StrategyError
 from paraplan.units import GiB
 
 MS = 1e3
@@ -148,6 +149,9 @@ def solve_stage_milp(
     prob += pulp.lpSum(v.n) == L, "partition"
     prob += pulp.lpSum(v.y) == 1, "one_state_mode"
     D = costs.n_dense if costs.dense_block is not None else 0
+    if D and costs.vpp > 1:
+        raise StrategyError(f"{costs.spec.name} starts with dense layers: the MILP lays them out for contiguous "
+                            "stages (vpp 1) only")
     if D:  # an MoE model's dense blocks: the first D of the chain (module docstring)
         v.d = [var(f"d_{s}", 0, D, "Integer") for s in range(p)]
         v.dw = [[var(f"v_{s}_{k}", 0, D, "Integer") for k in range(len(modes))] for s in range(p)]

@@ -154,8 +154,8 @@ def enumerate_candidates(
         raise StrategyError(f"--strategy ep/etp: {spec.name} has no experts (expert parallelism needs a "
                             "Mixture-of-Experts model); drop ep and etp")
     if spec.moe is not None and spec.moe.first_dense_layers and (o.vpp or 1) > 1:
-        raise StrategyError(f"--strategy vpp={o.vpp}: {spec.name} starts with dense layers, and interleaved stages "
-                            "are not modelled for it; use vpp=1")
+        raise StrategyError(f"--strategy vpp={o.vpp}: {spec.name} starts with dense layers, which the planner lays "
+                            "out on contiguous stages only; use vpp=1 (`paraplan estimate` prices interleaving)")
     if spec.moe is not None and o.ep is not None and spec.moe.n_experts % o.ep:
         raise StrategyError(f"--strategy ep={o.ep} must divide the {spec.moe.n_experts} experts of {spec.name}")
     sched, vpp = o.schedule, o.vpp

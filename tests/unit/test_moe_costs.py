@@ -224,3 +224,37 @@ def test_moe_tiny_block_work_by_hand():
     assert w.a2a_bytes == 8 * 256 * 2 and w.etp_bytes == 0
     # element-wise: 10h x 8 = 20480, rotary 2 (256 + 128) x 8 = 6144, SwiGLU + permutation 16 (3 x 512 + 4 x 256)
     assert w.elementwise_bytes == (20480 + 6144 + 40960) * 2
+
+
+def test_deepep_dispatch_by_hand():
+    """2 nodes x 8 H100, ep 16, deepseek-tiny (h 256, K 2), 1000 tokens, bf16: a token reaches the other node with
+    probability 1 - (1/2)^2 = 0.75 -> IB 1000 x 0.75 x 256 x 2 = 384,000 bytes; NVLink 1000 x 2 x 256 x 2 x 7/8 =
+    896,000 bytes; the two overlap."""
+    c = gpu_cluster(2, 8, "H100-80GB")
+    bw_i = c.intra_node_bandwidth_bytes_per_s * LINK_EFFICIENCY
+    bw_x = c.inter_node_bandwidth_bytes_per_s * LINK_EFFICIENCY
+    want = max(384_000 / bw_x + c.inter_node_latency_s, 896_000 / bw_i + 7 * c.intra_node_latency_s)
+    assert m.deepep_time_s(c, 1000, DS, ep=16, dtype_bytes=2) == pytest.approx(want)
+    # within a node it is the plain all-to-all of the same copies
+    assert m.deepep_time_s(c, 1000, DS, ep=8, dtype_bytes=2) == pytest.approx(
+        m.all_to_all_time_s(c, 1000 * 2 * 256 * 2 * 7 / 8, ep=8))
+
+
+def test_dense_first_layers_over_interleaved_chunks():
+    from paraplan.cost_models.estimate import StrategySpec, dense_blocks_per_rank
+
+    # deepseek-tiny: 4 blocks, layer 0 dense; pp 2 x vpp 2, chunks in model order on ranks 0, 1, 0, 1
+    st = StrategySpec(dp=1, tp=1, pp=2, micro_batch_size=1, vpp=2)
+    assert dense_blocks_per_rank(st, DS, [2, 2]) == [1, 0]  # chunks of 1 block each: the first is rank 0's
+    st = StrategySpec(dp=1, tp=1, pp=2, micro_batch_size=1, vpp=2, stage_blocks=(0, 1, 1, 2))
+    assert dense_blocks_per_rank(st, DS, [1, 3]) == [0, 1]  # rank 0's first chunk holds only the embedding
+    assert dense_blocks_per_rank(st, TINY, [1, 3]) == [0, 0]
+
+
+def test_flash3_is_hopper_only():
+    from paraplan.catalog import DEVICES
+    from paraplan.cost_models import efficiency as eff
+
+    h100, a100 = (eff.device_efficiency(DEVICES[n]) for n in ("H100-80GB", "A100-80GB"))
+    assert h100.attention_fraction["flash3"] == pytest.approx(0.35 * 1.75)  # FA3 paper: 1.5-2.0x FA2's 35%
+    assert a100.attention_fraction["flash3"] == a100.attention_fraction["flash2"]
