@@ -140,8 +140,9 @@ class ModelSpec(_Frozen):
     For ``family`` llama or gpt every dimension is required; paraplan builds the module from transformers' classes
     (for llama, those of ``model_type``: llama, mistral, qwen2 or qwen3) and predicts its costs from these fields.
     Mixture-of-Experts decoders (``moe``; model_type mixtral, qwen2_moe, qwen3_moe, deepseek_v2, deepseek_v3,
-    gpt_oss, DeepSeek's with multi-head latent attention ``mla``) are described and counted
-    (:mod:`paraplan.models.moe`) but not yet built, priced or planned (:meth:`check_seq_len` refuses them).
+    gpt_oss, DeepSeek's with multi-head latent attention ``mla``) are counted by :mod:`paraplan.models.moe`, priced by
+    :mod:`paraplan.cost_models.moe` and built by :mod:`paraplan.models.build` (gpt_oss: counted only; its 128-token
+    sliding window refuses longer sequences in :meth:`check_seq_len`).
     For ``custom`` the module comes from ``factory`` (``package.module:function``) and costs come from a measured
     profile. Integer and boolean fields are strict: ``n_layers: true``, ``2.5`` or ``"32"`` are refused, not coerced.
     """

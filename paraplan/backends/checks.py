@@ -26,8 +26,15 @@ def check_tp(spec: ModelSpec, tp: int) -> None:
         tp: the tensor-parallel degree (> 1).
 
     Raises:
-        LaunchError: a non-Llama model, or a tp that does not divide n_heads, n_kv_heads or ffn_hidden.
+        LaunchError: a non-Llama model, a Mixture-of-Experts model (neither plan covers routers, fused experts or
+            latent attention), or a tp that does not divide n_heads, n_kv_heads or ffn_hidden.
     """
+    if spec.moe is not None:
+        raise LaunchError(
+            f"tp={tp} for the Mixture-of-Experts model {spec.name}: neither backend has a tensor-parallel plan for "
+            "MoE blocks (router, fused experts, latent attention). Re-plan with --strategy tp=1 (the torch backend "
+            "splits the experts with ep instead)"
+        )
     if spec.family != "llama":
         why = (
             "GPT-2 blocks fuse q, k, v into one c_attn matmul" if spec.family == "gpt"

@@ -25,8 +25,13 @@ What DeepSpeed cannot run is refused here, before any process starts:
   ZB-V): the ``PipelineEngine`` runs its own 1F1B ``TrainSchedule`` over one contiguous stage per rank.
 - Context parallelism (``Strategy.cp`` > 1): DeepSpeed's sequence sharding is Ulysses (all-to-all over attention
   heads), a different method from the ring attention the plan priced.
-- What neither backend runs (``checks``): tp > 1 on a non-Llama model or not dividing the heads, key/value heads
-  and MLP width; tied input/output embeddings split over pipeline stages; stages that do not tile the chain.
+- Expert parallelism (``Strategy.ep`` or ``etp`` > 1). DeepSpeed's own MoE layer (``deepspeed.moe.layer.MoE``, with
+  ``ep_size``) brings its own gate and experts, not transformers' router and fused expert tensors that paraplan
+  builds, and asserts at ZeRO-3 (PLATFORM.md). A Mixture-of-Experts model at ep = 1 runs: its transformers experts
+  are replicated (or ZeRO-partitioned) like any other parameter.
+- What neither backend runs (``checks``): tp > 1 on a non-Llama or Mixture-of-Experts model or not dividing the
+  heads, key/value heads and MLP width; tied input/output embeddings split over pipeline stages; stages that do not
+  tile the chain.
 
 Selective recomputation (``StagePlan.selective_blocks``) is not DeepSpeed's: its activation checkpointing API
 checkpoints whole functions and cannot keep some activations while recomputing others. The trainer wraps those
@@ -97,13 +102,19 @@ def check_deepspeed_plan(plan: Plan) -> None:
         plan: the plan to launch.
 
     Raises:
-        LaunchError: sequence parallelism; context parallelism (cp > 1); a pipeline schedule other than 1f1b or
-            vpp > 1; tp > 1 on a non-Llama model, with pp > 1, or not dividing the heads, key/value heads or MLP
-            width; ZeRO stage >= 2 with pp > 1; optimizer offload with ZeRO stage 0; the optimizer on NVMe below
-            ZeRO stage 3; tied embeddings with pp > 1; stages that do not tile the layer chain from
-            the embedding to the head.
+        LaunchError: expert parallelism (ep or etp > 1); sequence parallelism; context parallelism (cp > 1); a
+            pipeline schedule other than 1f1b or vpp > 1; tp > 1 on a non-Llama or Mixture-of-Experts model, with
+            pp > 1, or not dividing the heads, key/value heads or MLP width; ZeRO stage >= 2 with pp > 1; optimizer
+            offload with ZeRO stage 0; the optimizer on NVMe below ZeRO stage 3; tied embeddings with pp > 1; stages
+            that do not tile the layer chain from the embedding to the head.
     """
     s = plan.strategy
+    if s.ep > 1 or s.etp > 1:
+        raise LaunchError(
+            f"the plan splits {plan.model.name}'s experts over ep={s.ep} x etp={s.etp} ranks; the DeepSpeed backend "
+            "does not run expert parallelism (DeepSpeed's MoE layer has its own gate and experts, not the "
+            "transformers modules paraplan builds). Launch with --backend torch, or re-plan with --strategy ep=1,etp=1"
+        )
     if s.cp > 1:
         raise LaunchError(
             f"the plan uses context parallelism (cp={s.cp}, ring attention over sequence shards); DeepSpeed shards "

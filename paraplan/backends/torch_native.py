@@ -9,6 +9,11 @@ model chunks (``torch_pipeline``). ``emit_torch`` writes that recipe; ``parallel
 in the order torchtitan's llama ``parallelize.py`` uses (pipeline split, TP, activation checkpointing, data
 parallelism).
 
+Expert parallelism (``Strategy.ep`` > 1, Mixture-of-Experts models; ``torch_expert_parallel``): after TP (tp = 1 with
+ep) each MoE layer's routed experts are replaced by this rank's ``E/ep`` of them, tokens reaching them by all-to-all;
+the router and shared experts stay dense. DDP and FSDP2 leave the expert shards alone; the trainer reduces their
+gradients over the edp ranks that hold the same experts (``ParallelModel.expert_parallel``).
+
 Pipeline chunks: with ``vpp`` > 1 (interleaved 1F1B, zero bubble) or the ZB-V schedule a rank holds several model
 chunks (``Strategy.virtual_stages``); each is its own :class:`StageModule`, parallelized and wrapped on its own, and
 its own ``PipelineStage``. With vpp = 1 a rank holds one chunk, its stage.
@@ -59,6 +64,9 @@ from paraplan.backends.checks import (
 )
 from paraplan.backends.torch_context_parallel import (
     CP_ROTATE_METHOD, CP_SDPA_BACKENDS, check_context_parallel, context_parallel_step,
+)
+from paraplan.backends.torch_expert_parallel import (
+    ExpertParallel, apply_ep, build_expert_mesh, check_expert_parallel, expert_rows,
 )
 from paraplan.backends.torch_pipeline import build_schedule, check_schedule_supported
 from paraplan.backends.train_common import paged_activations, selective_checkpoint
@@ -148,6 +156,14 @@ class ContextParallelConfig(_Frozen):
     rotate_method: str | None = Field(default=None, description="How K/V shards travel: allgather or alltoall.")
 
 
+class ExpertParallelConfig(_Frozen):
+    degree: int = Field(default=1, gt=0, description="ep: ranks each MoE layer's routed experts are split over "
+                        "(torch_expert_parallel); 1: experts replicated like dense layers.")
+    mesh_shape: list[int] = Field(default_factory=list, description="Expert mesh (pp, edp, ep) when degree > 1: ep "
+                                  "groups are consecutive ranks of a data-parallel group (Megatron order).")
+    grad_reduce: str | None = Field(default=None, description="How expert gradients are reduced when degree > 1.")
+
+
 class MixedPrecisionConfig(_Frozen):
     compute_dtype: Dtype = Field(description="dtype of matmuls (TrainSpec.dtype).")
     mechanism: Literal["none", "autocast", "fsdp2"] = Field(
@@ -166,6 +182,7 @@ class TorchParallelConfig(_Frozen):
     tensor_parallel: TensorParallelConfig
     pipeline: PipelineConfig
     context_parallel: ContextParallelConfig
+    expert_parallel: ExpertParallelConfig = Field(default_factory=ExpertParallelConfig)
     checkpointed_blocks: list[int] = Field(description="Block indices run with full activation checkpointing.")
     selective_checkpointed_blocks: list[int] = Field(
         default_factory=list, description="Block indices run with selective recomputation (selective_policy).",
@@ -216,6 +233,7 @@ def build_torch_config(plan: Plan) -> TorchParallelConfig:
             activation_dtype=mp.param_dtype, stages=chunks,
         ),
         context_parallel=cp,
+        expert_parallel=_expert_parallel(plan),
         # Block b is chain layer b + 1 (layer 0 is the embedding).
         checkpointed_blocks=[c - 1 for c in checkpointed_layers(plan)],
         selective_checkpointed_blocks=[c - 1 for c in selective_layers(plan)],
@@ -284,8 +302,11 @@ def check_supported(plan: Plan) -> None:
             schedule torch cannot run with the plan's micro-batches, recomputation or data parallelism
             (``torch_pipeline.check_schedule_supported``), pp > 1 without hidden/vocab in the spec, tied embeddings
             split across pipeline stages, stages or chunks that do not tile the layer chain, sequence parallelism
-            for a non-Llama model or a sequence length tp does not divide, or context parallelism on a CPU cluster
-            (``torch_context_parallel.check_context_parallel``).
+            for a non-Llama model or a sequence length tp does not divide, context parallelism on a CPU cluster
+            (``torch_context_parallel.check_context_parallel``) or with a Mixture-of-Experts model, tensor
+            parallelism for an MoE model (``checks.check_tp``), or expert parallelism outside what
+            ``torch_expert_parallel.check_expert_parallel`` runs (tp = cp = etp = 1, ZeRO 0, or 2-3 with edp = 1,
+            no offload).
     """
     st, spec = plan.strategy, plan.model
     offload = torch_offload_rejection(st.zero_stage, st.offload_param, st.offload_optimizer, st.offload_ratio,
@@ -298,6 +319,12 @@ def check_supported(plan: Plan) -> None:
             "or launch with --backend deepspeed"
         )
     check_context_parallel(plan)
+    if st.cp > 1 and spec.moe is not None:
+        raise LaunchError(
+            f"cp={st.cp} for the Mixture-of-Experts model {spec.name}: the torch backend's context parallelism has "
+            "not been checked with MoE layers (or latent attention); re-plan with --strategy cp=1"
+        )
+    check_expert_parallel(plan)
     if st.sequence_parallel:
         _check_sequence_parallel(plan)
     if st.tp > 1:
@@ -341,6 +368,17 @@ def _data_parallel(plan: Plan) -> DataParallelConfig:
         zero_stage=st.zero_stage, wrapper=wrapper,
         reshard_after_forward=(st.zero_stage == 3) if wrapper == "FSDP2" else None,
         cpu_offload=cpu_offload, mesh_dims=["dp", "cp"] if st.cp > 1 else ["dp"],
+    )
+
+
+def _expert_parallel(plan: Plan) -> ExpertParallelConfig:
+    st = plan.strategy
+    if st.ep == 1:
+        return ExpertParallelConfig()
+    return ExpertParallelConfig(
+        degree=st.ep, mesh_shape=[st.pp, st.edp, st.ep],
+        grad_reduce=f"all-to-all token dispatch; expert gradients summed over edp={st.edp} ranks, divided by "
+                    f"dp={st.dp}; DDP/FSDP2 leave expert parameters alone",
     )
 
 
@@ -615,8 +653,10 @@ def apply_paging(stage: StageModule, block_ids: list[int], tier: str, directory:
             stage.set_block(block_id, paged_activations(stage.block(block_id), tier, directory))
 
 
-def apply_fsdp(stage: StageModule, dp_mesh, config: TorchParallelConfig) -> None:
-    """FSDP2: shard each block, then the root (embedding, norm, head), over ``dp_mesh``."""
+def apply_fsdp(stage: StageModule, dp_mesh, config: TorchParallelConfig,
+               ignored: list[nn.Parameter] = ()) -> None:
+    """FSDP2: shard each block, then the root (embedding, norm, head), over ``dp_mesh``; ``ignored`` parameters
+    (expert-parallel experts, reduced over their own edp group) are left whole and unmanaged."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     dpc, mp = config.data_parallel, config.mixed_precision
@@ -625,22 +665,30 @@ def apply_fsdp(stage: StageModule, dp_mesh, config: TorchParallelConfig) -> None
         mesh=dp_mesh, reshard_after_forward=dpc.reshard_after_forward, mp_policy=policy,
         offload_policy=CPUOffloadPolicy() if dpc.cpu_offload else OffloadPolicy(),
     )
+    ignored_params = set(ignored) or None
     for block_id in stage.block_position:
-        fully_shard(stage.block(block_id), **kwargs)
-    fully_shard(stage, **kwargs)
+        fully_shard(stage.block(block_id), ignored_params=ignored_params, **kwargs)
+    fully_shard(stage, ignored_params=ignored_params, **kwargs)
 
 
-def apply_ddp(stage: StageModule, dp_mesh, tp: int, device: torch.device) -> nn.Module:
-    """DDP over ``dp_mesh``; with tp > 1 the DTensor parameters are first exposed to DDP as local shards."""
+def apply_ddp(stage: StageModule, dp_mesh, tp: int, device: torch.device,
+              ignored: list[nn.Parameter] = ()) -> nn.Module:
+    """DDP over ``dp_mesh``; with tp > 1 the DTensor parameters are first exposed to DDP as local shards.
+    ``ignored`` parameters (expert-parallel experts) are neither broadcast nor all-reduced by DDP."""
     from torch.nn.parallel import DistributedDataParallel
 
     if tp > 1:
         from torch.distributed.tensor.parallel.ddp import _pre_dp_module_transform
 
         _pre_dp_module_transform(stage)
+    if ignored:
+        ids = {id(p) for p in ignored}
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            stage, [name for name, p in stage.named_parameters() if id(p) in ids])
     return DistributedDataParallel(
         stage, process_group=dp_mesh.get_group(), device_ids=[device.index] if device.type == "cuda" else None,
-        broadcast_buffers=False,  # the only buffers are RoPE frequencies and position ids, identical on every rank
+        broadcast_buffers=False,  # the only buffers are RoPE frequencies, position ids and DeepSeek's (fixed)
+        # routing bias, identical on every rank
     )
 
 
@@ -659,6 +707,8 @@ class ParallelModel:
     config: TorchParallelConfig
     position_ids: list[torch.Tensor]  # the chunks' position-id buffers (context parallelism shards them), or []
     dp_mesh: object  # the mesh gradients are averaged over (data_parallel_mesh)
+    # ep > 1: the rank's expert shards and their gradient reduction (torch_expert_parallel); None otherwise.
+    expert_parallel: ExpertParallel | None = None
 
     @property
     def module(self) -> nn.Module:
@@ -686,7 +736,8 @@ def materialize_stage(stage: StageModule, device: torch.device, plan: Plan) -> N
     tensor itself). That covers TP's ``Shard``, sequence parallelism's ``Replicate`` and FSDP2's ``Shard(0)``, and
     FSDP2 over TP's ``_StridedShard``. Buffers (rotary frequencies, position ids) were built with real values;
     ``to_empty`` would leave them uninitialized, so they are copied back. On a GPU the full tensor is copied to the
-    device before slicing (``distribute_tensor``): one whole parameter at a time there too.
+    device before slicing (``distribute_tensor``): one whole parameter at a time there too. An expert-parallel shard
+    (``torch_expert_parallel.expert_rows``) is made expert by expert, only the rank's experts, never whole.
 
     Args:
         stage: a chunk whose parameters are on the meta device, after TP, AC and FSDP2, before DDP.
@@ -703,6 +754,11 @@ def materialize_stage(stage: StageModule, device: torch.device, plan: Plan) -> N
         if name in buffers:
             buffer.copy_(buffers[name])
     for name, param in stage.named_parameters():
+        rows = expert_rows(param)
+        if rows is not None:  # an expert-parallel shard: only its experts are made (build.init_parameter)
+            param.to_local().copy_(init_parameter(stage.canonical_name(name), param.shape, param.dtype, plan.model,
+                                                  plan.train.seed, experts=rows))
+            continue
         full = init_parameter(stage.canonical_name(name), param.shape, param.dtype, plan.model, plan.train.seed)
         if isinstance(param, DTensor):
             local = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
@@ -748,13 +804,18 @@ def parallelize(chain: LayerChain, plan: Plan, mesh, device: torch.device | None
     chunks = [c for c in config.pipeline.stages if c.rank == pp_rank]  # model order is chunk order
     dp_mesh = data_parallel_mesh(mesh, st.cp)
     on_meta = any(p.is_meta for p in chain.parameters())
-    modules, positions = [], []
+    expert_mesh = build_expert_mesh(plan, device.type) if st.ep > 1 else None
+    modules, positions, expert_params = [], [], []
     for chunk in chunks:
         # 1. Pipeline split first, so TP/AC/DP only touch this chunk's layers.
         stage = build_stage_module(chain, chunk, config, device)
         # 2. TP before data parallelism: FSDP2 then shards the TP-local shards (2-D), DDP reduces them.
         if st.tp > 1:
             apply_tp(stage, mesh["tp"], config.tensor_parallel)
+        # 2b. Expert parallelism (tp = 1): each MoE layer keeps its experts' slice; before AC, so recomputation
+        #     replays the all-to-alls; the data-parallel wrappers below leave the expert shards alone.
+        stage_experts = apply_ep(stage, expert_mesh["ep"]) if expert_mesh is not None else []
+        expert_params += stage_experts
         # 3. Activation checkpointing wraps the (TP-sharded) blocks, so recomputation replays the TP collectives;
         #    paging wraps other blocks the same way (a DTensor pages its local shard).
         apply_ac(stage, config.checkpointed_blocks, config.selective_checkpointed_blocks, config.selective_policy)
@@ -764,12 +825,12 @@ def parallelize(chain: LayerChain, plan: Plan, mesh, device: torch.device | None
         module: nn.Module = stage
         wrapper = config.data_parallel.wrapper
         if wrapper == "FSDP2":
-            apply_fsdp(stage, dp_mesh, config)
+            apply_fsdp(stage, dp_mesh, config, stage_experts)
         # A meta-built chunk gets its (sharded) parameters now: after FSDP2 has sharded them, before DDP broadcasts.
         if on_meta:
             materialize_stage(stage, device, plan)
         if wrapper.startswith("DDP"):
-            module = apply_ddp(stage, dp_mesh, st.tp, device)
+            module = apply_ddp(stage, dp_mesh, st.tp, device, stage_experts)
         if stage.position_ids is not None:  # the buffer as materialized: context parallelism shards it in place
             positions.append(stage.position_ids)
         modules.append(module)
@@ -779,9 +840,12 @@ def parallelize(chain: LayerChain, plan: Plan, mesh, device: torch.device | None
         schedule = build_schedule(modules, [c.index for c in chunks], plan, mesh["pp"].get_group(), device,
                                   torch_dtype(config.pipeline.activation_dtype))
     n_chunks = len(config.pipeline.stages)
+    experts = None
+    if expert_mesh is not None:
+        experts = ExpertParallel(expert_params, expert_mesh["edp"].get_group(), st.edp, grad_divisor=st.dp * st.cp)
     return ParallelModel(
         modules, [p for m in modules for p in m.parameters()], any(c.index == 0 for c in chunks),
-        any(c.index == n_chunks - 1 for c in chunks), schedule, config, positions, dp_mesh,
+        any(c.index == n_chunks - 1 for c in chunks), schedule, config, positions, dp_mesh, experts,
     )
 
 
@@ -794,7 +858,10 @@ def step_context(model: ParallelModel, mesh, batch: list[torch.Tensor]):
 
 
 def build_optimizer(model: ParallelModel, plan: Plan) -> torch.optim.Optimizer:
-    """AdamW over this rank's parameters; ZeRO-1 shards its states over ``model.dp_mesh`` (dp, or dp x cp)."""
+    """AdamW over this rank's parameters; ZeRO-1 shards its states over ``model.dp_mesh`` (dp, or dp x cp).
+
+    Expert-parallel shards (DTensors over the ep mesh) form their own parameter group: a fused or foreach AdamW step
+    (on GPUs) may not mix tensors of different meshes, or plain tensors and DTensors, in one kernel call."""
     params = model.params
     lr, wd = plan.train.lr, plan.train.weight_decay
     if model.config.data_parallel.wrapper == "DDP+ZeroRedundancyOptimizer":
@@ -803,4 +870,9 @@ def build_optimizer(model: ParallelModel, plan: Plan) -> torch.optim.Optimizer:
         return ZeroRedundancyOptimizer(
             params, optimizer_class=torch.optim.AdamW, process_group=model.dp_mesh.get_group(), lr=lr, weight_decay=wd
         )
+    if model.expert_parallel is not None:
+        experts = {id(p) for p in model.expert_parallel.params}
+        groups = [{"params": [p for p in params if id(p) not in experts]},
+                  {"params": [p for p in params if id(p) in experts]}]
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=wd)
     return torch.optim.AdamW(params, lr=lr, weight_decay=wd)

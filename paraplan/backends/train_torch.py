@@ -12,9 +12,10 @@ Gradients equal the single-process gradient of the global-batch mean loss: each 
 ``mb`` sequences, backward runs on ``loss / m`` (pipelining: ``scale_grads`` divides by ``m``), and DDP / FSDP2
 average over the ``dp`` ranks, giving ``(1 / (dp m)) sum_r sum_j loss_rj``, the mean over the ``B = dp m mb``
 sequences (with context parallelism each rank's loss is the mean over its share of the tokens and the average runs
-over ``dp x cp`` ranks, the same mean). Each ``metrics.jsonl`` row adds ``grad_norm``, the L2 norm of that
-whole-model gradient before the optimizer step, so runs of different strategies can be compared gradient for
-gradient.
+over ``dp x cp`` ranks, the same mean; with expert parallelism each expert shard's gradient is summed over the edp
+ranks holding it and divided by dp, ``torch_expert_parallel.ExpertParallel.reduce_gradients``, the same mean too).
+Each ``metrics.jsonl`` row adds ``grad_norm``, the L2 norm of that whole-model gradient before the optimizer step, so
+runs of different strategies can be compared gradient for gradient.
 
 Blocks the plan pages (``StagePlan.offload_blocks``) with ``activation_tier`` nvme write their saved activations
 under ``<run_dir>/activations/rank<RANK>``, one file per saved storage, each deleted once its backward has run;
@@ -126,7 +127,8 @@ def global_grad_norm(model: ParallelModel, plan: Plan, device: torch.device) -> 
     Each rank adds the squares of the gradient elements it holds divided by how many ranks hold the same elements
     (copies over dp, cp and tp; pipeline chunks hold disjoint layers), so the sum over the world counts each element
     once. A DTensor gradient's copies are ``dp * cp * tp`` divided by the sizes of its non-replicated mesh
-    dimensions (FSDP2 over TP shards uses ``_StridedShard``, which ``is_shard()`` does not report); a TP-sharded
+    dimensions (FSDP2 over TP shards uses ``_StridedShard``, which ``is_shard()`` does not report; an expert-parallel
+    shard, ``Shard(0)`` over the ep mesh, has ``dp / ep`` = edp copies, tp = cp = 1); a TP-sharded
     parameter that DDP sees as a plain local shard (``_st_info``) has ``dp * cp`` copies, a replicated one (a
     sequence-parallel norm weight) ``dp * cp * tp``.
     """
@@ -249,11 +251,23 @@ def load_torch_checkpoint(ckpt: Checkpoint, plan: Plan, named_params: list[tuple
     init_optimizer_states(optimizer, params)
     dcp.load(checkpoint_tensors(named_params, optimizer), checkpoint_id=ckpt.path)
     trainer = json.loads((ckpt.path / TRAINER_FILE).read_text())
-    scheduler.load_state_dict(trainer["lr_scheduler"])
+    scheduler.load_state_dict(_scheduler_state_for(trainer["lr_scheduler"], len(optimizer.param_groups)))
     # LambdaLR's state sets only its own counters; the optimizer runs at the lr it had set last.
     for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
         group["lr"] = lr
     load_rng_state(ckpt, plan)
+
+
+def _scheduler_state_for(state: dict, n_groups: int) -> dict:
+    """A saved LR scheduler state for an optimizer of ``n_groups`` parameter groups. Every group of the trainer's
+    optimizer shares one lr and one schedule (expert-parallel shards are a group of their own, see
+    ``torch_native.build_optimizer``), so a state saved under another grouping repeats its first group's values."""
+    out = dict(state)
+    for key in ("base_lrs", "_last_lr", "lr_lambdas"):
+        values = state.get(key)
+        if isinstance(values, list) and values and len(values) != n_groups:
+            out[key] = [values[0]] * n_groups
+    return out
 
 
 def train(run_dir: Path, device: torch.device) -> None:
@@ -283,6 +297,8 @@ def train(run_dir: Path, device: torch.device) -> None:
             local = train_pipeline(model, batches, mesh)
         else:
             local = train_micro_batches(model, batches, mesh)
+        if model.expert_parallel is not None:  # expert shards: summed over edp, divided by dp (DDP/FSDP2 skip them)
+            model.expert_parallel.reduce_gradients()
         reduce_partial_grads(model.params)
         grad_norm = global_grad_norm(model, plan, device)
         optimizer.step()

@@ -9,8 +9,12 @@ import typer
 
 
 def estimate_summary(est, cluster, compute_source: str) -> dict:
-    """The ``--json`` object: the issue's keys first, then the rest of the estimate."""
+    """The ``--json`` object: the issue's keys first, then the rest of the estimate; for a Mixture-of-Experts model
+    also ``model_states_bytes``, its params + grads + optimizer split into dense and expert parts."""
     m = est.memory_breakdown_bytes
+    experts = {} if m.expert_states == 0 else {"model_states_bytes": {
+        "dense": m.dense_states, "expert": m.expert_states, "expert_params": m.expert_params,
+        "expert_grads": m.expert_grads, "expert_optimizer": m.expert_optimizer}}
     return {
         "step_time_s": est.step_time_s,
         "model_tflops_per_device": est.model_tflops_per_device,
@@ -18,10 +22,8 @@ def estimate_summary(est, cluster, compute_source: str) -> dict:
         "hfu": est.hfu,
         "peak_memory_bytes": est.peak_memory_bytes,
         "memory_breakdown_bytes": {"params": m.params, "grads": m.grads, "optimizer": m.optimizer,
-                                   "activations": m.activations, "other": m.other,
-                                   "expert_params": m.expert_params, "expert_grads": m.expert_grads,
-                                   "expert_optimizer": m.expert_optimizer, "dense_states": m.dense_states,
-                                   "expert_states": m.expert_states},
+                                   "activations": m.activations, "other": m.other},
+        **experts,
         "hardware_tflops_per_device": est.hardware_tflops_per_device,
         "tokens_per_s": est.tokens_per_s,
         "memory_capacity_bytes": est.memory_capacity_bytes,
@@ -112,6 +114,9 @@ def register(app: typer.Typer, guard) -> None:
             min=1.0)] = 1.0,
         capacity_factor: Annotated[Optional[float], typer.Option(
             help="MoE: expert capacity factor (tokens beyond it are dropped); default dropless.", min=0.0)] = None,
+        dispatcher: Annotated[str, typer.Option(
+            help="MoE token dispatch: alltoall (NCCL all-to-all; the torch backend) or deepep (node-aware "
+                 "forwarding, DeepSeek-V3 sec. 3.2.2).")] = "alltoall",
         schedule: Annotated[str, typer.Option(
             help="Pipeline schedule: 1f1b (interleaved when --vpp > 1), interleaved_1f1b, zero_bubble, zbv (--vpp 2) "
                  "or gpipe.")] = "1f1b",
@@ -164,7 +169,7 @@ def register(app: typer.Typer, guard) -> None:
         knobs = {"dp": dp, "tp": tp, "pp": pp, "micro_batch_size": micro_batch, "cp": cp, "vpp": vpp,
                  "schedule": schedule, "sequence_parallel": sequence_parallel, "recompute": recompute,
                  "zero_stage": zero, "offload_optimizer": offload_optimizer, "ep": ep, "etp": etp,
-                 "routing_imbalance": routing_imbalance, "capacity_factor": capacity_factor}
+                 "routing_imbalance": routing_imbalance, "capacity_factor": capacity_factor, "dispatcher": dispatcher}
         if strategy:
             knobs.update(cli.parse_strategy(strategy).model_dump(exclude_none=True))
         missing = [k for k in ("dp", "tp", "pp", "micro_batch_size") if knobs[k] is None]

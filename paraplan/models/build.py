@@ -77,9 +77,21 @@ class LlamaEmbed(nn.Module):
 
 
 # Class-name prefix of each Llama-like model_type in transformers (``transformers.models.<mt>.modeling_<mt>``).
-# All four decoder layers take ``(hidden_states, attention_mask=..., position_embeddings=(cos, sin))`` and name their
-# linears q_proj/k_proj/v_proj/o_proj/gate_proj/up_proj/down_proj, which the tensor-parallel plans rely on.
-_LLAMA_LIKE_CLASSES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+# Every decoder layer takes ``(hidden_states, attention_mask=..., position_embeddings=(cos, sin))``. The dense four
+# name their linears q_proj/k_proj/v_proj/o_proj/gate_proj/up_proj/down_proj, which the tensor-parallel plans rely
+# on. The Mixture-of-Experts ones hold, in each MoE layer, ``mlp.gate`` (the router, returning ``(logits, top-k
+# weights, top-k indices)``) and ``mlp.experts`` (the routed experts as fused 3-D tensors ``gate_up_proj (E, 2 f_e,
+# h)`` and ``down_proj (E, h, f_e)``, called as ``experts(hidden (T, h), top_k_index (T, K), top_k_weights (T, K))``),
+# which expert parallelism (``backends.torch_expert_parallel``) relies on; DeepSeek's also ``mlp.shared_experts``,
+# Qwen2-MoE's ``mlp.shared_expert`` and ``mlp.shared_expert_gate``.
+_LLAMA_LIKE_CLASSES = {
+    "llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3",
+    "mixtral": "Mixtral", "qwen2_moe": "Qwen2Moe", "qwen3_moe": "Qwen3Moe", "deepseek_v2": "DeepseekV2",
+    "deepseek_v3": "DeepseekV3",
+}
+# Built from the Mixture-of-Experts model types paraplan reads: all but gpt_oss, whose experts (biased, interleaved
+# gate/up, clamped SwiGLU) and alternating sliding-window layers no paraplan code path has been checked against.
+BUILDABLE_MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3")
 
 
 def _llama_like_class(model_type: str, suffix: str):
@@ -90,7 +102,10 @@ def _llama_like_class(model_type: str, suffix: str):
 
 class LlamaBlock(nn.Module):
     """The transformers decoder layer of ``config.model_type`` (``LlamaDecoderLayer``, ``MistralDecoderLayer``,
-    ``Qwen2DecoderLayer`` or ``Qwen3DecoderLayer``) that computes its own rotary embeddings (positions ``0..s-1``).
+    ``Qwen2DecoderLayer``, ``Qwen3DecoderLayer``; with experts ``MixtralDecoderLayer``, ``Qwen2MoeDecoderLayer``,
+    ``Qwen3MoeDecoderLayer``, ``DeepseekV2DecoderLayer``, ``DeepseekV3DecoderLayer``) that computes its own rotary
+    embeddings (positions ``0..s-1``) with the model type's rotary class (DeepSeek's rotates only the
+    ``qk_rope_head_dim`` part of each head: its config's ``head_dim``).
     """
 
     def __init__(self, config, layer_idx: int) -> None:
@@ -159,16 +174,20 @@ def hf_config(spec: ModelSpec):
     """The transformers config object for a llama or gpt spec (SDPA attention, no dropout).
 
     family llama builds the config class of ``spec.model_type`` (LlamaConfig, MistralConfig, Qwen2Config,
-    Qwen3Config) with the spec's head_dim, biases and RoPE parameters. Qwen's sliding window is left off: under SDPA
-    with no mask it is not applied, and paraplan only plans sequences no longer than the window.
+    Qwen3Config; with experts MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig, DeepseekV2Config, DeepseekV3Config)
+    with the spec's head_dim, biases and RoPE parameters (:func:`_moe_config_kwargs` adds the experts and latent
+    attention). Qwen's sliding window is left off: under SDPA with no mask it is not applied, and paraplan only plans
+    sequences no longer than the window.
 
     Raises:
-        ModelSpecError: a Mixture-of-Experts spec (read and counted, not built yet), or a factory model.
+        ModelSpecError: a gpt_oss spec (read and counted, not built), or a factory model.
     """
-    if spec.moe is not None:  # the chain's blocks are dense llama-like layers: never build an MoE model as one
-        raise ModelSpecError(f"{spec.name} is a Mixture-of-Experts model (model_type {spec.model_type}): building, "
-                             "profiling and launching it is not supported yet; paraplan reads it and counts its "
-                             "parameters only")
+    if spec.moe is not None and spec.model_type not in BUILDABLE_MOE_MODEL_TYPES:
+        raise ModelSpecError(
+            f"{spec.name} is a Mixture-of-Experts model of model_type {spec.model_type}: paraplan reads it and counts "
+            "its parameters but does not build, profile or launch it (it builds "
+            f"{', '.join(BUILDABLE_MOE_MODEL_TYPES)})"
+        )
     if spec.family == "llama":
         from transformers import CONFIG_MAPPING
 
@@ -180,12 +199,18 @@ def hf_config(spec: ModelSpec):
             rope_parameters={**(spec.rope_scaling or {"rope_type": "default"}), "rope_theta": spec.rope_theta},
             tie_word_embeddings=spec.tied_embeddings, attention_dropout=0.0, hidden_act="silu",
         )
-        if mt in ("llama", "qwen3"):
+        if mt in ("llama", "qwen3", "qwen3_moe"):
             kwargs["attention_bias"] = spec.qkv_bias  # one flag for q, k, v and o (ModelSpec checks they agree)
+        if mt == "qwen2_moe":
+            kwargs["qkv_bias"] = spec.qkv_bias
         if mt == "llama":
             kwargs["mlp_bias"] = spec.mlp_bias
-        if mt == "mistral":
+        if mt in ("mistral", "mixtral"):
             kwargs["sliding_window"] = spec.sliding_window  # MistralConfig's default is 4096, not None
+        if spec.moe is not None:
+            kwargs.update(_moe_config_kwargs(spec))
+        if spec.mla is not None:  # the config derives head_dim (the rotary part, qk_rope_head_dim) itself
+            del kwargs["head_dim"]
         cfg = CONFIG_MAPPING[mt](**kwargs)
     elif spec.family == "gpt":
         from transformers import GPT2Config
@@ -198,7 +223,50 @@ def hf_config(spec: ModelSpec):
     else:
         raise ModelSpecError(f"{spec.name}: family '{spec.family}' has no transformers config")
     cfg._attn_implementation = "sdpa"
+    if spec.moe is not None:  # the experts' own loop over the experts a batch hits (what a model built alone gets)
+        cfg._experts_implementation = "eager"
     return cfg
+
+
+def _moe_config_kwargs(spec: ModelSpec) -> dict:
+    """The config.json keys of ``spec.moe`` (and ``spec.mla``) for its model type (the inverse of the mapping
+    ``presets`` reads them with).
+
+    Routing is plain top-k over all experts: DeepSeek's group-limited routing is turned off (``n_group`` =
+    ``topk_group`` = 1, every expert in one group; V2's ``topk_method`` greedy), and the routers' auxiliary losses play
+    no part (the chain returns logits only; Mixtral's router jitter is 0). Values MoESpec does not carry take the
+    published models' (they change numerics, not parameters or FLOPs): DeepSeek-V3 normalizes the top-k weights and
+    scales them by transformers' default ``routed_scaling_factor`` 2.5 (V3's), DeepSeek-V2 by 1.0; Qwen3-MoE
+    normalizes them (Qwen3-30B-A3B's ``norm_topk_prob`` true), Qwen2-MoE does not (transformers' default,
+    Qwen1.5-MoE's).
+    """
+    moe, mt = spec.moe, spec.model_type
+    assert moe is not None
+    if mt == "mixtral":  # experts use intermediate_size (ModelSpec checks it equals expert_ffn_hidden)
+        return dict(num_local_experts=moe.n_experts, num_experts_per_tok=moe.top_k, router_jitter_noise=0.0,
+                    output_router_logits=False)
+    if mt in ("qwen2_moe", "qwen3_moe"):
+        kwargs = dict(num_experts=moe.n_experts, num_experts_per_tok=moe.top_k,
+                      moe_intermediate_size=moe.expert_ffn_hidden, decoder_sparse_step=moe.layer_freq,
+                      mlp_only_layers=[], norm_topk_prob=mt == "qwen3_moe", output_router_logits=False,
+                      use_sliding_window=False, sliding_window=None)
+        if mt == "qwen2_moe":
+            kwargs["shared_expert_intermediate_size"] = moe.shared_expert_ffn_hidden
+        return kwargs
+    mla = spec.mla
+    assert mla is not None  # ModelSpec requires it for the DeepSeek types
+    kwargs = dict(
+        n_routed_experts=moe.n_experts, num_experts_per_tok=moe.top_k, moe_intermediate_size=moe.expert_ffn_hidden,
+        n_shared_experts=moe.n_shared_experts, first_k_dense_replace=moe.first_dense_layers, n_group=1, topk_group=1,
+        q_lora_rank=mla.q_lora_rank, kv_lora_rank=mla.kv_lora_rank, qk_nope_head_dim=mla.qk_nope_head_dim,
+        qk_rope_head_dim=mla.qk_rope_head_dim, v_head_dim=mla.v_head_dim, attention_bias=False,
+        output_router_logits=False,
+    )
+    if mt == "deepseek_v2":
+        kwargs["topk_method"] = "greedy"
+    else:
+        kwargs["norm_topk_prob"] = True
+    return kwargs
 
 
 def build_layer(spec: ModelSpec, kind: str, layer_idx: int = 0) -> nn.Module:
@@ -285,8 +353,16 @@ def _parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = register  # type: ignore[method-assign]
 
 
+def is_expert_parameter(name: str) -> bool:
+    """Whether ``name`` (a chain parameter name) is a routed-expert tensor: ``gate_up_proj`` or ``down_proj`` of an
+    MoE layer's ``mlp.experts``, whose dimension 0 indexes the ``E`` experts (transformers 5 stores them fused:
+    ``gate_up_proj (E, 2 f_e, h)``, ``down_proj (E, h, f_e)``)."""
+    module, _, kind = name.rpartition(".")
+    return module.rpartition(".")[2] == "experts" and kind in ("gate_up_proj", "down_proj")
+
+
 def init_parameter(name: str, shape: torch.Size | tuple[int, ...], dtype: torch.dtype, spec: ModelSpec,
-                   seed: int) -> torch.Tensor:
+                   seed: int, experts: range | None = None) -> torch.Tensor:
     """The initial value of one parameter of a llama or gpt chain, made whole on the CPU from its own generator.
 
     Distributions follow transformers' ``_init_weights`` (transformers 5.x ``PreTrainedModel._init_weights``, which
@@ -294,29 +370,41 @@ def init_parameter(name: str, shape: torch.Size | tuple[int, ...], dtype: torch.
     linear, ``Conv1D`` and embedding weights ``normal(0, initializer_range)`` (0.02 by default), biases zero, norm
     weights (RMSNorm, LayerNorm) one, and for GPT-2 the output projections of attention and MLP (``c_proj.weight``)
     ``normal(0, initializer_range / sqrt(2 n_layers))`` (GPT-2's residual scaling, two residual paths per block).
-    The kind is read from the name, which the chain's layer names fix (tests/unit/test_init_weights.py checks the
-    rules against transformers' own initialization of the same modules).
+    Mixture-of-Experts models (``MixtralPreTrainedModel``, ``DeepseekV3PreTrainedModel``, ... ``_init_weights``): the
+    router weight (``mlp.gate.weight``) and the routed experts' fused tensors ``normal(0, initializer_range)`` too.
+    The kind is read from the name, which the chain's layer names fix (tests/unit/test_init_weights.py and
+    tests/unit/test_build_moe.py check the rules against transformers' own initialization of the same modules).
 
     The generator is seeded with ``crc32("<seed>:<name>")`` (torch's CPU generator keeps 32 bits of a seed anyway):
     the value depends on the seed and the parameter's name in the whole chain only, never on which rank makes it or
-    in what order. Values are drawn in fp32 and then cast to ``dtype``.
+    in what order. A routed-expert tensor (:func:`is_expert_parameter`) draws each expert ``e`` (its row
+    ``[e]``) from its own generator, ``crc32("<seed>:<name>:<e>")``, so a rank holding a slice of the experts (expert
+    parallelism) makes exactly that slice of the full tensor without making the rest. Values are drawn in fp32 and
+    then cast to ``dtype``.
 
     Args:
         name: the parameter's name in ``LayerChain.named_parameters()``, e.g. ``blocks.2.layer.mlp.up_proj.weight``.
-        shape: its full (unsharded) shape.
+        shape: its full (unsharded) shape; for a routed-expert tensor ``(E, ...)``.
         dtype: the dtype of the returned tensor.
         spec: the model (family llama or gpt).
         seed: the training seed.
+        experts: for a routed-expert tensor, the experts (rows of dimension 0) to make; None: all ``E``.
 
     Returns:
-        The full tensor, on the CPU.
+        The full tensor, on the CPU; for a routed-expert tensor with ``experts``, its rows ``experts``
+        (``(len(experts), *shape[1:])``).
 
     Raises:
         ModelSpecError: a factory (``custom``) model, whose initialization is its own.
+        ValueError: ``experts`` for a parameter that is not a routed-expert tensor, or outside ``range(E)``.
     """
     if spec.family == "custom":
         raise ModelSpecError(f"{spec.name}: a factory model keeps its own initialization; init_parameter covers "
                              "the llama and gpt families")
+    expert = is_expert_parameter(name)
+    if experts is not None and (not expert or experts.start < 0 or experts.stop > shape[0]):
+        raise ValueError(f"experts {experts} for parameter {name} of shape {tuple(shape)}: only routed-expert "
+                         "tensors are made by expert, within their first dimension")
     module, _, kind = name.rpartition(".")
     owner = module.rpartition(".")[2]
     if kind == "bias":
@@ -326,8 +414,16 @@ def init_parameter(name: str, shape: torch.Size | tuple[int, ...], dtype: torch.
     std = hf_config(spec).initializer_range or 0.02
     if spec.family == "gpt" and owner == "c_proj":
         std /= math.sqrt(2 * (spec.n_layers or 1))
-    generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
-    return torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=generator).to(dtype)
+    if expert:
+        rows = experts if experts is not None else range(shape[0])
+        return torch.stack([_normal(f"{seed}:{name}:{e}", shape[1:], std) for e in rows]).to(dtype)
+    return _normal(f"{seed}:{name}", shape, std).to(dtype)
+
+
+def _normal(key: str, shape: torch.Size | tuple[int, ...], std: float) -> torch.Tensor:
+    """``normal(0, std)`` fp32 values of ``shape`` from a generator seeded with ``crc32(key)``."""
+    generator = torch.Generator().manual_seed(zlib.crc32(key.encode()))
+    return torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=generator)
 
 
 @torch.no_grad()

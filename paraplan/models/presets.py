@@ -6,7 +6,7 @@ Sources:
 - GPT-3 175B: Brown et al. 2020, "Language Models are Few-Shot Learners", Table 2.1 (96 layers, d_model 12288,
   96 heads, context 2048); vocabulary 50,257 (GPT-2 BPE), d_ff = 4 d_model, tied input/output embeddings.
 - llama-tiny / llama-small: CPU-sized Llama-style models with a byte-level vocabulary (256), for the built-in trainer.
-- Mixture-of-Experts presets (read and counted, not yet planned): each one's config.json on the Hugging Face Hub,
+- Mixture-of-Experts presets (planned with expert parallelism): each one's config.json on the Hugging Face Hub,
   cited at the preset; moe-tiny and deepseek-tiny are CPU-sized models of the same structure.
 """
 
@@ -48,7 +48,7 @@ PRESETS: dict[str, ModelSpec] = {
         name="gpt3-175b", family="gpt", n_layers=96, hidden=12288, ffn_hidden=49152, n_heads=96, n_kv_heads=96,
         vocab=50257, tied_embeddings=True, max_seq_len=2048,
     ),
-    # Mixture-of-Experts: read and counted (paraplan.models.moe), not yet planned (ModelSpec.check_seq_len).
+    # Mixture-of-Experts: counted by paraplan.models.moe, priced by paraplan.cost_models.moe.
     # mistralai/Mixtral-8x7B-v0.1 config.json (sliding_window null; published: 46.7B parameters, 12.9B active).
     "mixtral-8x7b": ModelSpec(
         name="mixtral-8x7b", family="llama", model_type="mixtral", n_layers=32, hidden=4096, ffn_hidden=14336,
@@ -93,13 +93,13 @@ PRESETS: dict[str, ModelSpec] = {
 
 
 # What paraplan models exactly: the decoder layers of these Hugging Face model types (built from transformers' own
-# classes in ``paraplan.models.build``) and GPT-2. The Mixture-of-Experts types are read and counted exactly, not yet
-# planned. Anything else is refused rather than planned as something else.
+# classes in ``paraplan.models.build``) and GPT-2, and the Mixture-of-Experts types (counted exactly and planned).
+# Anything else is refused rather than planned as something else.
 LLAMA_LIKE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_MODEL_TYPES = (*LLAMA_LIKE_MODEL_TYPES, "gpt2")
 READABLE_MODEL_TYPES = (*SUPPORTED_MODEL_TYPES, *MOE_MODEL_TYPES)
-_SUPPORTED_TEXT = ("paraplan models llama, mistral, qwen2, qwen3 and gpt2 configs exactly, and reads (does not yet "
-                   f"plan) the Mixture-of-Experts types {', '.join(MOE_MODEL_TYPES)}")
+_SUPPORTED_TEXT = ("paraplan models llama, mistral, qwen2, qwen3 and gpt2 configs exactly, and the "
+                   f"Mixture-of-Experts types {', '.join(MOE_MODEL_TYPES)}")
 
 # config.json keys that make a model a Mixture-of-Experts (Mixtral, Qwen-MoE, DeepSeek, DBRX, OLMoE, Jamba, ...).
 _MOE_KEYS = ("num_local_experts", "n_routed_experts", "num_experts", "num_experts_per_tok", "n_shared_experts",

@@ -243,22 +243,29 @@ def mode_rules(cluster: ClusterSpec, cand: Candidate, override: StrategyOverride
     memory: no swapper), offloads parameters only at ZeRO-3, and partial offload (``ratio``) only at ZeRO-3. On a
     CPU cluster the host tier is the device's own memory, so only NVMe counts. torch (FSDP2): ``CPUOffloadPolicy``
     puts parameters, gradients and optimizer states on the host together, on CUDA only; nothing on NVMe.
-    Mixture-of-Experts models (``moe``) are planned without offload (their expert states' tiers are not modelled).
+    Mixture-of-Experts models (``moe``) are planned without offload (their expert states' tiers are not modelled);
+    the torch backend's expert parallelism (ep > 1) runs ZeRO-0, or ZeRO-2/3 when ep = dp (each rank holds its own
+    experts): its ZeRO-1 optimizer would copy one rank's experts onto the others, and at ZeRO-2/3 with ep < dp the
+    expert states of the ranks sharing experts stay whole, not sharded as priced (torch_expert_parallel.py).
     The rules depend only on the device kind, whether dp x cp is 1 and pp > 1, the override, the backend and
     ``moe``, so they are computed once per such key (memoized).
     """
     single = cand.dp * cand.cp * cand.tp // (cand.ep * cand.etp) == 1 and cand.dp * cand.cp == 1
-    key = (cluster.device.kind, single, cand.pp > 1, override.model_dump_json(), backend, moe)
+    experts = (cand.ep > 1, cand.ep == cand.dp * cand.cp) if moe else None
+    key = (cluster.device.kind, single, cand.pp > 1, override.model_dump_json(), backend, experts)
     if key not in _MODE_RULES:
-        _MODE_RULES[key] = _mode_rules(cluster.device.kind, single, cand.pp > 1, override, backend, moe)
+        _MODE_RULES[key] = _mode_rules(cluster.device.kind, single, cand.pp > 1, override, backend, experts)
     return list(_MODE_RULES[key])
 
 
 _MODE_RULES: dict[tuple, list[tuple[Mode, str | None]]] = {}
 
 
-def _mode_rules(kind: str, single: bool, piped: bool, override: StrategyOverride, backend: str, moe: bool = False
-                ) -> list[tuple[Mode, str | None]]:
+def _mode_rules(kind: str, single: bool, piped: bool, override: StrategyOverride, backend: str,
+                experts: tuple[bool, bool] | None = None) -> list[tuple[Mode, str | None]]:
+    """``experts``: None for a dense model, else (ep > 1, ep = dp x cp)."""
+    moe = experts is not None
+    ep_sharded, ep_whole = experts if experts is not None else (False, False)
     out: list[tuple[Mode, str | None]] = []
     forced_ratio = [Mode(3, "cpu", ratio=override.offload_ratio)] if override.offload_ratio not in (None, 1.0) \
         and override.offload_ratio not in OFFLOAD_RATIOS else []
@@ -282,6 +289,10 @@ def _mode_rules(kind: str, single: bool, piped: bool, override: StrategyOverride
                    "states to the host together, and nothing to NVMe; use --backend deepspeed)")
         elif backend in ("torch", "any") and mode.offloads and kind == "cpu":
             why = f"offload with --backend {backend} on a CPU cluster (FSDP2's CPUOffloadPolicy needs CUDA)"
+        elif backend == "torch" and ep_sharded and (zero == 1 or zero >= 2 and not ep_whole):
+            why = ("ZeRO-1 with ep > 1 under --backend torch (its optimizer would copy one rank's experts onto the "
+                   "others)" if zero == 1 else "ZeRO-2/3 with 1 < ep < dp under --backend torch (the expert states of "
+                   "ranks sharing experts would stay whole, not sharded as priced); ep = dp allows it")
         elif single and zero > 0 and override.zero_stage is None and not mode.offloads:
             why = "ZeRO with dp=1 (nothing to shard over)"
         elif backend in ("deepspeed", "any") and piped and zero > 1:
@@ -371,14 +382,19 @@ def backend_rejection(spec: ModelSpec, cand: Candidate, global_batch: int, backe
 
 
 def _moe_backend_rejection(cand: Candidate, backend: str) -> str | None:
-    """What keeps the backends from running a Mixture-of-Experts candidate (torch_expert_parallel.py: experts
-    sharded over ep ranks of the data-parallel group, tp = cp = etp = 1; the DeepSpeed backend runs none)."""
-    if backend in ("deepspeed", "any"):
-        return (f"a Mixture-of-Experts model under --backend {backend} (the DeepSpeed backend does not run MoE "
-                "models; --backend torch runs expert parallelism)")
-    if backend == "torch" and (cand.tp > 1 or cand.cp > 1 or cand.etp > 1):
-        return (f"tp, cp or etp > 1 for a Mixture-of-Experts model under --backend {backend} (the torch backend "
-                "runs expert parallelism with tp = cp = etp = 1; --backend unconstrained prices it anyway)")
+    """What keeps the backends from running a Mixture-of-Experts candidate (``torch_expert_parallel.
+    check_expert_parallel`` and ``checks.check_tp``, which the planner may not import; keep them in step): neither
+    splits MoE blocks by tp or experts by etp; the torch backend runs ep (experts sharded over ep consecutive ranks
+    of the data-parallel group) without cp; the DeepSpeed backend runs MoE models at ep = 1 only."""
+    if cand.tp > 1 or cand.etp > 1:
+        return (f"tp or etp > 1 for a Mixture-of-Experts model under --backend {backend} (neither backend splits "
+                "MoE blocks or experts by tensor parallelism; --backend unconstrained prices it anyway)")
+    if cand.cp > 1:
+        return (f"cp > 1 for a Mixture-of-Experts model under --backend {backend} (the torch backend runs expert "
+                "parallelism without context parallelism)")
+    if backend in ("deepspeed", "any") and cand.ep > 1:
+        return (f"ep > 1 under --backend {backend} (the DeepSpeed backend runs Mixture-of-Experts models at ep=1 "
+                "only; --backend torch runs expert parallelism)")
     return None
 
 

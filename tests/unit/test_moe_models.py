@@ -359,8 +359,20 @@ def test_cli_plans_and_estimates_moe(tmp_path: Path) -> None:
     result = run_cli("estimate", "deepseek-tiny", *common, "--dp", "2", "--tp", "1", "--pp", "1",
                      "--micro-batch", "1", "--ep", "2", "--json")
     assert result.exit_code == 0, result.output
-    m = json.loads(result.output)["memory_breakdown_bytes"]
-    assert m["expert_states"] > 0 and m["dense_states"] > 0
+    out = json.loads(result.output)
+    m, states = out["memory_breakdown_bytes"], out["model_states_bytes"]
+    assert states["expert"] > 0 and states["dense"] > 0
+    assert states["dense"] + states["expert"] == pytest.approx(m["params"] + m["grads"] + m["optimizer"])
+    # planned for the torch backend with ep=2, the plan launches (dry run: files written, nothing started)
+    result = run_cli("plan", "moe-tiny", *common, "--backend", "torch", "--strategy", "ep=2", "-o",
+                     str(tmp_path / "ep.json"))
+    assert result.exit_code == 0, result.output
+    result = run_cli("launch", str(tmp_path / "ep.json"), "--backend", "torch", "--dry-run", "--run-dir",
+                     str(tmp_path / "run"))
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "run" / "torch_parallel.json").read_text())["expert_parallel"]["degree"] == 2
+    assert_user_error(run_cli("plan", "moe-tiny", *common, "--backend", "deepspeed", "--strategy", "ep=2", "-o",
+                              str(tmp_path / "ds.json")), "ep > 1 under --backend deepspeed")
     assert_user_error(run_cli("estimate", "deepseek-tiny", *common, "--dp", "2", "--tp", "1", "--pp", "1",
                               "--micro-batch", "1", "--ep", "3"), "must divide the 8 experts")
     assert_user_error(run_cli("profile", "moe-tiny", "--seq-len", "8", "--no-links", "-o",
