@@ -47,6 +47,7 @@ from paraplan.units import GiB  # noqa: E402
 MEMORY_FRACTION = 0.95  # search_plans' default headroom; the expert is checked against the same bound
 QUICK_ROWS = 5
 # Cost options the planner does not search: it prices every candidate with CostOptions()'s values of these.
+PLAN_BACKEND = "unconstrained"  # the backend (and cost profile: Megatron-LM's) the plans are searched with
 FIXED_OPTIONS = [f.name for f in fields(CostOptions) if f.name not in ("vpp", "cp", "sequence_parallel",
                                                                       "selective_policy", "schedule")]
 OUT_OF_SPACE = ("vpp", "memory headroom", "tp does not divide")  # flags that put the expert outside the plan's space
@@ -93,6 +94,7 @@ def planner_options(cluster_kind: str) -> dict:
     opts = {name: getattr(CostOptions(), name) for name in FIXED_OPTIONS}
     if opts["overlap_dp"] is None:
         opts["overlap_dp"] = cluster_kind == "cuda"
+    opts["backend"] = PLAN_BACKEND  # search_plans prices with this backend's cost profile
     return opts
 
 
@@ -154,7 +156,7 @@ def evaluate_row(row: dict, time_limit_s: float = 10.0) -> QualityRow:
     if (spec.n_kv_heads or 1) % like.tp:
         res.flags.append(f"tp does not divide the {spec.n_kv_heads} KV heads (the planner requires it)")
     start = time.perf_counter()
-    plan = search_plans(spec, cluster, train, top_k=1, backend="unconstrained", time_limit_s=time_limit_s,
+    plan = search_plans(spec, cluster, train, top_k=1, backend=PLAN_BACKEND, time_limit_s=time_limit_s,
                         memory_fraction=MEMORY_FRACTION)[0]
     res.plan_time_s = time.perf_counter() - start
     res.plan, res.plan_s = plan_desc(plan), plan.predicted.step_time_s
@@ -183,7 +185,7 @@ def reprice(plan: Plan, spec, cluster, train) -> float:
                       micro_batch_size=s.micro_batch_size, recompute=recompute, stage_blocks=tuple(blocks),
                       zero_stage=s.zero_stage, offload_optimizer=s.offload_optimizer, offload_param=s.offload_param,
                       offload_ratio=s.offload_ratio, offload_activations=any(paged),
-                      sequence_parallel=s.sequence_parallel)
+                      sequence_parallel=s.sequence_parallel, backend=PLAN_BACKEND)
     return estimate_strategy(spec, cluster, train, st).step_time_s
 
 

@@ -220,6 +220,7 @@ def check_rendezvous(plan: Plan, node_rank: int, rdzv_endpoint: str | None, dry_
 def build_launch_spec(
     plan: Plan, backend: Backend, run_dir: Path, steps: int, data: list[str] | None, *, node_rank: int = 0,
     rdzv_endpoint: str | None = None, rdzv_id: str | None = None, checkpoint_every: int = 0, max_restarts: int = 0,
+    phase_times: bool = False,
 ) -> LaunchSpec:
     """The LaunchSpec of this node: its torchrun command (``--standalone`` without a rendezvous endpoint).
 
@@ -243,7 +244,7 @@ def build_launch_spec(
         backend=backend, run_dir=str(run_dir), nproc_per_node=plan.cluster.devices_per_node, nnodes=nodes,
         steps=steps, data_paths=[str(p.absolute()) for p in paths], command=command, files=files,
         node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id, checkpoint_every=checkpoint_every,
-        max_restarts=max_restarts,
+        max_restarts=max_restarts, phase_times=phase_times,
     )
 
 
@@ -283,7 +284,7 @@ def launch_plan(
     dry_run: bool = False, quiet: bool = False, nvme_path: Path | None = None, *, node_rank: int = 0,
     rdzv_endpoint: str | None = None, rdzv_id: str | None = None, hosts: list[str] | None = None,
     checkpoint_every: int = 0, max_restarts: int = 0, resume: bool = False,
-    before_write: Callable[[], None] | None = None,
+    before_write: Callable[[], None] | None = None, phase_times: bool = False,
 ) -> tuple[LaunchSpec, list[dict]]:
     """Check the plan, write the run directory and (unless ``dry_run``) run this node's part of the job to
     completion.
@@ -304,6 +305,8 @@ def launch_plan(
             log is appended to.
         before_write: called after every check, before the first file is written (``launch --resume`` keeps
             the run's earlier plan there).
+        phase_times: profile one step and record its per-phase times in metrics.jsonl
+            (``paraplan.backends.phases``; what ``paraplan calibrate`` fits).
 
     Returns:
         The LaunchSpec and the metrics rows (one dict per step, the last row of a step that ran more than once;
@@ -329,7 +332,8 @@ def launch_plan(
     if backend == "deepspeed" and not dry_run:
         check_nvme_dir(plan, nvme_path, run_dir)
     spec = build_launch_spec(plan, backend, run_dir, steps, data, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint,
-                             rdzv_id=rdzv_id, checkpoint_every=checkpoint_every, max_restarts=max_restarts)
+                             rdzv_id=rdzv_id, checkpoint_every=checkpoint_every, max_restarts=max_restarts,
+                             phase_times=phase_times)
     check_corpus([Path(p) for p in spec.data_paths], plan.train.seq_len)
     env = job_env(spec.nproc_per_node)
     check_factory_importable(plan.model, env)

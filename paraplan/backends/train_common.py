@@ -2,7 +2,10 @@
 
 A run directory holds ``plan.json`` (the Plan), ``launch.json`` (the LaunchSpec: steps, data paths) and the
 backend's own files. Rank 0 appends one JSON line per step to ``metrics.jsonl``:
-``{"step", "loss", "step_time_s", "tokens_per_s", "peak_memory_bytes": [per rank], "restart"}``, where ``restart`` is
+``{"step", "loss", "step_time_s", "tokens_per_s", "peak_memory_bytes": [per rank], "restart"}`` (plus
+``"peak_reserved_bytes": [per rank]``, torch.cuda.max_memory_reserved, on CUDA; plus ``"phases"`` on the step a
+launch with ``phase_times`` profiles: ``{"forward_s", "backward_s", "optimizer_s", "step_s": [per rank],
+"comm_s", "comm_count": {kind: [per rank]}}``, see ``paraplan.backends.phases``), where ``restart`` is
 torchrun's restart count (``TORCHELASTIC_RESTART_COUNT``, 0 for the first attempt). The file is only appended to:
 a job restarted by torchrun or resumed from a checkpoint re-runs the steps after its checkpoint, so a step can have
 several rows, told apart by ``restart`` and by their order (the last one counts).
@@ -203,17 +206,31 @@ class MetricsWriter:
         self.tokens_per_step = plan.train.global_batch * plan.train.seq_len
         self.restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
-    def log(self, step: int, loss: float, step_time_s: float, **extra: float) -> None:
+    def log(self, step: int, loss: float, step_time_s: float, phases: dict | None = None, **extra: float) -> None:
         """Record one step. ``loss`` must already be the global-batch mean (identical on every rank that logs).
 
-        ``extra`` values (for example ``grad_norm``) are appended to the row as rank 0 passes them.
+        ``extra`` values (for example ``grad_norm``) are appended to the row as rank 0 passes them; ``phases``, this
+        rank's phase times of a profiled step (``phases.PhaseRecorder.take``), are gathered from every rank into the
+        row's ``"phases"`` (``phases.merge_rank_phases``) when rank 0 has them.
         """
         mem = peak_memory_bytes(self.device)
+        # What the caching allocator holds (what an out-of-memory error counts); CUDA only.
+        reserved = int(torch.cuda.max_memory_reserved(self.device)) if self.device.type == "cuda" else None
         mems: list[int] = [mem]
+        reserveds: list[int | None] = [reserved]
+        rank_phases: list[dict | None] = [phases]
         if dist.is_initialized():
-            gathered: list[int | None] = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, mem)
-            mems = [int(m or 0) for m in gathered]
+            gathered: list[tuple[int, int | None, dict | None] | None] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, (mem, reserved, phases))
+            mems = [int(g[0]) if g else 0 for g in gathered]
+            reserveds = [g[1] if g else None for g in gathered]
+            rank_phases = [g[2] if g else None for g in gathered]
+        if phases is not None:
+            from paraplan.backends.phases import merge_rank_phases
+
+            extra = {**extra, "phases": merge_rank_phases(rank_phases)}
+        if reserved is not None:
+            extra = {**extra, "peak_reserved_bytes": [int(r or 0) for r in reserveds]}
         if self.rank == 0:
             row = {
                 "step": step, "loss": loss, "step_time_s": step_time_s,

@@ -43,6 +43,7 @@ from torch.utils.checkpoint import checkpoint
 from paraplan.backends.checkpoint import Checkpoint, checkpoint_due, load_rng_state, resume_run, save_checkpoint
 from paraplan.backends.data import ByteDataset, sample_start
 from paraplan.backends.deepspeed import DS_CONFIG_FILE, PARAPLAN_KEY
+from paraplan.backends.phases import PhaseRecorder, wrap_deepspeed_pipe_instructions
 from paraplan.backends.train_common import (
     MetricsWriter, StepTimer, build_dataset, build_lr_scheduler, device_for_rank, dist_backend, load_run,
     selective_checkpoint, shutdown_distributed,
@@ -208,8 +209,9 @@ def build_partitioned_model(plan: Plan, ds_config: dict) -> nn.Module:
 
 
 def train_flat(plan: Plan, ds_config: dict, dataset: ByteDataset, steps: int, run_dir: Path,
-               checkpoint_every: int = 0) -> None:
-    """pp == 1: DeepSpeed engine (DDP or ZeRO, optionally AutoTP) around the whole chain."""
+               checkpoint_every: int = 0, phase_times: bool = False) -> None:
+    """pp == 1: DeepSpeed engine (DDP or ZeRO, optionally AutoTP) around the whole chain; ``phase_times``: profile
+    one step's phases (``phases``)."""
     import deepspeed
     from deepspeed.utils import groups
 
@@ -230,26 +232,33 @@ def train_flat(plan: Plan, ds_config: dict, dataset: ByteDataset, steps: int, ru
     # Ranks of one tp group share a dp rank (DeepSpeed's (dp, tp) mesh): they must read the same micro-batches.
     dp_rank = groups.get_data_parallel_rank() if plan.strategy.tp > 1 else dist.get_rank()
     metrics, timer = MetricsWriter(run_dir, plan, device), StepTimer(device)
+    recorder = PhaseRecorder(phase_times, steps, device)
     for step in range(start, steps):
         timer.start()
-        total = torch.zeros((), dtype=torch.float32, device=device)
-        for tokens, targets in micro_batches(dataset, plan, step, dp_rank):
-            loss = lm_loss(engine(tokens.to(device)), targets.to(device))
-            engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps
-            engine.step()  # applies the update only at the accumulation boundary
-            total += loss.detach().float()
-        # Sum over all ranks of per-rank micro-batch sums; the tp ranks of a group hold equal copies, so divide by
-        # world size (dp x tp) x micro-batches for the global-batch mean.
-        dist.all_reduce(total)
+        with recorder.step(step):
+            total = torch.zeros((), dtype=torch.float32, device=device)
+            for tokens, targets in micro_batches(dataset, plan, step, dp_rank):
+                with recorder.range("forward"):
+                    loss = lm_loss(engine(tokens.to(device)), targets.to(device))
+                with recorder.range("backward"):
+                    engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps
+                with recorder.range("optimizer"):
+                    engine.step()  # applies the update only at the accumulation boundary
+                total += loss.detach().float()
+            # Sum over all ranks of per-rank micro-batch sums; the tp ranks of a group hold equal copies, so divide
+            # by world size (dp x tp) x micro-batches for the global-batch mean.
+            dist.all_reduce(total)
         step_time_s = timer.stop()
-        metrics.log(step, (total / (dist.get_world_size() * plan.strategy.grad_accum)).item(), step_time_s)
+        metrics.log(step, (total / (dist.get_world_size() * plan.strategy.grad_accum)).item(), step_time_s,
+                    recorder.take())
         if checkpoint_due(step + 1, steps, checkpoint_every):
             save_engine(engine, run_dir, step + 1, plan)
 
 
 def train_pipeline(plan: Plan, ds_config: dict, dataset: ByteDataset, steps: int, run_dir: Path,
-                   checkpoint_every: int = 0) -> None:
-    """pp > 1: ``PipelineModule`` at the plan's stage boundaries, 1F1B via ``engine.train_batch``."""
+                   checkpoint_every: int = 0, phase_times: bool = False) -> None:
+    """pp > 1: ``PipelineModule`` at the plan's stage boundaries, 1F1B via ``engine.train_batch``; ``phase_times``:
+    profile one step's phases (``phases``)."""
     import deepspeed
 
     device = device_for_rank()
@@ -266,12 +275,16 @@ def train_pipeline(plan: Plan, ds_config: dict, dataset: ByteDataset, steps: int
         print(f"pipeline stage {engine.stage_id}: chain layers {module._local_start}..{module._local_stop - 1}, "
               f"checkpointed {ckpt}", flush=True)
     metrics, timer = MetricsWriter(run_dir, plan, device), StepTimer(device)
+    recorder = PhaseRecorder(phase_times, steps, device)
+    if phase_times:
+        wrap_deepspeed_pipe_instructions(engine, recorder)
     for step in range(start, steps):
         timer.start()
-        # train_batch returns the mean over micro-batches, averaged over dp and broadcast to every stage.
-        loss = engine.train_batch(data_iter=micro_batches(dataset, plan, step, dp_rank))
+        with recorder.step(step):
+            # train_batch returns the mean over micro-batches, averaged over dp and broadcast to every stage.
+            loss = engine.train_batch(data_iter=micro_batches(dataset, plan, step, dp_rank))
         step_time_s = timer.stop()
-        metrics.log(step, float(loss.item()), step_time_s)
+        metrics.log(step, float(loss.item()), step_time_s, recorder.take())
         if checkpoint_due(step + 1, steps, checkpoint_every):
             save_engine(engine, run_dir, step + 1, plan)
 
@@ -337,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
     train = train_pipeline if plan.strategy.pp > 1 else train_flat
     clean = False
     try:
-        train(plan, ds_config, dataset, spec.steps, args.run_dir, spec.checkpoint_every)
+        train(plan, ds_config, dataset, spec.steps, args.run_dir, spec.checkpoint_every, spec.phase_times)
         clean = True
     finally:
         shutdown_distributed(clean)

@@ -44,6 +44,7 @@ from paraplan.backends.checkpoint import (
     CHECKPOINT_SCHEMA_VERSION, Checkpoint, checkpoint_due, load_rng_state, resume_run, save_checkpoint,
 )
 from paraplan.backends.data import ByteDataset, sample_start
+from paraplan.backends.phases import PhaseRecorder
 from paraplan.backends.torch_native import (
     ParallelModel, build_optimizer, load_torch_config, parallelize, reduce_partial_grads, step_context,
 )
@@ -72,8 +73,11 @@ def rank_batch(
 
 def train_micro_batches(
     model: ParallelModel, batches: list[tuple[torch.Tensor, torch.Tensor]], mesh,
+    recorder: PhaseRecorder | None = None,
 ) -> torch.Tensor:
-    """Forward and backward of one step's micro-batches without pipelining; returns their mean loss (scalar)."""
+    """Forward and backward of one step's micro-batches without pipelining; returns their mean loss (scalar).
+    ``recorder``: marks the forward and backward ranges of a profiled step (``phases``)."""
+    phase = recorder.range if recorder is not None else (lambda name: contextlib.nullcontext())
     m = len(batches)
     total = torch.zeros((), dtype=torch.float64)
     is_ddp = isinstance(model.module, torch.nn.parallel.DistributedDataParallel)
@@ -81,8 +85,10 @@ def train_micro_batches(
         # DDP all-reduces only on the last micro-batch; FSDP2 reduce-scatters every one (ZeRO-2/3 keep grad shards).
         sync = contextlib.nullcontext() if (j == m - 1 or not is_ddp) else model.module.no_sync()
         with sync, step_context(model, mesh, [tokens, targets]):
-            loss = lm_loss(model.module(tokens), targets)
-            (loss / m).backward()
+            with phase("forward"):
+                loss = lm_loss(model.module(tokens), targets)
+            with phase("backward"):
+                (loss / m).backward()
         total += loss.detach().double().cpu()
     return total / m
 
@@ -289,23 +295,26 @@ def train(run_dir: Path, device: torch.device) -> None:
     dataset = build_dataset(plan, spec)
     dp_rank = mesh["dp"].get_local_rank()
     writer, timer = MetricsWriter(run_dir, plan, device), StepTimer(device)
+    recorder = PhaseRecorder(spec.phase_times, spec.steps, device)
     for step in range(start, spec.steps):
         timer.start()
-        optimizer.zero_grad(set_to_none=True)
-        batches = rank_batch(dataset, plan, step, dp_rank, device)
-        if model.schedule is not None:
-            local = train_pipeline(model, batches, mesh)
-        else:
-            local = train_micro_batches(model, batches, mesh)
-        if model.expert_parallel is not None:  # expert shards: summed over edp, divided by dp (DDP/FSDP2 skip them)
-            model.expert_parallel.reduce_gradients()
-        reduce_partial_grads(model.params)
-        grad_norm = global_grad_norm(model, plan, device)
-        optimizer.step()
-        scheduler.step()
-        loss = global_mean_loss(local, plan, device)
+        with recorder.step(step):
+            optimizer.zero_grad(set_to_none=True)
+            batches = rank_batch(dataset, plan, step, dp_rank, device)
+            if model.schedule is not None:  # the schedule marks its own Forward/Backward ranges
+                local = train_pipeline(model, batches, mesh)
+            else:
+                local = train_micro_batches(model, batches, mesh, recorder)
+            if model.expert_parallel is not None:  # expert shards: summed over edp, divided by dp (DDP/FSDP2 skip)
+                model.expert_parallel.reduce_gradients()
+            reduce_partial_grads(model.params)
+            grad_norm = global_grad_norm(model, plan, device)
+            with recorder.range("optimizer"):
+                optimizer.step()
+                scheduler.step()
+            loss = global_mean_loss(local, plan, device)
         extra = {"paged_bytes": take_paged_bytes(model)} if config.paged_blocks else {}
-        writer.log(step, loss, timer.stop(), grad_norm=grad_norm, **extra)
+        writer.log(step, loss, timer.stop(), recorder.take(), grad_norm=grad_norm, **extra)
         if checkpoint_due(step + 1, spec.steps, spec.checkpoint_every):
             save_torch_checkpoint(run_dir, step + 1, plan, named_params, optimizer, scheduler)
 

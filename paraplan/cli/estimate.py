@@ -57,7 +57,8 @@ def _render(console, spec, cluster, train, st, est, compute_source: str) -> None
              + sched + (f" vpp={st.vpp}" if st.vpp > 1 else "") + f", micro-batch {st.micro_batch_size} (x "
              f"{est.grad_accum} per step), global batch {train.global_batch} x seq {train.seq_len}, {train.dtype}, "
              f"ZeRO-{st.zero_stage}, recompute {st.recompute}" + (", SP" if st.sequence_parallel else "")
-             + f" (compute from {compute_source})")
+             + f" (compute from {compute_source}"
+             + (f"; {st.backend} cost profile" if st.backend else "") + ")")
     table = Table(title=title)
     table.add_column("quantity")
     table.add_column("predicted", justify="right")
@@ -147,6 +148,15 @@ def register(app: typer.Typer, guard) -> None:
         device_memory: Annotated[Optional[str], typer.Option(
             help="Memory per device, e.g. 1.5GiB, replacing the cluster's (a budget).")] = None,
         as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of the table.")] = False,
+        backend: Annotated[Optional[str], typer.Option(
+            help="Price with a backend's conventions (paraplan/cost_models/backend_profiles.py): deepspeed, torch, "
+                 "megatron, or any (the costlier of deepspeed and torch); default: the generic model.")] = None,
+        elementwise: Annotated[str, typer.Option(
+            help="Element-wise kernels: fused (TransformerEngine/apex kernels or torch.compile) or eager (PyTorch "
+                 "eager mode's kernel sequence for Llama blocks).")] = "fused",
+        calibration: Annotated[Optional[Path], typer.Option(
+            help="Calibration file from `paraplan calibrate` (same cluster, --backend and dtype; needs --profile): "
+                 "prices with its fitted coefficients.")] = None,
     ) -> None:
         """Predict step time, TFLOP/s, MFU/HFU and peak memory per device of one fixed strategy."""
         from paraplan.catalog import load_cluster_spec
@@ -177,11 +187,25 @@ def register(app: typer.Typer, guard) -> None:
             flags = {"micro_batch_size": "--micro-batch (or mb= in --strategy)"}
             raise StrategyError("estimate needs every degree and the micro-batch: give "
                                 + ", ".join(flags.get(k, f"--{k} (or {k}= in --strategy)") for k in missing))
+        if backend is not None and backend not in ("deepspeed", "torch", "megatron", "any"):
+            raise StrategyError(f"--backend {backend}: use deepspeed, torch, megatron or any (or leave it out for the "
+                                "generic model)")
         st = StrategySpec(stage_blocks=blocks, attention=attention, overlap_dp=dp_overlap,  # type: ignore[arg-type]
-                          overlap_tp=tp_comm_overlap, **knobs)
-        est = estimate_strategy(spec, clus, train, st, prof)
+                          overlap_tp=tp_comm_overlap, backend=backend, elementwise=elementwise, **knobs)
+        if calibration is not None:  # priced on the calibrated inputs (paraplan.cost_models.calibration)
+            from paraplan.cost_models.calibration import (
+                apply_calibration, calibrated_estimate, check_calibration, read_calibration,
+            )
+
+            cal = read_calibration(calibration)
+            check_calibration(cal, clus, backend, dtype)
+            cal_clus, cal_prof = apply_calibration(cal, clus, prof)
+            est = calibrated_estimate(cal, estimate_strategy(spec, cal_clus, train, st, cal_prof),
+                                      clus.device.memory_bytes)
+        else:
+            est = estimate_strategy(spec, clus, train, st, prof)
         source = "profile" if prof is not None else "analytic"
         if as_json:
-            cli.print_json(estimate_summary(est, clus, source))
+            cli.print_json({**estimate_summary(est, clus, source), "backend": backend})
             return
         _render(cli.console, spec, clus, train, st, est, source)

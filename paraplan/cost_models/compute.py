@@ -76,7 +76,7 @@ def attention_times(spec: ModelSpec, dev: DeviceSpec, dtype: str, b: int, s: int
 
 
 def block_times(spec: ModelSpec, dev: DeviceSpec, dtype: str, b: int, s: int, t: int, sp: bool, kernel: str,
-                cp: int = 1) -> KernelTimes:
+                cp: int = 1, eager: bool = False) -> KernelTimes:
     """One transformer block: GEMMs on the efficiency curve, the attention core, memory-bound element-wise ops.
 
     Formula: forward ``sum_gemm t_gemm + t_attn_fwd + t_elem``; backward ``2 sum_gemm t_gemm + t_attn_bwd +
@@ -88,7 +88,8 @@ def block_times(spec: ModelSpec, dev: DeviceSpec, dtype: str, b: int, s: int, t:
         FLOPs: the load-balanced causal split gives every rank the same share).
         ``attn_fwd_s`` is what selective recomputation repeats (Korthikanti et al. 2022 sec. 4.3);
         ``op_recompute_s`` what torchtitan's op-level policy repeats (the GEMMs of
-        ``transformer.OP_POLICY_RECOMPUTED_GEMMS`` and the element-wise forward).
+        ``transformer.OP_POLICY_RECOMPUTED_GEMMS`` and the element-wise forward). ``eager``: the element-wise ops
+        run as PyTorch's eager kernel sequence (``transformer.block_eager_extra_bytes`` more bytes), not fused.
     Source: :mod:`paraplan.cost_models.efficiency`; Narayanan et al. SC'21 sec. 5.1 (backward = 2x forward);
         Llama 3 paper (Grattafiori et al. 2024) sec. 3.3.2 for the load-balanced context-parallel split.
     """
@@ -96,7 +97,11 @@ def block_times(spec: ModelSpec, dev: DeviceSpec, dtype: str, b: int, s: int, t:
     each = [eff.gemm_time_s(dev, dtype, m, k, n, db) for m, k, n in tf.block_gemms(spec, tokens, t)]
     gemm = sum(each)
     rep, shd = tf.block_elementwise_elements(spec)
-    elem = eff.memory_time_s(dev, db * tokens * (rep / (t if sp else 1) + shd / t))
+    elem_bytes = db * tokens * (rep / (t if sp else 1) + shd / t)
+    if eager:
+        e_rep, e_shd = tf.block_eager_extra_bytes(spec)
+        elem_bytes += tokens * (e_rep / (t if sp else 1) + e_shd / t)
+    elem = eff.memory_time_s(dev, elem_bytes)
     attn_fwd, attn_bwd = attention_times(spec, dev, dtype, b, s, t, kernel)
     attn_fwd, attn_bwd = attn_fwd * cp, attn_bwd * cp
     op = sum(x for i, x in enumerate(each) if i in tf.OP_POLICY_RECOMPUTED_GEMMS) + elem

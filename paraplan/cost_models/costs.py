@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from paraplan.cost_models import compute
 from paraplan.cost_models import efficiency as eff
 from paraplan.cost_models import offload
+from paraplan.cost_models.backend_profiles import BackendCostProfile, block_fetch_elements, cost_profile
 from paraplan.cost_models import transformer as tf
 from paraplan.cost_models.compute import KernelTimes
 from paraplan.cost_models.comm import (
@@ -144,6 +145,14 @@ class CostOptions:
             load are dropped; None: dropless.
         dispatcher: how MoE tokens travel: "alltoall" (NCCL all-to-all, Megatron-Core's alltoall dispatcher and
             the torch backend; ``moe.all_to_all_time_s``) or "deepep" (node-aware forwarding, ``moe.deepep_time_s``).
+        backend: the backend cost profile (``backend_profiles.PROFILES``: deepspeed, torch, megatron, any, or a
+            historical version) whose state bytes, reduction dtypes, ZeRO-3 fetching, buckets, NCCL per-step
+            latency, tied-embedding synchronization and pipeline messages price the strategy; None: the generic
+            model (16 bytes per parameter, 16-bit reductions, one latency per collective). Dense models only:
+            Mixture-of-Experts costs (moe.py) keep the generic conventions.
+        elementwise: "fused" (one read and write per element-wise op: fused kernels as Megatron/TransformerEngine
+            ship them, or torch.compile) or "eager" (PyTorch eager mode's kernel sequence for Llama blocks,
+            ``transformer.block_eager_extra_bytes``: torchtitan without compile).
     """
 
     vpp: int = 1
@@ -160,6 +169,8 @@ class CostOptions:
     routing_imbalance: float = 1.0
     capacity_factor: float | None = None
     dispatcher: str = "alltoall"
+    backend: str | None = None
+    elementwise: str = "fused"
 
 
 SCHEDULES = ("1f1b", "interleaved_1f1b", "zero_bubble", "zbv", "gpipe")
@@ -331,6 +342,8 @@ class CandidateCosts:
             raise StrategyError(f"selective policy '{opts.selective_policy}': use attention or op")
         if opts.cp < 1 or train.seq_len % opts.cp:
             raise StrategyError(f"cp={opts.cp} must be >= 1 and divide the sequence length {train.seq_len}")
+        if opts.elementwise not in ("fused", "eager"):
+            raise StrategyError(f"element-wise kernels '{opts.elementwise}': use fused or eager")
         if not 0 < opts.framework_efficiency <= 1:
             raise StrategyError(f"framework efficiency must be in (0, 1] (got {opts.framework_efficiency})")
         self._check_experts(spec, dp, tp, pp, opts)
@@ -347,6 +360,9 @@ class CandidateCosts:
         self.m = train.global_batch // (dp * micro_batch_size)
         self.dtype_bytes = DTYPE_BYTES[train.dtype]
         self.state_bytes = state_bytes_per_param(train.dtype)
+        # The backend cost profile (dense models; an MoE model keeps the generic conventions, see CostOptions).
+        self.framework: BackendCostProfile | None = cost_profile(opts.backend) if spec.moe is None else None
+        self.nccl = self.framework is not None and self.framework.nccl_latency
         self.profile = profile
         self.compute_source = "profile" if profile is not None else "analytic"
         self.dp_spans = dp_spans_nodes(cluster, tp, self.dp_shard)
@@ -362,7 +378,7 @@ class CandidateCosts:
         self.layer_spec = spec.model_copy(update={"moe": None, "mla": None}) if spec.moe is not None else spec
         key = (tp, opts.cp, micro_batch_size, self.sp, opts.selective_policy, opts.attention, opts.overlap_tp,
                opts.framework_efficiency, dp * tp * pp * opts.cp, opts.ep, opts.etp, opts.routing_imbalance,
-               opts.capacity_factor, opts.dispatcher)
+               opts.capacity_factor, opts.dispatcher, opts.backend, opts.elementwise)
         self.layer_key = key  # what the layer costs depend on (a search shares work between equal keys)
         # Work shared with the search's other candidates: layer costs, mode terms (and the planner's bounds' terms),
         # each keyed by what it depends on.
@@ -376,11 +392,15 @@ class CandidateCosts:
         # Megatron sends 1/t of the boundary activation per tp rank (scatter/gather optimization, Narayanan et al.
         # SC'21 sec. 4.1; sequence parallelism keeps it sharded anyway); forward activation out and gradient back,
         # v times per micro-batch with interleaving.
-        boundary = micro_batch_size * s * h * self.dtype_bytes / tp
+        # DeepSpeed's pipeline engine and torch.distributed.pipelining send the whole activation from every tp rank
+        # (backend_profiles: p2p_scatter_gather), unless sequence parallelism keeps it sharded.
+        whole = self.framework is not None and not self.framework.p2p_scatter_gather and not self.sp
+        boundary = micro_batch_size * s * h * self.dtype_bytes / (1 if whole else tp)
         if spec.family == "custom" and profile is not None:
             boundary = profile.layer("block", micro_batch_size).output_bytes
         spans = pp_spans_nodes(cluster, tp, self.dp_shard)
-        self.p2p_s = 2 * self.vpp * collective_time_s(cluster, "p2p", boundary, 2, spans) if pp > 1 else 0.0
+        self.pp_spans = spans
+        self.p2p_s = 2 * self.vpp * self._ct("p2p", boundary, 2, spans) if pp > 1 else 0.0
         self.capacity_bytes = cluster.device.memory_bytes
         # What a plan may use: the planner lowers it to leave headroom for allocator fragmentation.
         self.usable_capacity_bytes = self.capacity_bytes
@@ -475,11 +495,15 @@ class CandidateCosts:
 
         Source: Korthikanti et al. 2022 sec. 4.2.2 (SP turns each all-reduce into a reduce-scatter + all-gather).
         """
-        c, t = self.cluster, self.tp
+        t = self.tp
         if self.sp:
-            return (collective_time_s(c, "reduce_scatter", n_bytes, t, False)
-                    + collective_time_s(c, "all_gather", n_bytes, t, False))
-        return collective_time_s(c, "all_reduce", n_bytes, t, False)
+            return self._ct("reduce_scatter", n_bytes, t, False) + self._ct("all_gather", n_bytes, t, False)
+        return self._ct("all_reduce", n_bytes, t, False)
+
+    def _ct(self, op: str, n_bytes: float, n: int, spans: bool, per_node: int | None = None) -> float:
+        """``comm.collective_time_s`` with the backend profile's latency model (NCCL per-step latency or not)."""
+        return collective_time_s(self.cluster, op, n_bytes, n, spans, per_node,  # type: ignore[arg-type]
+                                 nccl_latency=self.nccl)
 
     def _measured_layer(self, kind: LayerKind) -> LayerCost:
         """A factory model's layer taken whole from its profile (parameters, saved activations, FLOPs; tp = 1).
@@ -510,8 +534,8 @@ class CandidateCosts:
         spec = self.spec
         kv = 2 * self.b * self.train.seq_len * (spec.n_kv_heads or 0) * (spec.attention_head_dim or 0)
         n_bytes = kv * self.dtype_bytes / self.tp
-        return (collective_time_s(self.cluster, "all_gather", n_bytes, self.cp, self.cp_spans),
-                collective_time_s(self.cluster, "reduce_scatter", n_bytes, self.cp, self.cp_spans))
+        return (self._ct("all_gather", n_bytes, self.cp, self.cp_spans),
+                self._ct("reduce_scatter", n_bytes, self.cp, self.cp_spans))
 
     def _layer(self, kind: LayerKind) -> LayerCost:
         if self.spec.family == "custom":
@@ -542,7 +566,7 @@ class CandidateCosts:
             # Vocabulary-parallel embedding and LM head (Megatron-LM), rows padded to padded_vocab. One slot each:
             # embedding: all-reduce of its output forward (SP: reduce-scatter forward, all-gather backward);
             # head: all-reduce of its input gradient backward (SP: all-gather forward, reduce-scatter backward).
-            half = collective_time_s(self.cluster, "all_gather", n_bytes, t, False)
+            half = self._ct("all_gather", n_bytes, t, False)
             if kind == "head":
                 params = (tf.head_params(spec) + pad_params) / t
                 act = ckpt = tf.head_activation_bytes(spec, b, s, t, db) + 8.0 * b * s * (v_pad - (spec.vocab or 0)) / t
@@ -589,7 +613,8 @@ class CandidateCosts:
             fwd, bwd = lp.fwd_time_s * scale, lp.bwd_time_s * scale
             if kind != "block" or self.spec.family == "custom":
                 return KernelTimes(fwd, bwd, 0.0, fwd)
-            ref = compute.block_times(self.spec, dev, dtype, b, s, t, self.sp, self.options.attention, self.cp)
+            ref = compute.block_times(self.spec, dev, dtype, b, s, t, self.sp, self.options.attention, self.cp,
+                                      self.options.elementwise == "eager")
             share = fwd / ref.fwd_s
             return KernelTimes(fwd, bwd, ref.attn_fwd_s * share, ref.gemm_fwd_s * share, ref.op_recompute_s * share)
         if kind == "embed":
@@ -597,7 +622,8 @@ class CandidateCosts:
         elif kind == "head":
             times = compute.head_times(self.layer_spec, dev, dtype, b, s, t, self.sp)
         else:
-            times = compute.block_times(self.spec, dev, dtype, b, s, t, self.sp, self.options.attention, self.cp)
+            times = compute.block_times(self.spec, dev, dtype, b, s, t, self.sp, self.options.attention, self.cp,
+                                        self.options.elementwise == "eager")
         return times.scaled(1.0 / (self.options.framework_efficiency * pace) if dev.kind == "cuda" else 1.0)
 
     # ---- stages -------------------------------------------------------------------------------------------------
@@ -732,7 +758,7 @@ class CandidateCosts:
         Source: moe.expert_data_parallel_size (Megatron-Core parallel_state.py: expert gradients are reduced, and
             the distributed optimizer shards them, over the expert-data-parallel group).
         """
-        p_b, g_b, o_b = self.state_bytes
+        p_b, g_b, o_b = self._states(mode)
         e = self.edp
         return (n_expert * p_b / (e if mode.zero_stage >= 3 else 1), n_expert * g_b / (e if mode.zero_stage >= 2 else 1),
                 n_expert * o_b / (e if mode.zero_stage >= 1 else 1))
@@ -755,7 +781,7 @@ class CandidateCosts:
             stage_1_and_2.py (CPU gradient partitions; stage3.py ``grad_partitions_flat_buffer`` on the CPU under
             optimizer offload), swap_tensor/ (buffers).
         """
-        p_b, g_b, o_b = self.state_bytes
+        p_b, g_b, o_b = self._states(mode)
         d = self.dp_shard
         params = n_params * p_b / (d if mode.zero_stage >= 3 else 1)
         grads = n_params * g_b / (d if mode.zero_stage >= 2 else 1)
@@ -807,6 +833,8 @@ class CandidateCosts:
         tensor = offload.largest_tensor_elements(self.spec, self.tp) if mode.offload_param != "none" else None
         if tensor is not None:
             live = max(tensor, min(live, DEEPSPEED_MAX_LIVE_PARAMETERS))
+        if self.framework is not None:  # gathered in the profile's all-gather dtype (FSDP2: param_dtype)
+            return live * self.framework.gather_bytes(3, self.train.dtype)
         return live * self.state_bytes[0]
 
     def bucket_bytes(self, mode: Mode) -> float:
@@ -815,14 +843,20 @@ class CandidateCosts:
         Source: DeepSpeed runtime/zero/stage3.py (``torch.empty(reduce_bucket_size)`` per gradient dtype)."""
         if not mode.offloads or mode.zero_stage == 0:
             return 0.0
-        return offload.reduce_bucket_elements(self.spec, self.tp) * self.state_bytes[1]
+        return offload.reduce_bucket_elements(self.spec, self.tp) * self._states(mode)[1]
+
+    def _states(self, mode: Mode) -> tuple[float, float, float]:
+        """(parameter, gradient, optimizer) bytes per parameter under ``mode``: the backend profile's for its ZeRO
+        stage (``BackendCostProfile.states``), else :func:`state_bytes_per_param`."""
+        if self.framework is not None:
+            return self.framework.states(mode.zero_stage, self.train.dtype)
+        return self.state_bytes
 
     def _coll(self, op: str, n_bytes: float, expert: bool = False) -> float:
         if expert:  # over the expert-data-parallel group (moe.expert_data_parallel_size)
             return collective_time_s(self.cluster, op, n_bytes, self.edp, self.edp_spans,  # type: ignore[arg-type]
                                      self.edp_per_node)
-        return collective_time_s(self.cluster, op, n_bytes, self.dp_shard, self.dp_spans,  # type: ignore[arg-type]
-                                 self.dp_per_node)
+        return self._ct(op, n_bytes, self.dp_shard, self.dp_spans, self.dp_per_node)
 
     def comm_times(self, mode: Mode, n_params: float, n_expert: float = 0.0) -> tuple[float, float, float]:
         """(per micro-batch ZeRO traffic, per-step gradient reduction, per-step parameter gather) for a stage
@@ -835,6 +869,8 @@ class CandidateCosts:
         Source: Rajbhandari et al. 2020 sec. 7 (2 Psi for DP/ZeRO-1/2, 3 Psi for ZeRO-3 per forward/backward);
             ../shared/FORMULAS.md on gradient accumulation re-gathering under ZeRO-3.
         """
+        if self.framework is not None:
+            return self._profile_comm_times(mode, n_params)
         p_b, g_b, _ = self.state_bytes
         out = (0.0, 0.0, 0.0)
         for n, expert in ((n_params, False), (n_expert, True)):
@@ -848,6 +884,51 @@ class CandidateCosts:
                 times = {1: (0.0, rs, ag), 2: (rs, 0.0, ag)}.get(mode.zero_stage, (2 * ag + rs, 0.0, 0.0))
             out = (out[0] + times[0], out[1] + times[1], out[2] + times[2])
         return out
+
+    def _bucketed_s(self, op: str, n_elements: float, elem_bytes: float, bucket: float) -> float:
+        """``k`` collectives over the dp group moving ``n_elements`` in buckets of ``bucket`` elements,
+        ``k = max(1, n / bucket)`` (fractional: a stage's share of the buckets it fills), each paying its latency."""
+        if n_elements <= 0:
+            return 0.0
+        k = max(1.0, n_elements / bucket)
+        return k * self._coll(op, n_elements * elem_bytes / k)
+
+    def _profile_comm_times(self, mode: Mode, n_params: float) -> tuple[float, float, float]:
+        """:meth:`comm_times` under a backend cost profile (``self.framework``).
+
+        Formula: element sizes from the profile (``grad_reduce_bytes``, ``param_gather_bytes``); each reduction
+            runs per gradient bucket (:meth:`_bucketed_s`, one latency per bucket); ZeRO-1 reduces with the
+            profile's collective (a full all-reduce under DeepSpeed's BF16_Optimizer and torch's
+            ZeroRedundancyOptimizer); ZeRO-3 gathers each block's parameters per fetch unit
+            (``block_fetch_elements``: per tensor, module or block), forward and backward, every micro-batch, so a
+            stage of ``x`` parameters pays ``(x / block params) x sum over the block's units of an all-gather``,
+            and reduce-scatters the gradients per block ("block" fetching: FSDP2 reduce-scatters each
+            ``fully_shard`` unit) or per bucket.
+        Source: backend_profiles.PROFILES (each field's framework file); comm.collective_time_s.
+        Assumption: the embedding and head are fetched in units as a block's (a few more latencies than one
+            gather each; they are 2 of L + 2 layers).
+        """
+        fw, dtype, z = self.framework, self.train.dtype, mode.zero_stage
+        assert fw is not None
+        r_b, a_b = fw.reduce_bytes(z, dtype), fw.gather_bytes(z, dtype)
+        bucket = fw.bucket_elements(self.dp_shard)
+        if z == 0:
+            return 0.0, self._bucketed_s("all_reduce", n_params, r_b, bucket), 0.0
+        if z in (1, 2):
+            op = "all_reduce" if z == 1 and fw.zero1_grad_collective == "all_reduce" else "reduce_scatter"
+            reduce = self._bucketed_s(op, n_params, r_b, bucket)
+            # ZeroRedundancyOptimizer broadcasts each rank's updated parameters: the volume of an all-gather.
+            gather = self._bucketed_s("all_gather", n_params, a_b, bucket)
+            return (reduce, 0.0, gather) if z == 2 else (0.0, reduce, gather)
+        per_block = max(self.block.params, 1.0)
+        units = block_fetch_elements(self.layer_spec, fw.zero3_fetch)
+        scale = per_block / max(sum(units), 1.0)  # tp shards every unit (as block.params is per tp rank)
+        block_gather = sum(self._coll("all_gather", u * scale * a_b) for u in units)
+        if fw.zero3_fetch == "block":
+            rs = n_params / per_block * self._coll("reduce_scatter", per_block * r_b)
+        else:
+            rs = self._bucketed_s("reduce_scatter", n_params, r_b, bucket)
+        return 2 * n_params / per_block * block_gather + rs, 0.0, 0.0
 
     def optimizer_times(self, mode: Mode, n_params: float, n_expert: float = 0.0) -> tuple[float, float]:
         """(device optimizer step, offload work) per step, seconds, of a stage holding ``n_params`` per device
@@ -866,12 +947,16 @@ class CandidateCosts:
             (Rajbhandari et al. 2021) sec. 6.3 (optimizer states swapped from NVMe per step); the node's NVMe
             and CPU are shared by its devices (assumption: evenly).
         """
-        p_b, g_b, o_b = self.state_bytes
+        p_b, g_b, o_b = self._states(mode)
         n_opt = n_params / (self.dp_shard if mode.zero_stage >= 1 else 1)
         n_opt += n_expert / (self.edp if mode.zero_stage >= 1 else 1)
         c = self.cluster
         n_off = n_opt * mode.ratio if mode.offload_optimizer != "none" else 0.0
         device = eff.memory_time_s(c.device, (n_opt - n_off) * (p_b + g_b + 2 * o_b)) if n_opt > n_off else 0.0
+        if self.framework is not None and self.framework.grad_passes_per_step:
+            # The profile's passes over the gradients it holds (norm, zeroing): backend_profiles.
+            n_grad = n_params / (self.dp_shard if mode.zero_stage >= 2 else 1)
+            device += eff.memory_time_s(c.device, self.framework.grad_passes_per_step * n_grad * g_b)
         if not n_off:
             return device, 0.0
         per_dev = c.devices_per_node
@@ -884,6 +969,23 @@ class CandidateCosts:
         if mode.offload_param == "nvme":
             off += n_off * p_b / nvme_bw
         return device, off
+
+    def tied_embedding_sync_s(self, stage: int) -> float:
+        """Per step, on the first and last pipeline stage: the all-reduce that keeps tied input and output
+        embeddings equal when they sit on different stages (backend profiles with ``tied_embedding_sync``).
+
+        Formula: all-reduce over 2 ranks of ``v_pad h / tp`` gradient elements in the profile's reduction dtype,
+            across nodes when pipeline neighbours are; never hidden (it runs after the backward, before the step);
+            0 for untied embeddings, pp = 1, ZB-V (embedding and head both on rank 0) or without a profile.
+        Source: Megatron-LM megatron/core/distributed/finalize_model_grads.py ``_allreduce_word_embedding_grads``;
+            DeepSpeed runtime/pipe/engine.py ``_exec_reduce_tied_grads``.
+        """
+        fw = self.framework
+        if (fw is None or not fw.tied_embedding_sync or not self.spec.tied_embeddings or self.pp == 1
+                or self.schedule == "zbv" or stage not in (0, self.pp - 1)):
+            return 0.0
+        elements = tf.padded_vocab(self.layer_spec, self.tp) * (self.spec.hidden or 0) / self.tp
+        return self._ct("all_reduce", elements * fw.reduce_bytes(0, self.train.dtype), 2, self.pp_spans)
 
     def _pcie_s(self, n_bytes: float) -> float:
         """Host<->device copy time of ``n_bytes`` over one device's PCIe link, one direction; 0 on a CPU cluster
@@ -907,7 +1009,7 @@ class CandidateCosts:
             GPU compute overlapped by prefetching) and sec. 5.1; ZeRO-Offload sec. 4.1 (gradients offloaded in the
             backward, overlapped with it); FORMULAS.md on ZeRO-3 re-gathering every micro-batch.
         """
-        p_b, g_b, _ = self.state_bytes
+        p_b, g_b, _ = self._states(mode)
         d = self.dp_shard
         h2d = d2h = disk = 0.0
         if mode.offload_param != "none":
@@ -943,7 +1045,8 @@ class CandidateCosts:
         """The mode-dependent terms of a stage, affine in its block count (each quantity is linear in the stage's
         parameters ``n * block.params + fixed``, so two evaluations fix it exactly). Memoized: they depend only on
         the stage's fixed parameters and the mode."""
-        key = ("mode", self.tp, self.dp_shard, self.stage_params(stage, 0), mode, self.ep, self.etp, self.edp)
+        key = ("mode", self.tp, self.dp_shard, self.stage_params(stage, 0), mode, self.ep, self.etp, self.edp,
+               self.options.backend, self.tied_embedding_sync_s(stage), self.pp if self.framework else 0)
         if key not in self.shared:
             self.shared[key] = self._compute_mode_terms(stage, mode)
         return self.shared[key]
@@ -951,11 +1054,15 @@ class CandidateCosts:
     def _compute_mode_terms(self, stage: int, mode: Mode) -> ModeTerms:
         # Each term is linear in the stage's dense and expert parameters, which are affine in (n, d): evaluating it
         # at (n, d) = (0, 0), (1, 0) and (1, 1) fixes it exactly.
-        at = [(self.stage_params(stage, n, d), self.stage_expert_params(n, d)) for n, d in ((0, 0), (1, 0), (1, 1))]
+        # Under a backend profile the bucketed reductions are linear only beyond one bucket: the per-block
+        # coefficient is then the secant over a stage's even share of the blocks (exact for linear terms).
+        span = max(1, (self.spec.n_layers or 1) // self.pp) if self.framework is not None else 1
+        at = [(self.stage_params(stage, n, d), self.stage_expert_params(n, d))
+              for n, d in ((0, 0), (span, 0), (span, 1))]
 
         def affine(fn) -> Affine:
             v0, v1 = fn(*at[0]), fn(*at[1])
-            return Affine(v0, v1 - v0, per_dense=fn(*at[2]) - v1 if self.dense_block is not None else 0.0)
+            return Affine(v0, (v1 - v0) / span, per_dense=fn(*at[2]) - v1 if self.dense_block is not None else 0.0)
 
         other = Affine(self.overhead_bytes + self.zero3_working_bytes(mode) + self.bucket_bytes(mode))
         host = affine(lambda x, e: self.state_memory(mode, x, e)[3])
@@ -973,7 +1080,7 @@ class CandidateCosts:
             zero_comm=affine(lambda x, e: self.comm_times(mode, x, e)[0]),
             grad_reduce=affine(lambda x, e: self.comm_times(mode, x, e)[1]),
             param_gather=affine(lambda x, e: self.comm_times(mode, x, e)[2]),
-            optimizer_s=affine(lambda x, e: self.optimizer_times(mode, x, e)[0]),
+            optimizer_s=affine(lambda x, e: self.optimizer_times(mode, x, e)[0] + self.tied_embedding_sync_s(stage)),
             offload_s=affine(lambda x, e: self.optimizer_times(mode, x, e)[1]),
             h2d_s=affine(lambda x, e: self.transfer_times(mode, x)[0]),
             d2h_s=affine(lambda x, e: self.transfer_times(mode, x)[1]),

@@ -241,6 +241,31 @@ def block_elementwise_elements(spec: ModelSpec) -> tuple[int, int]:
     return 10 * h, 2 * f
 
 
+def block_eager_extra_bytes(spec: ModelSpec) -> tuple[int, int]:
+    """Bytes per token a block's forward element-wise work moves in PyTorch eager mode beyond the fused count of
+    :func:`block_elementwise_elements` (one read and one write per op, bf16): (replicated, tp-sharded).
+
+    Formula (llama, torchtitan's modules, bf16 activations, fp32 upcasts):
+        RMSNorm ``(x.float() * rsqrt(x.float().pow(2).mean(-1) + eps)).type_as(x) * weight`` runs float() (read 2,
+            write 4), pow (4, 4), mean (read 4), mul (4, 4), type_as (4, 2), * weight (2, 2): 36 bytes per element
+            against the fused 4, so ``2 x 32 h`` for the two norms;
+        rotary ``view_as_real(view_as_complex(x.float()) * freqs).type_as(x)`` on q and k: float() (2, 4), complex
+            mul (4, 4), type_as (4, 2): 20 bytes per element against 4, so ``16 (a d + k d)``;
+        SwiGLU ``silu(w1 x) * w3 x``: silu (2, 2) and mul (4, 2): 10 bytes per ``f`` element against 6, so ``4 f``;
+        the residual adds are one kernel each either way.
+        gpt: 0 (nn.LayerNorm and GeLU are single kernels in eager mode; biases ride in addmm).
+    Source: torchtitan torchtitan/models/norms.py ``RMSNorm`` and models/llama/model.py ``apply_rotary_emb``,
+        ``FeedForward`` (2024); torch.compile fuses each chain into one kernel (torchtitan compiles every
+        TransformerBlock, apply_compile), which is the fused count.
+    Assumption: the backward moves twice the forward's bytes, as for the fused count (compute.block_times).
+    """
+    h, f, a, k, _ = _dims(spec)
+    if spec.family != "llama":
+        return 0, 0
+    d = _head_dim(spec)
+    return 64 * h, 16 * (a * d + k * d) + 4 * f
+
+
 # Bytes per element of the ``b a s^2`` score matrix moved by an unfused attention (Megatron-LM 2021: baddbmm,
 # fused scale-mask-softmax, dropout, bmm). Forward: write scores 2, softmax read 2 + write 2, dropout read 2 +
 # write 2 + mask 1, read by the A V bmm 2 = 13. Backward: write dP 2, dropout read 2 + mask 1 + write 2, softmax
