@@ -826,6 +826,25 @@ class SolverInfo(_Frozen):
                                                                        "excluded from the search.")
 
 
+class CandidateRecord(_Frozen):
+    """One outer-loop candidate the search took up, for the report's candidate-space figure.
+
+    ``step_time_s`` and ``peak_memory_bytes`` are the MILP solution's for a solved candidate, else lower bounds
+    (the search's step-time bound and ``memory_lower_bound``): a pruned candidate cannot beat the K-th best plan
+    (its memory is not evaluated), an infeasible one has no stage split that fits, a timed-out MILP found no
+    solution in its time limit.
+    """
+
+    label: str = Field(description="Candidate.label(): degrees, micro-batch and knobs.")
+    outcome: Literal["solved", "infeasible", "pruned", "timeout"]
+    step_time_s: float | None = Field(default=None, ge=0, description="Predicted step time (solved) or its lower "
+                                      "bound (others), s; None when that bound is infinite (no stage split fits).")
+    peak_memory_bytes: float | None = Field(default=None, ge=0, description="Peak device memory of the solution "
+                                            "(solved) or its lower bound (infeasible, timeout), bytes per device; "
+                                            "None for pruned candidates (not evaluated) or an infinite bound.")
+    rank: int | None = Field(default=None, ge=1, description="1-based rank among the plans returned (top-k).")
+
+
 class Plan(_Frozen):
     """``paraplan plan`` output."""
 
@@ -837,6 +856,8 @@ class Plan(_Frozen):
     predicted: Prediction
     solver: SolverInfo
     profile_path: str | None = None
+    candidates: list[CandidateRecord] | None = Field(
+        default=None, description="Every candidate the search took up (None in plans written before it was kept).")
 
     @model_validator(mode="after")
     def _check_consistent(self) -> Plan:
@@ -883,3 +904,6 @@ class LaunchSpec(_Frozen):
     max_restarts: int = Field(default=0, ge=0, description="torchrun --max-restarts: restarts of the whole job "
                                                          "after a failed rank, each resuming from the last "
                                                          "complete checkpoint.")
+    phase_times: bool = Field(default=False, description="Profile one step (torch.profiler) and record its "
+                              "forward, backward, optimizer and per-collective times in metrics.jsonl "
+                              "(paraplan.backends.phases); what `paraplan calibrate` fits.")

@@ -308,7 +308,9 @@ def plan_cmd(
     dtype: Annotated[str, typer.Option(help="auto (fp32 on CPU, bf16 on GPU), bf16, fp16 or fp32.")] = "auto",
     strategy: Annotated[Optional[str], typer.Option(help=STRATEGY_HELP)] = None,
     backend: Annotated[str, typer.Option(help="Backend(s) the plan must run on: any (both), deepspeed, torch, or "
-                                              "unconstrained (cost only, e.g. GPT with tp).")] = "any",
+                                              "unconstrained (cost only, e.g. GPT with tp); also the cost profile "
+                                              "that prices it (any: the costlier of deepspeed and torch; "
+                                              "unconstrained: Megatron-LM's).")] = "any",
     top: Annotated[int, typer.Option("--top", help="Plans to show (--json prints the best only, so it searches "
                                                    "for that one alone).", min=1)] = 5,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-3,
@@ -325,6 +327,16 @@ def plan_cmd(
         help="MoE: expert capacity factor (tokens beyond it are dropped); default dropless.", min=0.0)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary instead of the table.")] = False,
     output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the best plan.")] = Path("plan.json"),
+    explain: Annotated[bool, typer.Option("--explain", help="Say why this plan: its bottleneck, binding memory, and "
+                                                            "what the next --top plans would change and cost.")
+                       ] = False,
+    compare: Annotated[Optional[list[str]], typer.Option(
+        "--compare", help="With --explain (implied): a strategy to compare with the plan, in --strategy syntax "
+                          "(repeatable), e.g. \"dp=8,tp=1,zero=3\"; keys not named keep the plan's values, dp fills "
+                          "the devices when not named.")] = None,
+    calibration: Annotated[Optional[Path], typer.Option(
+        help="Calibration file from `paraplan calibrate` (same cluster, --backend and dtype; needs --profile): "
+             "prices with its fitted coefficients.")] = None,
 ) -> None:
     """Search dp x tp x pp x cp x micro-batch, sp, schedule and vpp, stage assignment, ZeRO, recomputation and
     offload for the fastest plan."""
@@ -341,44 +353,43 @@ def plan_cmd(
     dtype = resolve_dtype(dtype, clus)
     train = TrainSpec(global_batch=global_batch, seq_len=seq_len, dtype=dtype, lr=lr)  # type: ignore[arg-type]
     prof = load_profile(profile)
-    with _SearchStatus() as on_progress:
-        plans = search_plans(spec, clus, train, prof, override, top_k=1 if as_json else top, backend=backend,
+    cal = None
+    if calibration is not None:  # priced on the calibrated inputs (paraplan.cost_models.calibration)
+        from paraplan.cost_models.calibration import apply_calibration, check_calibration, read_calibration
+
+        cal = read_calibration(calibration)
+        check_calibration(cal, clus, backend, dtype)
+        capacity = clus.device.memory_bytes
+        clus, prof = apply_calibration(cal, clus, prof)
+    explain = explain or bool(compare)
+    from paraplan.cli.progress import SearchDisplay
+
+    with SearchDisplay(err_console, quiet=as_json) as on_progress:
+        plans = search_plans(spec, clus, train, prof, override, top_k=1 if as_json and not explain else top,
+                             backend=backend,
                              time_limit_s=time_limit, profile_path=str(profile) if profile else None,
                              memory_fraction=memory_fraction, progress=on_progress,
                              routing_imbalance=routing_imbalance, capacity_factor=capacity_factor)
+    if cal is not None:
+        from paraplan.cost_models.calibration import calibrated_plan
+
+        plans = [calibrated_plan(cal, p, capacity) for p in plans]
     _warn_thread_mismatch(prof, clus)
+    why = None
+    if explain:  # a bad --compare fails before the plan is written
+        from paraplan.cli.explain import explain_plans, render_explanation
+
+        why = explain_plans(plans, compare, prof, memory_fraction, backend)
     write_atomic(output, plans[0].model_dump_json(indent=2), "-o")
     if as_json:
-        print_json(plan_summary(plans[0]))
+        print_json(plan_summary(plans[0]) | ({"explain": why.to_json()} if why is not None else {}))
         return
     from paraplan.cli.render import render_plans
 
     render_plans(console, plans)
+    if why is not None:
+        render_explanation(console, why)
     console.print(f"wrote {output}")
-
-
-class _SearchStatus:
-    """A one-line status on stderr while ``plan`` searches: candidates solved, pruned and the incumbent."""
-
-    def __enter__(self):
-        from rich.status import Status
-
-        self._status = Status("planning: enumerating candidates", console=err_console)
-        if err_console.is_terminal:
-            self._status.start()
-        return self._update
-
-    def _update(self, p) -> None:
-        best = "none yet"
-        if p.best is not None:
-            b = p.best
-            best = f"{p.best_step_time_s * 1e3:,.1f} ms/step at {b.label()}"
-        self._status.update(f"planning: {p.solved + p.pruned + p.cannot_fit}/{p.total} candidates ({p.solved} MILPs solved, "
-                            f"{p.pruned} pruned by bound; {p.rejected} excluded by rules, {p.cannot_fit} cannot "
-                            f"fit); best {best}")
-
-    def __exit__(self, *exc) -> None:
-        self._status.stop()
 
 
 def plan_summary(plan: Plan) -> dict:
@@ -479,6 +490,14 @@ def launch_cmd(
     resume: Annotated[Optional[Path], typer.Option(
         help="Continue the run in this run directory from its latest complete checkpoint (metrics appended).")
     ] = None,
+    phases: Annotated[bool, typer.Option(
+        help="Profile step 2 (torch.profiler) and record its forward, backward, optimizer and per-collective "
+             "times in metrics.jsonl, for `paraplan calibrate`.")] = False,
+    calibrate: Annotated[bool, typer.Option(
+        help="First run a few steps of the top plans (RUN_DIR/trials), calibrate the cost model on them "
+             "(RUN_DIR/calibration.json), re-plan (RUN_DIR/plan.calibrated.json) and train that plan.")] = False,
+    calibrate_top: Annotated[int, typer.Option(help="With --calibrate: plans to try.", min=1)] = 2,
+    calibrate_steps: Annotated[int, typer.Option(help="With --calibrate: steps per trial.", min=3)] = 6,
 ) -> None:
     """Write DeepSpeed or native torch launch files for a plan and train with torchrun, on one node or many."""
     import shlex
@@ -515,12 +534,33 @@ def launch_cmd(
     if endpoint is None and host_list is not None and plan.cluster.nodes > 1:
         endpoint = f"{host_list[0]}:{DEFAULT_RDZV_PORT}"
     assert run is not None
-    spec, rows = launch_plan(
-        plan, backend, run, steps=steps or 20, data=data, dry_run=dry_run or slurm,  # type: ignore[arg-type]
-        nvme_path=nvme_path, node_rank=node_rank, rdzv_endpoint=endpoint, rdzv_id=rdzv_id, hosts=host_list,
-        checkpoint_every=checkpoint_every or 0, max_restarts=max_restarts or 0, resume=resume is not None,
-        before_write=(lambda: _keep_previous_plan(run, plan)) if previous is not None else None,
-    )
+    if calibrate:
+        if previous is not None or dry_run or slurm or plan.cluster.nodes > 1:
+            raise LaunchError("--calibrate runs trial steps here first: not with --resume, --dry-run, --slurm or a "
+                              "multi-node plan")
+        from paraplan.backends.trial import calibrate_by_trial
+
+        trial = calibrate_by_trial(plan, backend, run, top_k=calibrate_top, steps=calibrate_steps, data=data)
+        cal = trial.calibration
+        console.print(f"calibrated on {len(trial.trial_dirs)} trial run(s) in {run / 'trials'}: compute x"
+                      f"{cal.compute_scale_fwd:.2f} (forward) x{cal.compute_scale_bwd:.2f} (backward), link time "
+                      f"x{cal.link_time_scale:.2f}, +{cal.step_overhead_s:.3f} s per step (RMS error on the trials: "
+                      f"{cal.step_rms_rel_error:.0%}); re-planned: {run / 'plan.calibrated.json'}", highlight=False,
+                      soft_wrap=True)
+        plan = trial.plan
+    from paraplan.backends.train_common import METRICS_FILE
+    from paraplan.cli.progress import LaunchMonitor
+
+    # On a terminal a live line (steps, loss, tokens/s from metrics.jsonl) replaces the job's own step lines.
+    with LaunchMonitor(err_console, run / METRICS_FILE, steps or 20, quiet=dry_run or slurm) as monitor:
+        spec, rows = launch_plan(
+            plan, backend, run, steps=steps or 20, data=data, dry_run=dry_run or slurm,  # type: ignore[arg-type]
+            quiet=monitor.active, nvme_path=nvme_path, node_rank=node_rank, rdzv_endpoint=endpoint,
+            rdzv_id=rdzv_id, hosts=host_list, checkpoint_every=checkpoint_every or 0,
+            max_restarts=max_restarts or 0, resume=resume is not None,
+            before_write=(lambda: _keep_previous_plan(run, plan)) if previous is not None else None,
+            phase_times=phases,
+        )
     console.print(f"run directory: {run} ({', '.join(spec.files)}); how to start, resume and monitor it: "
                   f"{run / 'README.txt'}", highlight=False, soft_wrap=True)
     if slurm:
@@ -576,6 +616,15 @@ def _keep_previous_plan(run: Path, plan: Plan) -> None:
 from paraplan.cli import estimate as _estimate  # noqa: E402
 
 _estimate.register(app, _guard)
+from paraplan.cli import explain as _explain  # noqa: E402
+
+_explain.register(app, _guard)
+from paraplan.cli import report as _report  # noqa: E402
+
+_report.register(app, _guard)
+from paraplan.cli import calibrate as _calibrate  # noqa: E402
+
+_calibrate.register(app, _guard)
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from paraplan.cost_models.links import calibrate_cluster
 from paraplan.errors import NoFeasiblePlanError, StrategyError, TrainSpecError
 from paraplan.planner.milp import MilpResult, solve_stage_milp
 from paraplan.types import (
+    CandidateRecord,
     ClusterSpec,
     ModelProfile,
     ModelSpec,
@@ -847,8 +849,10 @@ def search_plans(
     paging = paging_allowed(override, spec)
 
     def costs_of(cand: Candidate) -> CandidateCosts:
+        # The backend's cost profile prices the candidate (cost_models.backend_profiles): "any" the costlier of
+        # DeepSpeed's and torch's field by field, "unconstrained" Megatron-LM's (it runs every strategy priced).
         opts = dataclasses.replace(cand.options(), routing_imbalance=routing_imbalance,
-                                   capacity_factor=capacity_factor)
+                                   capacity_factor=capacity_factor, backend=backend)
         costs = CandidateCosts(spec, cluster, train, cand.dp, cand.tp, cand.pp, cand.micro_batch_size, profile,
                                opts, layer_cache)
         costs.usable_capacity_bytes = capacity
@@ -882,6 +886,17 @@ def search_plans(
     seen: set[tuple] = set()  # plans already found (knob settings that led to the same strategy)
     solved, pruned, status, gap = 0, 0, "optimal", 0.0
     unproven: list[float] = []  # lower bounds of candidates whose MILP stopped at the time limit
+    found_at: dict[int, int] = {}  # id of a found MilpResult -> its scored index
+    records: dict[int, CandidateRecord] = {}  # scored index -> what became of it (the plan's candidate space)
+
+    def record(i: int, outcome: str, step_s: float, memory_bytes: float | None = None) -> None:
+        # Pruned candidates keep no memory figure: their bound would cost more than the rest of the search. An
+        # infinite bound (no stage split fits at all) is kept as None: JSON has no infinity.
+        def finite(x: float | None) -> float | None:
+            return x if x is not None and math.isfinite(x) else None
+
+        records[i] = CandidateRecord(label=scored[i][1].label(), outcome=outcome,  # type: ignore[arg-type]
+                                     step_time_s=finite(step_s), peak_memory_bytes=finite(memory_bytes))
 
     def report() -> None:
         if progress is not None:
@@ -895,7 +910,8 @@ def search_plans(
         lb, cand, costs, modes = scored[i]
         selective = cand.selective is not None
         if len(found) >= top_k and key >= found[-1][0]:
-            for _ in range(1 + len(heap)):  # this and every later key: none can beat the K-th best plan
+            for k_j, j, _t in [(key, i, tightened)] + heap:  # this and every later key: none can beat the K-th best
+                record(j, "pruned", k_j)
                 pruned += 1
                 report()
             heap.clear()
@@ -910,6 +926,7 @@ def search_plans(
                 # Cannot fit whatever the MILP chooses: no stage split fits by the LP relaxation of recomputation,
                 # or the leanest stage does not under the forced recomputation.
                 need = memory_lower_bound(costs, modes, milp_recompute, selective, paging)
+                record(i, "infeasible", key, need)
                 cannot_fit += 1
                 if least_mem is None or need < least_mem[0]:
                     least_mem = (need, cand)
@@ -925,10 +942,16 @@ def search_plans(
                 unproven.append(bound if bound == bound else key)
             if res is None:
                 need = memory_lower_bound(costs, modes, milp_recompute, selective, paging)
+                record(i, "infeasible", key, need)
                 if least_mem is None or need < least_mem[0]:
                     least_mem = (need, cand)
-            elif res.status != "timeout" and _plan_key(cand, res) not in seen:  # a timed-out MILP has no solution
+            elif res.status == "timeout":
+                record(i, "timeout", key, memory_lower_bound(costs, modes, milp_recompute, selective, paging))
+            else:
+                record(i, "solved", res.objective_s, max(sc.memory_bytes for sc in _stage_plans(costs, res)[1]))
+            if res is not None and res.status != "timeout" and _plan_key(cand, res) not in seen:  # a timed-out MILP has no solution
                 seen.add(_plan_key(cand, res))
+                found_at[id(res)] = i
                 found.append((res.objective_s, cand, costs, res))
                 found.sort(key=lambda x: x[0])
                 found = found[:top_k]
@@ -942,6 +965,10 @@ def search_plans(
     open_bound = min(unproven, default=float("inf"))
     if open_bound < best_s * (1 - 1e-9):
         status, gap = "feasible", (best_s - open_bound) / best_s
+    for rank, (_, _c, _cc, res) in enumerate(found, 1):
+        i = found_at[id(res)]
+        records[i] = records[i].model_copy(update={"rank": rank})
+    space = [records[i] for i in sorted(records)]
     for _, cand, costs, res in found:
         if res.status == "feasible":
             status, gap = "feasible", max(gap, res.gap if res.gap == res.gap else 0.0)
@@ -958,7 +985,8 @@ def search_plans(
         info = SolverInfo(status=status, gap=gap, solver="HiGHS via PuLP", candidates=n_cands,  # type: ignore
                           milps_solved=solved, search_time_s=elapsed, excluded=rejected)
         plans.append(Plan(model=spec, cluster=cluster, train=train, strategy=strategy,
-                          predicted=predict(costs, stage_costs), solver=info, profile_path=profile_path))
+                          predicted=predict(costs, stage_costs), solver=info, profile_path=profile_path,
+                          candidates=space))
     return plans
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[2] / "paraplan"
 BASE = {"types", "errors", "units", "files", "models", "catalog", "__init__"}
-ORDER = ["profiler", "cost_models", "planner", "backends", "cli"]
+ORDER = ["profiler", "cost_models", "planner", "backends", "report", "cli"]  # report: figures of a plan
 
 
 def _layer(path: Path) -> str:
