@@ -125,8 +125,12 @@ def memory_figure(plan: Plan, costs: PlanCosts) -> Figure:
     used_of = {"host": [m.host_bytes for m in costs.memory], "NVMe": [m.nvme_bytes for m in costs.memory]}
     for a, (tier, (peak, cap)) in zip(axes, fills.items()):
         if tier in used_of:
-            a.bar(stages, [u / GiB for u in used_of[tier]], color="#56B4E9" if tier == "host" else "#999999",
-                  width=0.6)
+            # Not a device class's colour: what a rank keeps here is offloaded states and paged activations.
+            a.bar(stages, [u / GiB for u in used_of[tier]], color="#D55E00" if tier == "host" else "#6A3D9A",
+                  width=0.6, hatch="//", edgecolor="white",
+                  label="offloaded states + paged activations" if tier == "host" else "offloaded states")
+            if any(u > 0 for u in used_of[tier]):
+                a.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, 0.86), framealpha=0.9)
         red = tier == binding
         color = "#C00000" if red else "black"
         a.axhline(cap / GiB, color=color, linestyle="-" if red else "--", linewidth=2 if red else 1)
