@@ -824,6 +824,8 @@ class SolverInfo(_Frozen):
     search_time_s: float
     excluded: dict[str, int] = Field(default_factory=dict, description="Backend or mode rule -> candidates it "
                                                                        "excluded from the search.")
+    backend: str | None = Field(default=None, description="The --backend the search ran under: its rules and its "
+                                "cost profile (CostOptions.backend). None in plans written before it was kept.")
 
 
 class CandidateRecord(_Frozen):

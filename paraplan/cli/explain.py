@@ -199,7 +199,7 @@ def _has_backend_profiles() -> bool:
 
 
 # Backend cost profiles a plan may have been priced under, tried in this order when the caller does not know it
-# (a plan file does not record plan's --backend): the generic model, then plan's --backend values.
+# (plan files written before SolverInfo.backend was kept): the generic model, then plan's --backend values.
 BACKEND_GUESSES: tuple[str | None, ...] = (None, "any", "torch", "deepspeed", "unconstrained")
 
 
@@ -645,7 +645,8 @@ def explain_plans(plans: list[Plan], compare: list[str] | None = None, profile: 
         StrategyError: a ``--compare`` text that is malformed or names a strategy the model cannot run.
     """
     best = plans[0]
-    guesses = ((backend,) if backend is not None else ()) + BACKEND_GUESSES
+    recorded = (best.solver.backend,) if best.solver.backend is not None else ()  # plan.json keeps it
+    guesses = ((backend,) if backend is not None else ()) + recorded + BACKEND_GUESSES
     chosen = price_plan(best, profile, backends=guesses)
     if chosen.exact:
         guesses = (chosen.backend,) + guesses

@@ -983,7 +983,8 @@ def search_plans(
                             schedule=cand.schedule, ep=cand.ep, etp=cand.etp, routing_imbalance=routing_imbalance,
                             capacity_factor=capacity_factor, stages=stages)
         info = SolverInfo(status=status, gap=gap, solver="HiGHS via PuLP", candidates=n_cands,  # type: ignore
-                          milps_solved=solved, search_time_s=elapsed, excluded=rejected)
+                          milps_solved=solved, search_time_s=elapsed, excluded=rejected,
+                          backend=backend)
         plans.append(Plan(model=spec, cluster=cluster, train=train, strategy=strategy,
                           predicted=predict(costs, stage_costs), solver=info, profile_path=profile_path,
                           candidates=space))

@@ -142,9 +142,10 @@ def plan_costs(plan: Plan, profile: ModelProfile | None = None) -> PlanCosts:
 
     s = plan.strategy
     mode = Mode(s.zero_stage, s.offload_optimizer, s.offload_param, s.offload_ratio)
-    # The plan does not name the backend cost profile it was priced with: take the one that reproduces its stages.
+    # The cost profile the plan was priced with (plans written before it was recorded: the one that reproduces its
+    # stages).
     best = None
-    for backend in _backend_names():
+    for backend in dict.fromkeys([plan.solver.backend, *_backend_names()]):
         try:
             costs = plan_candidate_costs(plan, profile, backend)
         except StrategyError:

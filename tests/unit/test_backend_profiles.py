@@ -199,3 +199,19 @@ def test_eager_elementwise_is_slower_than_fused_for_llama_only():
         assert eager.step_time_s >= fused.step_time_s
     with pytest.raises(StrategyError, match="use fused or eager"):
         estimate_strategy(GPT, cluster, TRAIN, StrategySpec(**base, elementwise="compiled"))
+
+
+
+def test_a_plan_records_the_backend_whose_profile_priced_it():
+    # plan.json keeps --backend (SolverInfo.backend) so that report and explain re-price the plan with the same cost
+    # profile: the report's per-stage breakdown then reproduces the plan's stage times exactly.
+    from paraplan.planner.search import search_plans
+    from paraplan.report.breakdown import plan_costs
+
+    spec = load_model_spec("llama3-8b")
+    cluster = gpu_cluster(1, 8, "H100-80GB")
+    train = TrainSpec(global_batch=64, seq_len=4096)
+    for backend in ("torch", "deepspeed"):
+        plan = search_plans(spec, cluster, train, top_k=1, backend=backend)[0]
+        assert plan.solver.backend == backend
+        assert plan_costs(plan).mismatch < 1e-9
