@@ -607,13 +607,13 @@ def _least_stage_time_s(costs: CandidateCosts, compute, over, n, b_r, b_q, b_a, 
     overlap = costs.options.overlap_dp
     c = max(h2d, d2h, disk) if overlap else h2d + d2h + disk
     frac = np.linspace(0.0, 1.0, _PAGING_GRID + 1)
-    best = None
-    for lo, hi in zip(frac[:-1], frac[1:]):
-        f = compute + _least_recompute_s(costs, over - hi * n * b_a, n, b_r, b_q)
-        g = lo * n * c
-        val = np.maximum(f, g) if overlap else f + g
-        best = val if best is None else np.minimum(best, val)
-    return best
+    # All grid intervals at once, on a leading axis (one pass of numpy's small-array overhead instead of one each).
+    nd = max(np.ndim(x) for x in (compute, over, n, b_r, b_q, b_a))
+    lo, hi = (frac[:-1].reshape((-1,) + (1,) * nd), frac[1:].reshape((-1,) + (1,) * nd))
+    f = compute + _least_recompute_s(costs, over - hi * n * b_a, n, b_r, b_q)
+    g = lo * n * c
+    val = np.maximum(f, g) if overlap else f + g
+    return val.min(axis=0)
 
 
 def busiest_lower_bound(costs: CandidateCosts, modes: list[Mode], capacity: float, selective: bool,
@@ -660,7 +660,7 @@ def partition_lower_bound(costs: CandidateCosts, modes: list[Mode], capacity: fl
         (its max with compute when they overlap). Then ``step >= (m - w) T* + w sum_s t_s + U`` with
         ``sum_s t_s >= L t_block + sum_s fixed_s`` and ``U`` at least the least per-step extra of a stage holding
         ceil(L/p) or more blocks (:func:`_least_step_extra_s`; the stage with the most blocks has that many),
-        minimized over modes.
+        minimized over modes; ``sum_s t_s >= max_s t_s >= T*`` too, so the sum term is at least ``w T*``.
     """
     import numpy as np
 
@@ -708,7 +708,10 @@ def partition_lower_bound(costs: CandidateCosts, modes: list[Mode], capacity: fl
                 hi = mid
             else:
                 lo = mid + 1
-        return (m - w) * float(values[lo]) + w * total + extra
+        # sum_s t_s >= max_s t_s >= T* as well: with few micro-batches (m - w small) the sum term carries the bound,
+        # and the compute-only sum would drop a ZeRO traffic that sets the stage time.
+        t_star = float(values[lo])
+        return (m - w) * t_star + w * max(total, t_star) + extra
 
     per_mode = []
     for mode in modes:
