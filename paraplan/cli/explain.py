@@ -194,8 +194,6 @@ def _mfu(cluster: ClusterSpec, mfu: float) -> float | None:
     return mfu if cluster.device.kind == "cuda" else None
 
 
-def _has_backend_profiles() -> bool:
-    return "backend" in {f.name for f in dataclasses.fields(CostOptions)}
 
 
 # Backend cost profiles a plan may have been priced under, tried in this order when the caller does not know it
@@ -206,10 +204,9 @@ BACKEND_GUESSES: tuple[str | None, ...] = (None, "any", "torch", "deepspeed", "u
 def _plan_costs(plan: Plan, profile: ModelProfile | None, backend: str | None):
     """(costs, stage costs, per-stage counts) of ``plan``'s strategy and stages as the search builds them."""
     s = plan.strategy
-    extra = {"backend": backend} if _has_backend_profiles() else {}
     opts = CostOptions(vpp=s.vpp, cp=s.cp, sequence_parallel=s.sequence_parallel, selective_policy=s.selective_policy,
                        schedule=s.schedule, ep=s.ep, etp=s.etp, routing_imbalance=s.routing_imbalance,
-                       capacity_factor=s.capacity_factor, **extra)
+                       capacity_factor=s.capacity_factor, backend=backend)
     cluster = calibrate_cluster(plan.cluster, profile)
     costs = CandidateCosts(plan.model, cluster, plan.train, s.dp, s.tp, s.pp, s.micro_batch_size, profile, opts)
     mode = Mode(s.zero_stage, s.offload_optimizer, s.offload_param, s.offload_ratio)
@@ -238,7 +235,7 @@ def price_plan(plan: Plan, profile: ModelProfile | None = None, label: str = "ch
     pred = plan.predicted
     settings = _plan_settings(plan)
     tried = []
-    for backend in dict.fromkeys(backends if _has_backend_profiles() else (None,)):
+    for backend in dict.fromkeys(backends):
         try:
             costs, stages, counts = _plan_costs(plan, profile, backend)
             again = predict(costs, stages)
@@ -419,8 +416,7 @@ def resolve_compare(plan: Plan, text: str, backend: str | None = None) -> Strate
     same_layout = (knobs["pp"], knobs["vpp"], knobs["schedule"]) == (plan.strategy.pp, plan.strategy.vpp,
                                                                      plan.strategy.schedule)
     blocks = tuple(st.n_blocks for st in plan.strategy.stages) if same_layout and knobs["vpp"] == 1 else None
-    if _has_backend_profiles():  # priced under the chosen plan's backend cost profile
-        knobs["backend"] = backend
+    knobs["backend"] = backend  # priced under the chosen plan's backend cost profile
     return StrategySpec(stage_blocks=blocks, **knobs)
 
 

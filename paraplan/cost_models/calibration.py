@@ -228,7 +228,7 @@ def plan_costs_at(plan: Plan, cluster: ClusterSpec, profile: ModelProfile, backe
     kwargs = dict(vpp=s.vpp, cp=s.cp, sequence_parallel=s.sequence_parallel, selective_policy=s.selective_policy,
                   schedule=s.schedule, ep=s.ep, etp=s.etp, routing_imbalance=s.routing_imbalance,
                   capacity_factor=s.capacity_factor)
-    if backend is not None and "backend" in {f.name for f in dataclasses.fields(CostOptions)}:
+    if backend is not None:
         kwargs["backend"] = backend
     costs = CandidateCosts(plan.model, cluster, plan.train, s.dp, s.tp, s.pp, s.micro_batch_size, profile,
                            CostOptions(**kwargs))

@@ -64,12 +64,8 @@ class PlanCosts:
 
 def _backend_names() -> list[str | None]:
     """Backend cost profiles the planner may have priced a plan with (None: the generic cost model)."""
-    if "backend" not in {f.name for f in dataclasses.fields(CostOptions)}:
-        return [None]
-    try:
-        from paraplan.cost_models.backend_profiles import PROFILES
-    except ImportError:
-        return [None]
+    from paraplan.cost_models.backend_profiles import PROFILES
+
     return [None, *PROFILES, "unconstrained"]
 
 
