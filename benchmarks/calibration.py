@@ -28,7 +28,11 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results" / "calibration.md"
 CALIBRATE_ON = ["dp=2", "pp=2"]
-HELD_OUT = ["tp=2", "dp=2,zero=3", "dp=2,recompute=full", "pp=2,mb=1"]
+HELD_OUT = ["tp=2", "dp=2,zero=3", "dp=2,recompute=full", "pp=2,mb=1", "tp=2,mb=1", "dp=2,zero=3,mb=1"]
+STRATEGIES = CALIBRATE_ON + HELD_OUT
+# The second calibration set adds a tp and a ZeRO-3 run: the only runs that show their overheads
+# (calibration.COEFFICIENTS tp_overhead_s, zero3_fetch_overhead_s).
+CALIBRATION_SETS = [CALIBRATE_ON, CALIBRATE_ON + ["tp=2", "dp=2,zero=3"]]
 
 
 def _run_name(strategy: str) -> str:
@@ -36,7 +40,7 @@ def _run_name(strategy: str) -> str:
 
 
 def launch_all(models: list[str], backends: list[str], work: Path, steps: dict[str, int], global_batch: int,
-               seq_len: int, micro_batch: int) -> None:
+               seq_len: int, micro_batch: int, strategies: list[str]) -> None:
     import torch
 
     from paraplan.backends.launch import cpu_threads_per_process, launch_plan
@@ -58,7 +62,7 @@ def launch_all(models: list[str], backends: list[str], work: Path, steps: dict[s
         prof_path.write_text(profile.model_dump_json(indent=2))
         train = TrainSpec(global_batch=global_batch, seq_len=seq_len, dtype="fp32")
         for backend in backends:
-            for forced in CALIBRATE_ON + HELD_OUT:
+            for forced in strategies:
                 text = forced if "mb=" in forced else f"{forced},mb={micro_batch}"
                 plan = search_plans(spec, cluster, train, profile, parse_strategy(text), top_k=1, backend=backend,
                                     profile_path=str(prof_path))[0]
@@ -77,21 +81,22 @@ def launch_all(models: list[str], backends: list[str], work: Path, steps: dict[s
                 print(f"{name} {backend} {forced}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
 
 
-def analyze(models: list[str], backends: list[str], work: Path) -> tuple[list[dict], list[dict]]:
+def analyze(models: list[str], backends: list[str], work: Path, calibrate_on: list[str], strategies: list[str]
+            ) -> tuple[list[dict], list[dict]]:
     from paraplan.cost_models.calibration import fit_calibration, predict_calibrated, read_run
 
     rows, cals = [], []
     for name in models:
         for backend in backends:
             base = work / name / backend
-            cal = fit_calibration([read_run(base / _run_name(s)) for s in CALIBRATE_ON])
+            cal = fit_calibration([read_run(base / _run_name(s)) for s in calibrate_on])
             cals.append({"model": name, "backend": backend, **cal.model_dump(exclude={"runs", "prior"})})
-            for forced in CALIBRATE_ON + HELD_OUT:
+            for forced in strategies:
                 run = read_run(base / _run_name(forced))
                 step, peak = predict_calibrated(cal, run.plan, run.profile)
                 rows.append({
                     "model": name, "backend": backend, "strategy": forced,
-                    "role": "calibration" if forced in CALIBRATE_ON else "held-out",
+                    "role": "calibration" if forced in calibrate_on else "held-out",
                     "plan": _plan_label(run.plan), "steps_timed": len(run.timed),
                     "measured_step_s": run.measured_step_s, "uncal_step_s": run.plan.predicted.step_time_s,
                     "cal_step_s": step, "measured_mem": run.measured_peak_bytes,
@@ -173,10 +178,12 @@ def repeat_noise(rows: list[dict], other: Path, models: list[str], backends: lis
 
 def coefficients(cals: list[dict]) -> str:
     out = ["| model | backend | compute fwd x | compute bwd x | link time x | latency (ms) | optimizer x | "
-           "per-step (s) | memory x | memory offset (MiB) |", "|---|---|---|---|---|---|---|---|---|---|"]
+           "tp per block (ms) | ZeRO-3 per fetch (ms) | per-step (s) | memory x | memory offset (MiB) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in cals:
         out.append(f"| {c['model']} | {c['backend']} | {c['compute_scale_fwd']:.2f} | {c['compute_scale_bwd']:.2f} | "
                    f"{c['link_time_scale']:.2f} | {c['latency_s'] * 1e3:.2f} | {c['optimizer_scale']:.2f} | "
+                   f"{c['tp_overhead_s'] * 1e3:.1f} | {c['zero3_fetch_overhead_s'] * 1e3:.1f} | "
                    f"{c['step_overhead_s']:.3f} | {c['memory_scale']:.2f} | {c['memory_offset_bytes'] / 2**20:.0f} |")
     return "\n".join(out)
 
@@ -196,24 +203,38 @@ def main() -> None:
     parser.add_argument("--repeat-of", type=Path, default=None,
                         help="Work dir of an earlier invocation with the same runs: report how far the measured step "
                              "times of the two differ (run-to-run noise of the machine).")
+    parser.add_argument("--calibrate-on", action="append", default=None,
+                        help="Strategies to calibrate on, ';'-separated (the others are held out); repeat for "
+                             "several calibrations (default: dp=2;pp=2 and dp=2;pp=2;tp=2;dp=2,zero=3).")
+    parser.add_argument("--strategies", default=";".join(STRATEGIES),
+                        help="Strategies launched and tabulated, ';'-separated (--strategy syntax).")
     args = parser.parse_args()
     models, backends = args.models.split(","), args.backends.split(",")
+    strategies = args.strategies.split(";")
+    sets = [c.split(";") for c in args.calibrate_on] if args.calibrate_on else CALIBRATION_SETS
+    if any(not set(c) <= set(strategies) for c in sets):
+        parser.error("--calibrate-on names a strategy not in --strategies")
     meta_path = args.work_dir / "launch_meta.json"
     if not args.analyze_only:
         load_start = os.getloadavg()[0]
         t0 = time.perf_counter()
         steps = {m: args.steps_small if "small" in m else args.steps_tiny for m in models}
-        launch_all(models, backends, args.work_dir, steps, args.global_batch, args.seq_len, args.micro_batch)
+        launch_all(models, backends, args.work_dir, steps, args.global_batch, args.seq_len, args.micro_batch,
+                   strategies)
         meta_path.write_text(json.dumps({"load_start": load_start, "load_end": os.getloadavg()[0],
                                          "minutes": (time.perf_counter() - t0) / 60}))
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    rows, cals = analyze(models, backends, args.work_dir)
-    text = (f"{table(rows)}\n\nFitted coefficients (calibrated on {' and '.join(CALIBRATE_ON)}):\n\n"
-            f"{coefficients(cals)}\n\n{summary(rows)}\n{noise(rows)}\n")
+    text, dump = "", []
+    for calibrate_on in sets:
+        rows, cals = analyze(models, backends, args.work_dir, calibrate_on, strategies)
+        text += (f"## Calibrated on {' + '.join(calibrate_on)}\n\n{table(rows)}\n\nFitted coefficients:\n\n"
+                 f"{coefficients(cals)}\n\n{summary(rows)}\n\n")
+        dump.append({"calibrate_on": calibrate_on, "rows": rows, "calibrations": cals})
+    text += noise(rows) + "\n"
     if args.repeat_of is not None:
         text += repeat_noise(rows, args.repeat_of, models, backends) + "\n"
     print(text)
-    (args.work_dir / "calibration_rows.json").write_text(json.dumps({"rows": rows, "calibrations": cals}, indent=2))
+    (args.work_dir / "calibration_rows.json").write_text(json.dumps(dump, indent=2))
     if args.write:
         header = (f"Command: `python benchmarks/calibration.py {' '.join(sys.argv[1:])}`; cpu:2 (gloo, "
                   f"{os.cpu_count()} cores), global batch {args.global_batch}, seq {args.seq_len}, micro-batch {args.micro_batch} unless the "

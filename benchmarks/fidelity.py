@@ -96,7 +96,7 @@ FRAMEWORKS = {
     "torchtitan_2024": Framework(
         "torchtitan (2024-25)", "flash2", True, 3, True, False,
         "FSDP2 with prefetch; torch SDPA (FlashAttention-2 backend); its TP plan shards norms with "
-        "SequenceParallel (sequence parallelism on when tp > 1); async TP only where the row says so", "torch"),
+        "SequenceParallel (sequence parallelism on when tp > 1); async TP only where the row says so", "torchtitan"),
 }
 GROUP_FRAMEWORK = {
     "megatron_sc21_table1": "megatron_2021", "megatron_sc21_table2": "megatron_2021",

@@ -457,6 +457,14 @@ class ModelProfile(_Frozen):
     cpu_threads: int | None = Field(default=None, description="torch intra-op threads of a CPU profile.")
     layers: list[LayerProfile]
     links: list[LinkProfile] = Field(default_factory=list)
+    tp_block_overhead_s: float = Field(
+        default=0.0, ge=0, description="Seconds per tensor-parallel block per micro-batch (forward + backward, split "
+        "as the block's measured times) beyond its sharded compute and priced collectives: DTensor dispatch, "
+        "processes waiting for each other at every collective. 0 unless set by a calibration (paraplan calibrate).")
+    zero3_fetch_overhead_s: float = Field(
+        default=0.0, ge=0, description="Seconds per ZeRO-3 parameter fetch (one per fetch unit of the backend cost "
+        "profile, forward and backward, every micro-batch) beyond the all-gather itself: hooks, the parameter "
+        "coordinator. 0 unless set by a calibration.")
 
     def micro_batch_sizes(self) -> list[int]:
         return sorted({lp.micro_batch_size for lp in self.layers})

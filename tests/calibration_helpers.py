@@ -33,22 +33,25 @@ def hand_profile() -> ModelProfile:
 
 TRUE = {"compute_scale_fwd": 1.6, "compute_scale_bwd": 1.3, "link_time_scale": 2.0, "latency_s": 4e-4,
         "optimizer_scale": 1.5, "step_overhead_s": 0.05}
+# Overheads seen only by runs with tp > 1 / ZeRO-3 (of the order measured on cpu:2: benchmarks/results/calibration.md).
+TRUE_OVERHEADS = {"tp_overhead_s": 0.02, "zero3_fetch_overhead_s": 0.004}
 MEM_SCALE, MEM_OFFSET = 1.1, 50 * MiB
 
 
-def synthetic_run(tmp: Path, **plan_kw) -> RunData:
-    """A run whose measurements follow the cost model at the TRUE coefficients: step times, and phases built by
-    hand from the profile's layer times (forward of stage 0, backward of the last stage, optimizer, and the
-    collectives of a run without pipelining)."""
-    plan = make_plan(cluster="cpu:2", seq_len=SEQ, global_batch=8, micro_batch_size=2, **plan_kw)
+def synthetic_run(tmp: Path, global_batch: int = 8, **plan_kw) -> RunData:
+    """A run whose measurements follow the cost model at the TRUE coefficients and TRUE_OVERHEADS: step times, and
+    phases built by hand from the profile's layer times (forward of stage 0, backward of the last stage, optimizer,
+    and the collectives of a run without pipelining or tensor parallelism: the gloo time, without the overheads)."""
+    plan = make_plan(cluster="cpu:2", seq_len=SEQ, global_batch=global_batch, micro_batch_size=2, **plan_kw)
     prof = hand_profile()
     uncal = predict(*plan_costs_at(plan, *transform_inputs(plan.cluster, prof, 1, 1, 1, 250e-6 - 65536 / 1e9, 1),
                                    "torch"))
     plan = plan.model_copy(update={"predicted": uncal, "profile_path": None})
     t = TRUE
-    truth = predict(*plan_costs_at(plan, *transform_inputs(plan.cluster, prof, t["compute_scale_fwd"],
-                                                           t["compute_scale_bwd"], t["link_time_scale"],
-                                                           t["latency_s"], t["optimizer_scale"]), "torch"))
+    args = (t["compute_scale_fwd"], t["compute_scale_bwd"], t["link_time_scale"], t["latency_s"], t["optimizer_scale"])
+    truth = predict(*plan_costs_at(plan, *transform_inputs(plan.cluster, prof, *args, *TRUE_OVERHEADS.values()),
+                                   "torch"))
+    wire = predict(*plan_costs_at(plan, *transform_inputs(plan.cluster, prof, *args), "torch"))  # no overheads
     s, n = plan.strategy, load_model_spec("llama-tiny").n_layers
     world, m = s.dp * s.pp, s.grad_accum
     blocks = [st.n_blocks for st in s.stages]
@@ -58,8 +61,8 @@ def synthetic_run(tmp: Path, **plan_kw) -> RunData:
     phases = {"forward_s": [t["compute_scale_fwd"] * fwd0] * world,
               "backward_s": [t["compute_scale_bwd"] * bwd_last] * world,
               "optimizer_s": [truth.optimizer_s] * world, "comm_s": {}, "comm_count": {}, "step_s": [step] * world}
-    if s.pp == 1:  # the gradient all-reduce of fp32 gradients over 2 ranks: latency + bytes / bus bandwidth
-        comm = truth.dp_comm_s
+    if s.pp == 1 and s.tp == 1:  # the gradients' (ZeRO-3: and parameters') collectives: latency + bytes / bus bw
+        comm = wire.dp_comm_s
         phases["comm_s"] = {"all_reduce": [comm, comm + 0.01]}
         phases["comm_count"] = {"all_reduce": [1, 1]}
     peak = MEM_SCALE * uncal.peak_memory_bytes + MEM_OFFSET

@@ -4,7 +4,11 @@ The plan file carries what a new search needs (model, cluster, training setup, t
 re-run for the ``k`` best plans (no strategy forced: a plan does not record the ``--strategy`` it was made with),
 each is launched for a few steps with per-phase times into ``<run_dir>/trials/<i>``, the calibration
 (``paraplan.cost_models.calibration``) is fitted on all of them and written to ``<run_dir>/calibration.json``, and
-the search is run again on the calibrated inputs. What the caller then launches is the calibrated best plan.
+the search is run again on the calibrated inputs. When the calibrated best plan uses a mechanism no trial exercised
+(tensor parallelism, ZeRO-3: their overheads are fitted only from runs that have them,
+``calibration.uncovered_mechanisms``), that plan is tried too and the calibration re-fitted, up to
+:data:`MAX_EXTRA_TRIALS` times, so the plan launched is never picked on an overhead nobody measured. What the caller
+then launches is the calibrated best plan.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ from pathlib import Path
 
 from paraplan.backends.launch import launch_plan
 from paraplan.cost_models.calibration import (
-    Calibration, apply_calibration, calibrated_plan, fit_calibration, read_run, write_calibration,
+    Calibration, apply_calibration, calibrated_plan, fit_calibration, read_run, uncovered_mechanisms,
+    write_calibration,
 )
 from paraplan.errors import LaunchError
 from paraplan.files import read_model, write_atomic
@@ -23,6 +28,7 @@ from paraplan.types import ModelProfile, Plan
 
 TRIALS_DIR = "trials"
 CALIBRATION_FILE = "calibration.json"
+MAX_EXTRA_TRIALS = 2
 
 
 @dataclass(frozen=True)
@@ -58,16 +64,24 @@ def calibrate_by_trial(plan: Plan, backend: str, run_dir: Path, top_k: int = 2, 
                          "re-run `paraplan profile` and plan with it")
     trials = search_plans(plan.model, plan.cluster, plan.train, profile, top_k=top_k, backend=backend,  # type: ignore
                           profile_path=plan.profile_path)
-    dirs = []
-    for i, trial in enumerate(trials):
-        d = run_dir / TRIALS_DIR / str(i)
+    dirs: list[Path] = []
+
+    def trial_run(trial: Plan) -> None:
+        d = run_dir / TRIALS_DIR / str(len(dirs))
         launch_plan(trial, backend, d, steps=steps, data=data, quiet=quiet, phase_times=True)  # type: ignore
         dirs.append(d)
-    cal = fit_calibration([read_run(d) for d in dirs])
+
+    for trial in trials:
+        trial_run(trial)
+    for extra in range(MAX_EXTRA_TRIALS + 1):
+        cal = fit_calibration([read_run(d) for d in dirs])
+        cluster, cal_profile = apply_calibration(cal, plan.cluster, profile)
+        best = search_plans(plan.model, cluster, plan.train, cal_profile, top_k=1, backend=backend,  # type: ignore
+                            profile_path=plan.profile_path)[0]
+        if extra == MAX_EXTRA_TRIALS or not uncovered_mechanisms(cal, best):
+            break
+        trial_run(best)  # the pick rests on an overhead no trial measured: measure it
     write_calibration(cal, run_dir / CALIBRATION_FILE)
-    cluster, cal_profile = apply_calibration(cal, plan.cluster, profile)
-    best = search_plans(plan.model, cluster, plan.train, cal_profile, top_k=1, backend=backend,  # type: ignore
-                        profile_path=plan.profile_path)[0]
     best = calibrated_plan(cal, best, plan.cluster.device.memory_bytes)
     write_atomic(run_dir / "plan.calibrated.json", best.model_dump_json(indent=2))
     return TrialResult(cal, best, dirs)

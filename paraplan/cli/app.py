@@ -371,9 +371,12 @@ def plan_cmd(
                              memory_fraction=memory_fraction, progress=on_progress,
                              routing_imbalance=routing_imbalance, capacity_factor=capacity_factor)
     if cal is not None:
-        from paraplan.cost_models.calibration import calibrated_plan
+        from paraplan.cost_models.calibration import calibrated_plan, coverage_warning
 
         plans = [calibrated_plan(cal, p, capacity) for p in plans]
+        note = coverage_warning(cal, plans[0])
+        if note:
+            err_console.print(f"[yellow]note:[/] {note}")
     _warn_thread_mismatch(prof, clus)
     why = None
     if explain:  # a bad --compare fails before the plan is written

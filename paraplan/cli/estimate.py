@@ -194,7 +194,7 @@ def register(app: typer.Typer, guard) -> None:
                           overlap_tp=tp_comm_overlap, backend=backend, elementwise=elementwise, **knobs)
         if calibration is not None:  # priced on the calibrated inputs (paraplan.cost_models.calibration)
             from paraplan.cost_models.calibration import (
-                apply_calibration, calibrated_estimate, check_calibration, read_calibration,
+                apply_calibration, calibrated_estimate, check_calibration, coverage_warning, read_calibration,
             )
 
             cal = read_calibration(calibration)
@@ -202,6 +202,9 @@ def register(app: typer.Typer, guard) -> None:
             cal_clus, cal_prof = apply_calibration(cal, clus, prof)
             est = calibrated_estimate(cal, estimate_strategy(spec, cal_clus, train, st, cal_prof),
                                       clus.device.memory_bytes)
+            note = coverage_warning(cal, st)
+            if note:
+                cli.err_console.print(f"[yellow]note:[/] {note}")
         else:
             est = estimate_strategy(spec, clus, train, st, prof)
         source = "profile" if prof is not None else "analytic"

@@ -13,6 +13,9 @@ A profile states, for mixed-precision (bf16/fp16) training with Adam:
     - whether tied embeddings are synchronized between the first and last pipeline stage (an all-reduce of the
       embedding gradient every step) and whether pipeline messages are scattered over the tp ranks;
     - fixed per-step work besides the optimizer's own state pass: passes over the gradients (norm, zeroing).
+    - the tensor-parallel collectives of one transformer block per micro-batch, forward and backward, without
+      and with sequence parallelism (Megatron's fused QKV and gate/up projections need one collective per
+      sub-layer; a DTensor plan sharding q, k, v, gate and up separately reduces each one's input gradient).
 fp32 training keeps every state in fp32 in all three frameworks: 4 + 4 + 8 bytes, reductions in fp32.
 
 What overlaps is not a profile field: ``CostOptions.overlap_dp`` (on for CUDA clusters) states it, and the
@@ -32,7 +35,7 @@ so every cost it gives is at least each of theirs (costs grow with bytes, collec
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from paraplan.cost_models import transformer as tf
 from paraplan.errors import StrategyError
@@ -41,6 +44,26 @@ from paraplan.types import ModelSpec
 FETCH_GRANULARITIES = ("tensor", "module", "block")  # finest first: more all-gathers per block
 
 StateBytes = tuple[float, float, float]  # (parameters, gradients, optimizer states) bytes per parameter
+# Sequence parallelism on? -> (forward, backward) {collective: count} of one block per micro-batch, each on the block's
+# whole activation b s h (comm.collective_time_s sizes: an all-reduce, or the gathered size of an all-gather /
+# reduce-scatter).
+TpCollectives = dict[bool, tuple[dict[str, int], dict[str, int]]]
+MEGATRON_TP_COLLECTIVES: TpCollectives = {
+    False: ({"all_reduce": 2}, {"all_reduce": 2}),
+    True: ({"reduce_scatter": 2, "all_gather": 2}, {"reduce_scatter": 2, "all_gather": 2}),
+}
+# paraplan's torch trainer (torch_native.LLAMA_TP_PLAN, DTensor parallelize_module; DeepSpeed's AutoTP alike): q, k,
+# v, gate and up are separate ColwiseParallel modules, each turning its replicated input into a DTensor with
+# from_local, whose backward redistributes the Partial input gradient to Replicate (torch/distributed/tensor/_api.py
+# _FromTorchTensor.backward): an all-reduce per module, 5 per block. Forward: the two RowwiseParallel outputs
+# (all-reduce; with sequence parallelism reduce-scatter, and the two PrepareModuleInput all-gathers). Counted with
+# `launch --phases` on cpu:2 (llama-tiny, tp 2, 4 micro-batches of 6 blocks): 170 all-reduces per step without
+# sequence parallelism (4 x 6 x 7 + 2), and with it 104 all-gathers (4 x 6 x 4 + 8), 48 reduce-scatters (4 x 6 x 2)
+# and 134 all-reduces (4 x 6 x 5 + 14: the norm weights' Partial gradients, per step).
+DTENSOR_TP_COLLECTIVES: TpCollectives = {
+    False: ({"all_reduce": 2}, {"all_reduce": 5}),
+    True: ({"reduce_scatter": 2, "all_gather": 2}, {"all_reduce": 5, "all_gather": 2}),
+}
 
 
 @dataclass(frozen=True)
@@ -64,6 +87,8 @@ class BackendCostProfile:
             all-reduce of the embedding gradient between the first and last stage, every step.
         p2p_scatter_gather: pipeline messages are split over the tp ranks (each sends ``1/tp``).
         grad_passes_per_step: memory passes over the gradients per step besides the optimizer's (norm, zeroing).
+        tp_collectives: sequence parallelism on? -> (forward, backward) tensor-parallel collectives of one block
+            per micro-batch, ``{op: count}`` on the block's activation (:data:`TpCollectives`).
         sources: field -> where the framework sets it.
     """
 
@@ -80,6 +105,7 @@ class BackendCostProfile:
     tied_embedding_sync: bool = False
     p2p_scatter_gather: bool = False
     grad_passes_per_step: int = 0
+    tp_collectives: TpCollectives = field(default_factory=lambda: MEGATRON_TP_COLLECTIVES)
     sources: dict[str, str] = field(default_factory=dict)
 
     def states(self, zero_stage: int, dtype: str) -> StateBytes:
@@ -108,8 +134,12 @@ PROFILES: dict[str, BackendCostProfile] = {
         state_bytes={0: (2, 6, 12), 1: (2, 6, 12), 2: (2, 6, 12), 3: (2, 4, 12)},
         grad_reduce_bytes={0: 4, 1: 4, 2: 2, 3: 2}, param_gather_bytes={s: 2 for s in _ALL},
         zero1_grad_collective="all_reduce", zero3_fetch="module", grad_bucket_elements=DEEPSPEED_BUCKET_ELEMENTS,
-        tied_embedding_sync=True, grad_passes_per_step=2,
+        tied_embedding_sync=True, grad_passes_per_step=2, tp_collectives=DTENSOR_TP_COLLECTIVES,
         sources={
+            "tp_collectives": "AutoTP (deepspeed/module_inject/auto_tp.py) replaces q, k, v, gate and up by "
+                              "separate LinearLayer modules, each all-reducing its input gradient "
+                              "(module_inject/layers.py ColumnParallel.backward), o and down by LinearAllreduce: "
+                              "the DTENSOR_TP_COLLECTIVES counts (170 all-reduces per step measured as for torch)",
             "state_bytes": "ZeRO-0/1 with bf16 run runtime/bf16_optimizer.py BF16_Optimizer: bf16 params and grads, "
                            "a full fp32 gradient accumulator (fp32_groups_gradients_flat), fp32 master + Adam "
                            "moments partitioned (fp32_groups_flat_partition): 2 + 6 + 12; ZeRO-2 "
@@ -136,7 +166,11 @@ PROFILES: dict[str, BackendCostProfile] = {
         state_bytes={0: (4, 4, 8), 1: (4, 4, 8), 2: (2, 4, 12), 3: (4, 4, 8)},
         grad_reduce_bytes={s: 4 for s in _ALL}, param_gather_bytes={0: 4, 1: 4, 2: 2, 3: 2},
         zero1_grad_collective="all_reduce", zero3_fetch="block", grad_bucket_elements=TORCH_DDP_BUCKET_ELEMENTS,
+        tp_collectives=DTENSOR_TP_COLLECTIVES,
         sources={
+            "tp_collectives": "torch_native.LLAMA_TP_PLAN under DTensor parallelize_module: DTENSOR_TP_COLLECTIVES "
+                              "(torchtitan fuses no projections either, but its PrepareModuleInput keeps DTensors, "
+                              "so with sequence parallelism it reduces once per sub-layer)",
             "state_bytes": "ZeRO-0/1: fp32 parameters under torch.autocast (paraplan/backends/torch_native.py "
                            "_mixed_precision), fp32 gradients, Adam 8; ZeRO-2/3: FSDP2 keeps the sharded fp32 "
                            "parameter as the master (torch/distributed/fsdp/_fully_shard, MixedPrecisionPolicy "
@@ -177,6 +211,9 @@ PROFILES: dict[str, BackendCostProfile] = {
             "grad_passes_per_step": "optimizer clip_grad 1.0 default: gradient norm (read main grads); "
                                     "zero_grad_buffer (write)",
             "zero3_fetch": "Megatron-FSDP shards per transformer layer (not used by the published runs)",
+            "tp_collectives": "megatron/core/tensor_parallel/layers.py: fused QKV and fc1 ColumnParallelLinear "
+                              "all-reduce (SP: reduce-scatter) their input gradient once, RowParallelLinear "
+                              "all-reduces (SP: reduce-scatters) its output: 2 + 2 per block (Shoeybi et al. sec. 3)",
         }),
 }
 
@@ -204,6 +241,16 @@ PROFILES["deepspeed_2021"] = BackendCostProfile(
                             "torch.distributed.all_gather per parameter tensor",
              "grad_reduce_bytes": "engine.communication_data_type of 2021: fp16 when fp16 or any ZeRO stage is on"})
 
+PROFILES["torchtitan"] = replace(
+    PROFILES["torch"], name="torchtitan", title="torchtitan (FSDP2 + DTensor TP with sequence parallelism)",
+    tp_collectives={False: DTENSOR_TP_COLLECTIVES[False], True: MEGATRON_TP_COLLECTIVES[True]},
+    sources={**PROFILES["torch"].sources,
+             "tp_collectives": "torchtitan/models/llama3/infra/parallelize.py apply_tp: PrepareModuleInput on the "
+                               "attention and feed-forward keeps the gathered input a DTensor (use_local_output "
+                               "False), so the Partial input gradients of wq, wk, wv (w1, w3) add up as DTensors and "
+                               "are reduce-scattered once per sub-layer: Megatron's counts with sequence "
+                               "parallelism, which torchtitan turns on with tp"})
+
 CLI_BACKENDS = ("deepspeed", "torch", "megatron")
 
 
@@ -212,6 +259,9 @@ def _worst(a: BackendCostProfile, b: BackendCostProfile) -> BackendCostProfile:
     def mx(x: dict, y: dict) -> dict:
         return {k: tuple(max(p, q) for p, q in zip(x[k], y[k])) if isinstance(x[k], tuple) else max(x[k], y[k])
                 for k in x}
+
+    def mx_counts(x: dict[str, int], y: dict[str, int]) -> dict[str, int]:
+        return {op: max(x.get(op, 0), y.get(op, 0)) for op in {**x, **y}}
 
     fetch = min(a.zero3_fetch, b.zero3_fetch, key=FETCH_GRANULARITIES.index)
     return BackendCostProfile(
@@ -224,6 +274,8 @@ def _worst(a: BackendCostProfile, b: BackendCostProfile) -> BackendCostProfile:
         nccl_latency=a.nccl_latency or b.nccl_latency, tied_embedding_sync=a.tied_embedding_sync or
         b.tied_embedding_sync, p2p_scatter_gather=a.p2p_scatter_gather and b.p2p_scatter_gather,
         grad_passes_per_step=max(a.grad_passes_per_step, b.grad_passes_per_step),
+        tp_collectives={sp: tuple(mx_counts(x, y) for x, y in zip(a.tp_collectives[sp], b.tp_collectives[sp]))
+                        for sp in (False, True)},  # type: ignore[misc]
         sources={"any": f"field-wise maximum of {a.name} and {b.name}"})
 
 

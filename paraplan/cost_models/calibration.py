@@ -13,6 +13,13 @@ with ``--phases``, the per-phase times of one step: ``paraplan.backends.phases``
     optimizer_scale                       the device optimizer step (memory bandwidth divided by it)
     step_overhead_s                       fixed work per step the model does not price (loss and gradient-norm
                                           reductions, DDP buffer broadcasts, data, Python)
+    tp_overhead_s                         seconds per tensor-parallel block per micro-batch beyond its sharded
+                                          compute and priced collectives (``ModelProfile.tp_block_overhead_s``):
+                                          DTensor dispatch, and the processes waiting for each other at each of the
+                                          block's collectives; identifiable only from a run with tp > 1
+    zero3_fetch_overhead_s                seconds per ZeRO-3 parameter fetch beyond the all-gather
+                                          (``ModelProfile.zero3_fetch_overhead_s``): module hooks, the parameter
+                                          coordinator; identifiable only from a ZeRO-3 run
     memory_scale, memory_offset_bytes     ``measured peak = memory_scale x predicted + memory_offset_bytes``: the
                                           runtime's own memory (RSS on CPU includes libtorch, Python and the
                                           allocator's fragmentation) and what the model does not see
@@ -24,10 +31,11 @@ the slowest at every basis point, checked: :attr:`CalibrationRun.additivity_erro
 least-squares problem on relative errors (each equation divided by its measurement) over
 - each run's step time (median of the steps after the first :data:`WARMUP_STEPS`; weight :data:`STEP_WEIGHT`),
 - its phases where they time one coefficient's work alone: the forward of the first pipeline stage (nothing to wait
-  for) and the backward of the last (``compute_scale_*``, against the stage's profiled times), the optimizer step
-  (``optimizer_scale``), and the collectives of a run without pipeline or tensor parallelism, taking the rank that
-  waited least (``link_time_scale``, ``latency_s``); the profiled step gives the split of a step into phases and
-  the timed steps its level (phases are scaled by measured step / profiled step's wall time),
+  for; not with tensor parallelism or ZeRO-3, whose forwards wait for collectives) and the backward of the last
+  (``compute_scale_*``, against the stage's profiled times), the optimizer step (``optimizer_scale``), and the
+  collectives of a run without pipeline parallelism, taking the rank that waited least (``link_time_scale``,
+  ``latency_s``); the profiled step gives the split of a step into phases and the timed steps its level (phases
+  are scaled by measured step / profiled step's wall time),
 - a weak prior (weight :data:`PRIOR_WEIGHT`) pulling each coefficient to its uncalibrated value (1, the profile's
   latency, 0), so coefficients the runs cannot tell apart stay where the uncalibrated model put them;
 solved exactly by trying every set of coefficients held at zero (Lawson and Hanson 1974, ch. 23: the NNLS solution
@@ -37,8 +45,10 @@ Applying (:func:`apply_calibration`): the inputs are transformed, not the cost m
 are scaled, its link measurements replaced by the fitted figures on the cluster, the device memory bandwidth
 divided by ``optimizer_scale``; the device capacity a plan may fill becomes ``(capacity - offset) / scale`` so the
 planner's memory check sees the calibrated peak. :func:`calibrated_prediction` adds ``step_overhead_s`` and maps
-the peak. Not fitted (the calibration runs do not separate them): per-layer-kind compute scales (one pair for all
-kinds), a ZeRO-3 per-fetch overhead, offload and NVMe rates.
+the peak. The tp and ZeRO-3 overheads are fitted only when a run exercises them (``Calibration.mechanisms``); a
+plan using one the runs did not see is priced with it at 0 and ``plan``/``estimate`` say so
+(:func:`coverage_warning`). Not fitted (the calibration runs do not separate them): per-layer-kind compute scales
+(one pair for all kinds), offload and NVMe rates.
 """
 
 from __future__ import annotations
@@ -66,7 +76,7 @@ PRIOR_WEIGHT = 0.1
 # coefficients, so a step-time equation weighs as much as the (up to four) phase equations of its run together.
 STEP_WEIGHT = 3.0
 COEFFICIENTS = ("compute_scale_fwd", "compute_scale_bwd", "link_time_scale", "latency_s", "optimizer_scale",
-                "step_overhead_s")
+                "tp_overhead_s", "zero3_fetch_overhead_s", "step_overhead_s")
 _HUGE = 1e30  # a bandwidth that makes a term vanish (ClusterSpec fields must stay > 0)
 
 
@@ -109,6 +119,13 @@ class Calibration(BaseModel):
     latency_s: float = Field(ge=0, description="Per-collective latency, seconds.")
     optimizer_scale: float = Field(ge=0, description="Multiplies the device optimizer step.")
     step_overhead_s: float = Field(ge=0, description="Fixed seconds per step added to the prediction.")
+    tp_overhead_s: float = Field(default=0.0, ge=0, description="Seconds per tensor-parallel block per micro-batch "
+                                 "(ModelProfile.tp_block_overhead_s).")
+    zero3_fetch_overhead_s: float = Field(default=0.0, ge=0, description="Seconds per ZeRO-3 parameter fetch "
+                                          "(ModelProfile.zero3_fetch_overhead_s).")
+    mechanisms: list[str] = Field(default_factory=list, description="Mechanisms the runs exercised, whose "
+                                  "overhead coefficients the fit could set: 'tp' (a run with tp > 1), 'zero3' (a "
+                                  "ZeRO-3 run). A plan using another one is priced with that overhead at 0.")
     memory_scale: float = Field(gt=0, description="Calibrated peak = memory_scale x predicted + offset.")
     memory_offset_bytes: float = Field(description="Calibrated peak = memory_scale x predicted + offset.")
     prior: dict[str, float] = Field(description="Uncalibrated value of each coefficient (the fit's prior).")
@@ -197,15 +214,18 @@ def read_run(run_dir: Path, profile_path: Path | None = None) -> RunData:
 # ---- the cost model at given inputs ----------------------------------------------------------------------------
 
 def transform_inputs(cluster: ClusterSpec, profile: ModelProfile, fwd: float, bwd: float, link: float,
-                     latency: float, optimizer: float) -> tuple[ClusterSpec, ModelProfile]:
+                     latency: float, optimizer: float, tp_overhead: float = 0.0, zero3_fetch_overhead: float = 0.0
+                     ) -> tuple[ClusterSpec, ModelProfile]:
     """``(cluster, profile)`` with layer times scaled by ``fwd``/``bwd``, every link's bandwidth divided by
-    ``link`` (0: free), latency set to ``latency`` seconds and the memory bandwidth divided by ``optimizer``
-    (0: free). The profile's link measurements are applied first (``links.calibrate_cluster``) and then dropped,
-    so the search does not apply them again over the calibrated figures."""
+    ``link`` (0: free), latency set to ``latency`` seconds, the memory bandwidth divided by ``optimizer``
+    (0: free) and the profile's tp and ZeRO-3 overheads set (seconds). The profile's link measurements are applied
+    first (``links.calibrate_cluster``) and then dropped, so the search does not apply them again over the
+    calibrated figures."""
     cluster = calibrate_cluster(cluster, profile)
     layers = [lp.model_copy(update={"fwd_time_s": lp.fwd_time_s * fwd, "bwd_time_s": lp.bwd_time_s * bwd})
               for lp in profile.layers]
-    profile = profile.model_copy(update={"layers": layers, "links": []})
+    profile = profile.model_copy(update={"layers": layers, "links": [], "tp_block_overhead_s": tp_overhead,
+                                         "zero3_fetch_overhead_s": zero3_fetch_overhead})
 
     def bw(v: float) -> float:
         return v / link if link > 0 else _HUGE
@@ -242,7 +262,8 @@ def plan_costs_at(plan: Plan, cluster: ClusterSpec, profile: ModelProfile, backe
 def _predict_at(run: RunData, x: dict[str, float], prior_latency: float) -> Prediction:
     cluster, profile = transform_inputs(run.plan.cluster, run.profile, x["compute_scale_fwd"],
                                         x["compute_scale_bwd"], x["link_time_scale"],
-                                        x.get("latency_s", prior_latency), x["optimizer_scale"])
+                                        x.get("latency_s", prior_latency), x["optimizer_scale"],
+                                        x.get("tp_overhead_s", 0.0), x.get("zero3_fetch_overhead_s", 0.0))
     return predict(*plan_costs_at(run.plan, cluster, profile, run.backend))
 
 
@@ -301,12 +322,15 @@ def _equations(runs: list[RunData], prior_lat: float) -> tuple[list[list[float]]
     """Rows ``(coefficients' columns, measurement)`` of the step-time fit (module docstring) and the divisor of
     each (its measurement over its weight: relative errors, step times weighted :data:`STEP_WEIGHT`)."""
     rows, meas, weights = [], [], []
+
+    def add(cols: dict[str, float], value: float, weight: float = 1.0) -> None:
+        rows.append([cols.get(c, 0.0) for c in COEFFICIENTS])
+        meas.append(value)
+        weights.append(weight)
+
     for run in runs:
-        weights += [1.0] * (len(meas) - len(weights))  # the previous run's phase equations
         cols = {c: _predict_at(run, _basis(c), prior_lat).step_time_s for c in COEFFICIENTS if c != "step_overhead_s"}
-        rows.append([cols[c] for c in COEFFICIENTS[:-1]] + [1.0])
-        meas.append(run.measured_step_s)
-        weights.append(STEP_WEIGHT)
+        add({**cols, "step_overhead_s": 1.0}, run.measured_step_s, STEP_WEIGHT)
         ph = run.phases
         if not ph:
             continue
@@ -316,28 +340,23 @@ def _equations(runs: list[RunData], prior_lat: float) -> tuple[list[list[float]]
         ranks_per_stage = len(ph["forward_s"]) // s.pp
         f0, _ = _stage_compute(run, 0, _basis("compute_scale_fwd"))
         fwd = ph["forward_s"][0]
-        if fwd > 0 and f0 > 0:
-            rows.append([f0, 0, 0, 0, 0, 0])
-            meas.append(fwd)
+        if fwd > 0 and f0 > 0 and s.tp == 1 and s.cp == 1 and s.zero_stage < 3:
+            add({"compute_scale_fwd": f0}, fwd)
         # The last stage's backward: at its scales (forward scale for the recompute share).
         _, lb = _stage_compute(run, last, _basis("compute_scale_bwd"))
         _, lr = _stage_compute(run, last, _basis("compute_scale_fwd"))
         bwd = ph["backward_s"][last * ranks_per_stage]
-        if s.pp > 1 and bwd > 0 and lb > 0:
-            rows.append([lr, lb, 0, 0, 0, 0])
-            meas.append(bwd)
+        if s.pp > 1 and s.tp == 1 and bwd > 0 and lb > 0:
+            add({"compute_scale_fwd": lr, "compute_scale_bwd": lb}, bwd)
         opt = statistics.mean(ph["optimizer_s"])
         if opt > 0 and cols["optimizer_scale"] > 0:
-            rows.append([0, 0, 0, 0, cols["optimizer_scale"], 0])
-            meas.append(opt)
-        if s.pp == 1 and s.tp == 1 and s.cp == 1:
+            add({"optimizer_scale": cols["optimizer_scale"]}, opt)
+        if s.pp == 1 and s.cp == 1:
             kinds = [k for k in ("all_reduce", "all_gather", "reduce_scatter") if k in ph["comm_s"]]
             if kinds:
                 per_rank = [sum(ph["comm_s"][k][r] for k in kinds) for r in range(len(ph["forward_s"]))]
                 if min(per_rank) > 0 and (cols["link_time_scale"] > 0 or cols["latency_s"] > 0):
-                    rows.append([0, 0, cols["link_time_scale"], cols["latency_s"], 0, 0])
-                    meas.append(min(per_rank))
-    weights += [1.0] * (len(meas) - len(weights))  # the last run's phase equations
+                    add({"link_time_scale": cols["link_time_scale"], "latency_s": cols["latency_s"]}, min(per_rank))
     return rows, meas, [max(m, 1e-9) / w for m, w in zip(meas, weights)]
 
 
@@ -369,9 +388,12 @@ def fit_calibration(runs: list[RunData], prior_weight: float = PRIOR_WEIGHT) -> 
     b = np.array(meas) / np.array(scale)
     typical_step = statistics.median(r.measured_step_s for r in runs)
     prior = {"compute_scale_fwd": 1.0, "compute_scale_bwd": 1.0, "link_time_scale": 1.0, "latency_s": prior_lat,
-             "optimizer_scale": 1.0, "step_overhead_s": 0.0}
+             "optimizer_scale": 1.0, "tp_overhead_s": 0.0, "zero3_fetch_overhead_s": 0.0, "step_overhead_s": 0.0}
+    # A block's profiled forward + backward: the scale of the per-block and per-fetch overheads.
+    block = statistics.median(lp.fwd_time_s + lp.bwd_time_s for r in runs for lp in r.profile.layers
+                              if lp.kind == "block")
     prior_scale = {**{c: 1.0 for c in COEFFICIENTS}, "latency_s": max(prior_lat, 1e-5),
-                   "step_overhead_s": typical_step}
+                   "tp_overhead_s": block, "zero3_fetch_overhead_s": block, "step_overhead_s": typical_step}
     reg = np.diag([prior_weight / prior_scale[c] for c in COEFFICIENTS])
     reg_b = np.array([prior_weight * prior[c] / prior_scale[c] for c in COEFFICIENTS])
     x = nnls(np.vstack([a, reg]), np.concatenate([b, reg_b]))
@@ -382,8 +404,8 @@ def fit_calibration(runs: list[RunData], prior_weight: float = PRIOR_WEIGHT) -> 
         uncal = predict(*plan_costs_at(run.plan, *transform_inputs(run.plan.cluster, run.profile, 1, 1, 1,
                                                                    prior_lat, 1), run.backend))
         cal = _predict_at(run, coef, prior_lat)
-        basis_sum = sum(_predict_at(run, _basis(c), prior_lat).step_time_s * (prior_lat if c == "latency_s" else 1)
-                        for c in COEFFICIENTS[:-1])
+        basis_sum = sum(_predict_at(run, _basis(c), prior_lat).step_time_s * prior[c] for c in COEFFICIENTS[:-1]
+                        if prior[c])
         out_runs.append(CalibrationRun(
             run_dir=str(run.run_dir), model=run.plan.model.name, strategy=strategy_label(run.plan),
             steps_timed=len(run.timed), measured_step_s=run.measured_step_s, predicted_step_s=uncal.step_time_s,
@@ -395,7 +417,8 @@ def fit_calibration(runs: list[RunData], prior_weight: float = PRIOR_WEIGHT) -> 
     return Calibration(
         cluster=first.plan.cluster.name, device_kind=first.plan.cluster.device.kind,  # type: ignore[arg-type]
         backend=first.backend, dtype=first.plan.train.dtype,  # type: ignore[arg-type]
-        models=sorted({r.plan.model.name for r in runs}), **coef, memory_scale=mem_scale,
+        models=sorted({r.plan.model.name for r in runs}), **coef,
+        mechanisms=sorted({m for r in runs for m in plan_mechanisms(r.plan)}), memory_scale=mem_scale,
         memory_offset_bytes=mem_offset, prior=prior,
         step_rms_rel_error=_rms([(r.calibrated_step_s - r.measured_step_s) / r.measured_step_s for r in out_runs]),
         memory_rms_rel_error=_rms([(r.calibrated_peak_bytes - r.measured_peak_bytes) / r.measured_peak_bytes
@@ -420,6 +443,33 @@ def _fit_memory(runs: list[RunData], prior_weight: float) -> tuple[float, float]
 
 def _rms(values: list[float]) -> float:
     return math.sqrt(sum(v * v for v in values) / len(values)) if values else 0.0
+
+
+def plan_mechanisms(plan) -> list[str]:
+    """The overhead mechanisms of :data:`COEFFICIENTS` a plan (or an ``estimate`` StrategySpec: anything with
+    ``tp`` and ``zero_stage``, or a ``strategy`` that has them) exercises: 'tp' (tp > 1), 'zero3' (ZeRO-3)."""
+    s = getattr(plan, "strategy", plan)
+    return [m for m, used in (("tp", s.tp > 1), ("zero3", s.zero_stage == 3)) if used]
+
+
+def uncovered_mechanisms(cal: Calibration, plan) -> list[str]:
+    """Mechanisms ``plan`` uses that none of ``cal``'s runs exercised: their overheads are priced at 0 (the
+    uncalibrated model), which on cpu:2 under-predicts tp by 20-40 ms per block and micro-batch
+    (benchmarks/results/calibration.md)."""
+    return [m for m in plan_mechanisms(plan) if m not in cal.mechanisms]
+
+
+MECHANISM_NAMES = {"tp": "tensor parallelism (tp > 1)", "zero3": "ZeRO-3"}
+
+
+def coverage_warning(cal: Calibration, plan) -> str | None:
+    """One line saying what the calibration did not see of ``plan``, or None."""
+    missing = uncovered_mechanisms(cal, plan)
+    if not missing:
+        return None
+    names = " and ".join(MECHANISM_NAMES[m] for m in missing)
+    return (f"the calibration saw no run with {names}: the plan's {names} overheads are uncalibrated; add a run of "
+            "it to `paraplan calibrate` (or use `launch --calibrate`, which tries the plan it picks)")
 
 
 def strategy_label(plan: Plan) -> str:
@@ -466,7 +516,8 @@ def apply_calibration(cal: Calibration, cluster: ClusterSpec, profile: ModelProf
     if profile is None:
         raise CalibrationError("--calibration scales a profile's measured layer times: pass --profile too")
     cluster, profile = transform_inputs(cluster, profile, cal.compute_scale_fwd, cal.compute_scale_bwd,
-                                        cal.link_time_scale, cal.latency_s, cal.optimizer_scale)
+                                        cal.link_time_scale, cal.latency_s, cal.optimizer_scale, cal.tp_overhead_s,
+                                        cal.zero3_fetch_overhead_s)
     capacity = (cluster.device.memory_bytes - cal.memory_offset_bytes) / cal.memory_scale
     if capacity <= 0:
         raise CalibrationError(f"the calibrated runtime overhead ({cal.memory_offset_bytes / 2**30:.2f} GiB) "
@@ -508,7 +559,8 @@ def predict_calibrated(cal: Calibration, plan: Plan, profile: ModelProfile) -> t
         raise CalibrationError(f"the calibration is for {cal.cluster}/{cal.dtype}, the plan for "
                                f"{plan.cluster.name}/{plan.train.dtype}")
     cluster, prof = transform_inputs(plan.cluster, profile, cal.compute_scale_fwd, cal.compute_scale_bwd,
-                                     cal.link_time_scale, cal.latency_s, cal.optimizer_scale)
+                                     cal.link_time_scale, cal.latency_s, cal.optimizer_scale, cal.tp_overhead_s,
+                                     cal.zero3_fetch_overhead_s)
     pred = predict(*plan_costs_at(plan, cluster, prof, cal.backend))
     return pred.step_time_s + cal.step_overhead_s, calibrated_peak_bytes(cal, pred.peak_memory_bytes)
 
@@ -549,5 +601,5 @@ def write_calibration(cal: Calibration, path: Path) -> None:
 
 
 __all__ = ["Calibration", "CalibrationError", "CalibrationRun", "apply_calibration",
-           "calibrated_plan", "check_calibration", "fit_calibration", "read_calibration", "read_run",
-           "write_calibration"]
+           "calibrated_plan", "check_calibration", "coverage_warning", "fit_calibration", "plan_mechanisms",
+           "read_calibration", "read_run", "uncovered_mechanisms", "write_calibration"]

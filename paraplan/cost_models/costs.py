@@ -560,8 +560,13 @@ class CandidateCosts:
             if self.options.attention == "unfused":  # scores of s local queries x S keys
                 act += tf.attention_score_activation_bytes(spec, b, s, t) * self.cp
             ckpt = tf.block_input_bytes(spec, b, s, db, t=t, sp=self.sp)
-            # Megatron TP: two collective slots forward, two backward (Shoeybi et al. sec. 3).
-            tp_fwd, tp_bwd = 2 * coll, 2 * coll
+            # Megatron TP: two collective slots forward, two backward (Shoeybi et al. sec. 3); a backend profile
+            # states its own (backend_profiles.TpCollectives).
+            if self.framework is None or t == 1:
+                tp_fwd, tp_bwd = 2 * coll, 2 * coll
+            else:
+                tp_fwd, tp_bwd = (sum(k * self._ct(op, n_bytes, t, False) for op, k in ops.items())
+                                  for ops in self.framework.tp_collectives[bool(self.sp)])
         else:
             # Vocabulary-parallel embedding and LM head (Megatron-LM), rows padded to padded_vocab. One slot each:
             # embedding: all-reduce of its output forward (SP: reduce-scatter forward, all-gather backward);
@@ -597,7 +602,9 @@ class CandidateCosts:
         the pace of its slowest GPU; a profile times one GPU). A profile measures forward and backward only: the
         attention-core, GEMM and op-policy parts are the measured forward times the analytic model's shares, and
         with context parallelism the measured times are divided by cp (Assumption: the attention share, which
-        does not shrink with cp, is small at the profiled length)."""
+        does not shrink with cp, is small at the profiled length). With tp > 1 a block also takes the profile's
+        ``tp_block_overhead_s`` (set by a calibration, else 0), split between forward and backward as the analytic
+        block's times."""
         dev, dtype, b, s, t = self.cluster.device, self.train.dtype, self.b, self.s_local, self.tp
         pace = eff.straggler_factor(self.dp * self.tp * self.pp * self.cp) if dev.kind == "cuda" else 1.0
         if self.profile is not None:
@@ -616,6 +623,10 @@ class CandidateCosts:
             ref = compute.block_times(self.spec, dev, dtype, b, s, t, self.sp, self.options.attention, self.cp,
                                       self.options.elementwise == "eager")
             share = fwd / ref.fwd_s
+            over = self.profile.tp_block_overhead_s if t > 1 else 0.0  # a calibration's, split as the analytic
+            if over:                                                    # block's forward : backward
+                f_share = ref.fwd_s / (ref.fwd_s + ref.bwd_s)
+                fwd, bwd = fwd + over * f_share, bwd + over * (1 - f_share)
             return KernelTimes(fwd, bwd, ref.attn_fwd_s * share, ref.gemm_fwd_s * share, ref.op_recompute_s * share)
         if kind == "embed":
             times = compute.embed_times(self.layer_spec, dev, dtype, b, s)
@@ -903,7 +914,8 @@ class CandidateCosts:
             (``block_fetch_elements``: per tensor, module or block), forward and backward, every micro-batch, so a
             stage of ``x`` parameters pays ``(x / block params) x sum over the block's units of an all-gather``,
             and reduce-scatters the gradients per block ("block" fetching: FSDP2 reduce-scatters each
-            ``fully_shard`` unit) or per bucket.
+            ``fully_shard`` unit) or per bucket. Each fetch also takes the profile's ``zero3_fetch_overhead_s``
+            (hooks and coordination beyond the all-gather; set by a calibration, else 0).
         Source: backend_profiles.PROFILES (each field's framework file); comm.collective_time_s.
         Assumption: the embedding and head are fetched in units as a block's (a few more latencies than one
             gather each; they are 2 of L + 2 layers).
@@ -928,6 +940,8 @@ class CandidateCosts:
             rs = n_params / per_block * self._coll("reduce_scatter", per_block * r_b)
         else:
             rs = self._bucketed_s("reduce_scatter", n_params, r_b, bucket)
+        if self.profile is not None:  # a calibration's per-fetch overhead (ModelProfile.zero3_fetch_overhead_s)
+            block_gather += len(units) * self.profile.zero3_fetch_overhead_s
         return 2 * n_params / per_block * block_gather + rs, 0.0, 0.0
 
     def optimizer_times(self, mode: Mode, n_params: float, n_expert: float = 0.0) -> tuple[float, float]:

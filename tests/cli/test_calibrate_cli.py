@@ -49,6 +49,8 @@ def test_calibrate_then_estimate(runs, tmp_path):
     assert plain.exit_code == 0 and cal.exit_code == 0, cal.output
     # The calibrated machine is slower than the profiled one (every true scale > 1 and a per-step overhead).
     assert json.loads(cal.stdout)["step_time_s"] > json.loads(plain.stdout)["step_time_s"]
+    # dp and pp runs did not show ZeRO-3's fetch overhead: stderr says so, stdout stays clean JSON.
+    assert "saw no run with ZeRO-3" in cal.stderr and "note" not in cal.stdout
 
 
 def test_calibrate_errors(runs, tmp_path):

@@ -215,3 +215,30 @@ def test_a_plan_records_the_backend_whose_profile_priced_it():
         plan = search_plans(spec, cluster, train, top_k=1, backend=backend)[0]
         assert plan.solver.backend == backend
         assert plan_costs(plan).mismatch < 1e-9
+
+
+@pytest.mark.parametrize("sp", [False, True])
+def test_tp_collectives_per_block_follow_each_framework(sp):
+    """Megatron (fused QKV and gate/up): 2 collectives forward, 2 backward per block; paraplan's DTensor plan and
+    DeepSpeed AutoTP (q, k, v, gate, up separate column-parallel modules): each reduces its input gradient, 5
+    all-reduces backward (with sequence parallelism also the 2 all-gathers of the row-parallel reduce-scatters'
+    backward). Each collective on the micro-batch's whole activation, b s h bf16 bytes."""
+    cluster = gpu_cluster(1, 8, "H100-80GB")
+    n_bytes = 1 * TRAIN.seq_len * LLAMA.hidden * 2
+
+    def one(op):
+        return collective_time_s(cluster, op, n_bytes, 8, False, nccl_latency=True)
+
+    blocks = {name: _costs(LLAMA, cluster, tp=8, backend=name, sequence_parallel=sp).block
+              for name in ("megatron", "torch", "deepspeed", "any")}
+    if sp:
+        mega_fwd = mega_bwd = 2 * one("reduce_scatter") + 2 * one("all_gather")
+        dtensor_bwd = 5 * one("all_reduce") + 2 * one("all_gather")
+    else:
+        mega_fwd = mega_bwd = 2 * one("all_reduce")
+        dtensor_bwd = 5 * one("all_reduce")
+    assert blocks["megatron"].tp_fwd_s == pytest.approx(mega_fwd, rel=1e-12)
+    assert blocks["megatron"].tp_bwd_s == pytest.approx(mega_bwd, rel=1e-12)
+    for name in ("torch", "deepspeed", "any"):
+        assert blocks[name].tp_fwd_s == pytest.approx(mega_fwd, rel=1e-12), name
+        assert blocks[name].tp_bwd_s == pytest.approx(dtensor_bwd, rel=1e-12), name

@@ -8,14 +8,14 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from calibration_helpers import MEM_OFFSET, MEM_SCALE, SEQ, TIMES, TRUE, hand_profile, synthetic_run
+from calibration_helpers import MEM_OFFSET, MEM_SCALE, SEQ, TIMES, TRUE, TRUE_OVERHEADS, hand_profile, synthetic_run
 from conftest import make_plan
 
 from paraplan.backends.phases import merge_rank_phases, summarize_events
 from paraplan.catalog import load_cluster_spec
 from paraplan.cost_models.calibration import (
-    CalibrationError, RunData, apply_calibration, check_calibration, fit_calibration, nnls, plan_costs_at,
-    predict_calibrated, read_calibration, transform_inputs, write_calibration,
+    CalibrationError, RunData, apply_calibration, check_calibration, coverage_warning, fit_calibration, nnls,
+    plan_costs_at, predict_calibrated, read_calibration, transform_inputs, write_calibration,
 )
 from paraplan.cost_models.costs import predict
 from paraplan.models.presets import load_model_spec
@@ -63,11 +63,38 @@ def test_fit_recovers_known_coefficients(tmp_path):
     for r in cal.runs:
         assert r.calibrated_step_s == pytest.approx(r.measured_step_s, rel=1e-4)
         assert r.additivity_error < 1e-9
-    # A held-out strategy generated the same way is predicted as generated.
-    held = synthetic_run(tmp_path / "zero3", dp=2, zero_stage=3)
+    # dp and pp runs say nothing of the tp and ZeRO-3 overheads: they stay at the prior, 0, and are not covered.
+    assert cal.tp_overhead_s == 0 and cal.zero3_fetch_overhead_s == 0 and cal.mechanisms == []
+    # A held-out strategy without them, generated the same way, is predicted as generated.
+    held = synthetic_run(tmp_path / "dp16", global_batch=16, dp=2, recompute_blocks=3)
     step, peak = predict_calibrated(cal, held.plan, held.profile)
     assert step == pytest.approx(held.measured_step_s, rel=1e-3)
     assert peak == pytest.approx(held.measured_peak_bytes, rel=1e-3)
+
+
+def test_fit_recovers_tp_and_zero3_overheads(tmp_path):
+    """With a tp and a ZeRO-3 run among the calibration runs, their per-block and per-fetch overheads are fitted
+    (every coefficient as generated), and strategies with other micro-batch counts are predicted as generated."""
+    runs = [synthetic_run(tmp_path / "dp", dp=2), synthetic_run(tmp_path / "pp", pp=2),
+            synthetic_run(tmp_path / "tp", tp=2), synthetic_run(tmp_path / "z3", dp=2, zero_stage=3)]
+    cal = fit_calibration(runs, prior_weight=1e-7)
+    for name, value in {**TRUE, **TRUE_OVERHEADS}.items():
+        assert getattr(cal, name) == pytest.approx(value, rel=1e-3, abs=1e-6), name
+    assert cal.mechanisms == ["tp", "zero3"]
+    for kw in ({"tp": 2}, {"dp": 2, "zero_stage": 3}, {"tp": 2, "recompute_blocks": 6}):
+        held = synthetic_run(tmp_path / "held", global_batch=16, **kw)
+        step, _ = predict_calibrated(cal, held.plan, held.profile)
+        assert step == pytest.approx(held.measured_step_s, rel=1e-3), kw
+        assert coverage_warning(cal, held.plan) is None
+
+
+def test_coverage_warning_names_what_the_runs_did_not_see(tmp_path):
+    cal = fit_calibration([synthetic_run(tmp_path / "dp", dp=2), synthetic_run(tmp_path / "pp", pp=2)])
+    assert coverage_warning(cal, make_plan(cluster="cpu:2", dp=2, seq_len=SEQ)) is None
+    note = coverage_warning(cal, make_plan(cluster="cpu:2", tp=2, seq_len=SEQ))
+    assert note is not None and "tensor parallelism" in note and "ZeRO-3" not in note
+    note = coverage_warning(cal, make_plan(cluster="cpu:2", dp=2, zero_stage=3, seq_len=SEQ))
+    assert note is not None and "ZeRO-3" in note
 
 
 def test_prior_keeps_unidentified_coefficients(tmp_path):
