@@ -849,12 +849,20 @@ class CandidateCosts:
         return live * self.state_bytes[0]
 
     def bucket_bytes(self, mode: Mode) -> float:
-        """DeepSpeed's gradient reduction bucket when the plan offloads (modes only DeepSpeed runs): one buffer of
-        :func:`offload.reduce_bucket_elements` in the gradient dtype (the DeepSpeed backend emits that size).
+        """DeepSpeed's gradient reduction bucket when the plan offloads (modes only DeepSpeed runs) or runs ZeRO-3
+        under the deepspeed (or any) cost profile: one buffer of :func:`offload.reduce_bucket_elements` in the
+        gradient dtype, under a cost profile its reduction dtype (the DeepSpeed backend emits that size for both).
         Source: DeepSpeed runtime/zero/stage3.py (``torch.empty(reduce_bucket_size)`` per gradient dtype)."""
-        if not mode.offloads or mode.zero_stage == 0:
+        if mode.zero_stage == 0 or not (mode.offloads or (mode.zero_stage == 3 and self._deepspeed_zero3_bucket)):
             return 0.0
-        return offload.reduce_bucket_elements(self.spec, self.tp) * self._states(mode)[1]
+        elem = (self.framework.reduce_bytes(mode.zero_stage, self.train.dtype) if self.framework is not None
+                else self._states(mode)[1])
+        return offload.reduce_bucket_elements(self.spec, self.tp) * elem
+
+    @property
+    def _deepspeed_zero3_bucket(self) -> bool:
+        """ZeRO-3 runs with the one-layer reduce bucket the DeepSpeed backend emits (deepspeed and any profiles)."""
+        return self.framework is not None and self.framework.name in ("deepspeed", "any")
 
     def _states(self, mode: Mode) -> tuple[float, float, float]:
         """(parameter, gradient, optimizer) bytes per parameter under ``mode``: the backend profile's for its ZeRO
@@ -938,7 +946,9 @@ class CandidateCosts:
         block_gather = sum(self._coll("all_gather", u * scale * a_b) for u in units)
         if fw.zero3_fetch == "block":
             rs = n_params / per_block * self._coll("reduce_scatter", per_block * r_b)
-        else:
+        else:  # DeepSpeed ZeRO-3 reduces in the one-layer buckets the backend emits (bucket_bytes)
+            if self._deepspeed_zero3_bucket:
+                bucket = min(bucket, offload.reduce_bucket_elements(self.spec, self.tp))
             rs = self._bucketed_s("reduce_scatter", n_params, r_b, bucket)
         if self.profile is not None:  # a calibration's per-fetch overhead (ModelProfile.zero3_fetch_overhead_s)
             block_gather += len(units) * self.profile.zero3_fetch_overhead_s

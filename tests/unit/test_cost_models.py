@@ -9,7 +9,7 @@ import pytest
 from paraplan.catalog import load_cluster_spec
 from paraplan.cost_models import transformer as tf
 from paraplan.cost_models.comm import LINK_EFFICIENCY, collective_time_s
-from paraplan.cost_models.costs import CandidateCosts, Mode, StageCost, step_time_s
+from paraplan.cost_models.costs import CandidateCosts, CostOptions, Mode, StageCost, step_time_s
 from paraplan.models.build import count_parameters
 from paraplan.models.presets import PRESETS
 from paraplan.types import ModelSpec, TrainSpec
@@ -267,3 +267,10 @@ def test_deepspeed_gradient_bucket_is_priced_when_offloading():
     costs = _h100_node_costs()
     assert costs.bucket_bytes(Mode(3, "cpu")) == pytest.approx(5e8 * 2)
     assert costs.bucket_bytes(Mode(3)) == 0
+    # The DeepSpeed backend emits the bucket for every ZeRO-3 plan: priced under its cost profile in its bf16
+    # reduction dtype, under any's in the costlier fp32 (torch reduces in fp32), not under torch's (FSDP2
+    # reduce-scatters each block's gradients, no bucket).
+    for backend, expected in (("deepspeed", 5e8 * 2), ("any", 5e8 * 4), ("torch", 0.0)):
+        c = CandidateCosts(costs.spec, costs.cluster, costs.train, 8, 1, 1, 1, options=CostOptions(backend=backend))
+        assert c.bucket_bytes(Mode(3)) == pytest.approx(expected), backend
+        assert c.bucket_bytes(Mode(2)) == 0, backend

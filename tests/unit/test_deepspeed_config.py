@@ -66,7 +66,7 @@ def test_zero3_with_offload_uses_cpu_adam_and_pins_only_on_gpus():
     cfg = build_ds_config(make_plan(dp=2, zero_stage=3, offload_optimizer=True))
     # On a CPU cluster there is no host<->device copy for pinned memory to speed up.
     assert cfg["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": False},
-                                        "reduce_bucket_size": TINY_BUCKET}
+                                        "reduce_bucket_size": TINY_BUCKET, "stage3_max_reuse_distance": 0}
     assert "torch_adam" not in cfg["optimizer"]["params"]  # DeepSpeed then picks DeepSpeedCPUAdam
     gpu = build_ds_config(make_plan(cluster="8xH100-80GB", dp=8, micro_batch_size=1, global_batch=8,
                                     zero_stage=3, offload_optimizer=True))
@@ -313,7 +313,7 @@ def test_host_memory_tiers_have_no_nvme_settings():
     assert zero["offload_param"] == {"device": "cpu", "pin_memory": False}
     # DeepSpeed's partial offload: a quarter of the optimizer states on the host, the rest updated on the device.
     assert zero["offload_optimizer"] == {"device": "cpu", "pin_memory": False, "ratio": 0.25}
-    assert "aio" not in cfg and "sub_group_size" not in zero and "stage3_max_reuse_distance" not in zero
+    assert "aio" not in cfg and "sub_group_size" not in zero
     full = build_ds_config(make_plan(dp=2, zero_stage=3, offload_optimizer="cpu"))["zero_optimization"]
     assert "ratio" not in full["offload_optimizer"]  # 1 is DeepSpeed's default
 
@@ -321,7 +321,7 @@ def test_host_memory_tiers_have_no_nvme_settings():
 def test_no_offload_means_no_offload_sections():
     # "none" is a non-empty string: a truthiness test would emit an offload section for it.
     cfg = build_ds_config(make_plan(dp=2, zero_stage=3))
-    assert cfg["zero_optimization"] == {"stage": 3}
+    assert not {"offload_optimizer", "offload_param"} & set(cfg["zero_optimization"])
     assert cfg["optimizer"]["params"]["torch_adam"] is True
 
 
@@ -471,3 +471,12 @@ def test_launch_without_the_space_the_plan_writes_is_refused(tmp_path, started):
     assert len(started) == 1
     zero = json.loads((run_dir / DS_CONFIG_FILE).read_text())["zero_optimization"]
     assert zero["offload_param"]["nvme_path"] == str(nvme) == zero["offload_optimizer"]["nvme_path"]
+
+
+def test_zero3_without_offload_emits_the_priced_bucket_and_releases_parameters():
+    """Every ZeRO-3 plan gets the one-layer reduce bucket the planner prices (DeepSpeed's 5e8 default would be 2 GB
+    of fp32 per rank) and reuse distance 0 (each gathered parameter released after use, as priced); ZeRO-1/2
+    without offload keep DeepSpeed's defaults."""
+    zero = build_ds_config(make_plan(dp=2, zero_stage=3))["zero_optimization"]
+    assert zero == {"stage": 3, "reduce_bucket_size": TINY_BUCKET, "stage3_max_reuse_distance": 0}
+    assert build_ds_config(make_plan(dp=2, zero_stage=2))["zero_optimization"] == {"stage": 2}
