@@ -42,11 +42,16 @@ def synthetic_run(tmp: Path, global_batch: int = 8, **plan_kw) -> RunData:
     """A run whose measurements follow the cost model at the TRUE coefficients and TRUE_OVERHEADS: step times, and
     phases built by hand from the profile's layer times (forward of stage 0, backward of the last stage, optimizer,
     and the collectives of a run without pipelining or tensor parallelism: the gloo time, without the overheads)."""
-    plan = make_plan(cluster="cpu:2", seq_len=SEQ, global_batch=global_batch, micro_batch_size=2, **plan_kw)
+    return synthetic_run_of(tmp, make_plan(cluster="cpu:2", seq_len=SEQ, global_batch=global_batch,
+                                           micro_batch_size=2, **plan_kw))
+
+
+def synthetic_run_of(tmp: Path, plan) -> RunData:
+    """:func:`synthetic_run` of a given plan (cpu:2, llama-tiny, micro-batch 2, sequence length SEQ)."""
     prof = hand_profile()
     uncal = predict(*plan_costs_at(plan, *transform_inputs(plan.cluster, prof, 1, 1, 1, 250e-6 - 65536 / 1e9, 1),
                                    "torch"))
-    plan = plan.model_copy(update={"predicted": uncal, "profile_path": None})
+    plan = plan.model_copy(update={"predicted": uncal, "profile_path": plan.profile_path})
     t = TRUE
     args = (t["compute_scale_fwd"], t["compute_scale_bwd"], t["link_time_scale"], t["latency_s"], t["optimizer_scale"])
     truth = predict(*plan_costs_at(plan, *transform_inputs(plan.cluster, prof, *args, *TRUE_OVERHEADS.values()),

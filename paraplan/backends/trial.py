@@ -80,7 +80,8 @@ def calibrate_by_trial(plan: Plan, backend: str, run_dir: Path, top_k: int = 2, 
                             profile_path=plan.profile_path)[0]
         if extra == MAX_EXTRA_TRIALS or not uncovered_mechanisms(cal, best):
             break
-        trial_run(best)  # the pick rests on an overhead no trial measured: measure it
+        # The pick rests on an overhead no trial measured: measure it (on the cluster as it is, like the others).
+        trial_run(best.model_copy(update={"cluster": plan.cluster}))
     write_calibration(cal, run_dir / CALIBRATION_FILE)
     best = calibrated_plan(cal, best, plan.cluster.device.memory_bytes)
     write_atomic(run_dir / "plan.calibrated.json", best.model_dump_json(indent=2))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from calibration_helpers import SEQ, TRUE, hand_profile, synthetic_run
+from calibration_helpers import SEQ, TRUE, hand_profile, synthetic_run, synthetic_run_of
 from conftest import assert_user_error, run_cli
 
 
@@ -81,3 +81,41 @@ def test_launch_calibrate_errors(tmp_path):
                       "--profile")
     res = run_cli("launch", str(plan), "--calibrate", "--calibrate-steps", "2", "--run-dir", str(tmp_path / "r3"))
     assert res.exit_code != 0 and "--calibrate-steps" in res.output
+
+
+def test_launch_calibrate_tries_a_pick_that_rests_on_an_unmeasured_overhead(tmp_path, monkeypatch):
+    """The top-2 trials are dp=2 and pp=2; the calibrated search then picks tp=2, whose per-block overhead no trial
+    showed: it is launched as a third trial (on the uncalibrated cluster, like the others), the calibration is
+    re-fitted with it, and the search's pick is kept once it is covered. Launches and searches are stand-ins:
+    run directories of synthetic measurements (calibration_helpers) and a fixed sequence of search results."""
+    from conftest import make_plan
+
+    from paraplan.backends import trial
+
+    prof = tmp_path / "profile.json"
+    prof.write_text(hand_profile().model_dump_json())
+
+    def plan_of(**kw):
+        p = make_plan(cluster="cpu:2", seq_len=SEQ, global_batch=8, micro_batch_size=2, **kw)
+        return synthetic_run_of(tmp_path / "x", p.model_copy(update={"profile_path": str(prof)})).plan
+
+    dp, pp, tp = plan_of(dp=2), plan_of(pp=2), plan_of(tp=2)
+    searches = []
+
+    def fake_search(model, cluster, *args, **kw):  # the calibrated searches pick tp=2 on the cluster given
+        searches.append(cluster)
+        return [dp, pp] if len(searches) == 1 else [tp.model_copy(update={"cluster": cluster})]
+
+    launched = []
+
+    def fake_launch(plan, backend, run_dir, **kw):
+        launched.append(plan)
+        write_run_dir(synthetic_run_of(Path(run_dir), plan), prof)
+
+    monkeypatch.setattr(trial, "search_plans", fake_search)
+    monkeypatch.setattr(trial, "launch_plan", fake_launch)
+    res = trial.calibrate_by_trial(dp, "torch", tmp_path / "run")
+    assert [p.strategy.tp for p in launched] == [1, 1, 2] and len(res.trial_dirs) == 3
+    assert all(p.cluster == dp.cluster for p in launched)
+    assert res.calibration.mechanisms == ["tp"] and res.calibration.tp_overhead_s > 0
+    assert res.plan.strategy.tp == 2 and len(searches) == 3
