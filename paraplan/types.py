@@ -443,6 +443,20 @@ class LinkProfile(_Frozen):
     bandwidth_bytes_per_s: float
 
 
+class BackendOverheads(_Frozen):
+    """Measured framework overheads of one backend beyond its priced compute and collectives
+    (``paraplan.profiler.overheads``; None: not measured)."""
+
+    tp_block_s: float | None = Field(default=None, ge=0, description="Seconds per tensor-parallel block per "
+                                     "micro-batch (ModelProfile.tp_block_overhead_s).")
+    zero3_fetch_s: float | None = Field(default=None, ge=0, description="Seconds per ZeRO-3 parameter fetch "
+                                        "(ModelProfile.zero3_fetch_overhead_s).")
+    micro_batch_size: int = Field(gt=0, description="Micro-batch the passes were timed at.")
+    blocks: int = Field(gt=0, description="Blocks per timed pass.")
+    measured_s: dict[str, float] = Field(default_factory=dict, description="Median pass times, seconds "
+                                         "(profiler.overheads.MEASUREMENTS).")
+
+
 class ModelProfile(_Frozen):
     """``paraplan profile`` output: per-layer-type costs on one device."""
 
@@ -457,14 +471,29 @@ class ModelProfile(_Frozen):
     cpu_threads: int | None = Field(default=None, description="torch intra-op threads of a CPU profile.")
     layers: list[LayerProfile]
     links: list[LinkProfile] = Field(default_factory=list)
-    tp_block_overhead_s: float = Field(
-        default=0.0, ge=0, description="Seconds per tensor-parallel block per micro-batch (forward + backward, split "
-        "as the block's measured times) beyond its sharded compute and priced collectives: DTensor dispatch, "
-        "processes waiting for each other at every collective. 0 unless set by a calibration (paraplan calibrate).")
-    zero3_fetch_overhead_s: float = Field(
-        default=0.0, ge=0, description="Seconds per ZeRO-3 parameter fetch (one per fetch unit of the backend cost "
+    tp_block_overhead_s: float | None = Field(
+        default=None, ge=0, description="Seconds per tensor-parallel block per micro-batch (forward + backward, "
+        "split as the block's measured times) beyond its sharded compute and priced collectives: DTensor dispatch, "
+        "processes waiting for each other at every collective. Set by a calibration (paraplan calibrate); None: the "
+        "backend's measured value in backend_overheads, else 0.")
+    zero3_fetch_overhead_s: float | None = Field(
+        default=None, ge=0, description="Seconds per ZeRO-3 parameter fetch (one per fetch unit of the backend cost "
         "profile, forward and backward, every micro-batch) beyond the all-gather itself: hooks, the parameter "
-        "coordinator. 0 unless set by a calibration.")
+        "coordinator. Set by a calibration; None: the backend's measured value in backend_overheads, else 0.")
+    backend_overheads: dict[str, BackendOverheads] = Field(
+        default_factory=dict, description="Backend name (torch, deepspeed) -> its tp and ZeRO-3 overheads timed in "
+        "two processes by `paraplan profile` (paraplan.profiler.overheads); the uncalibrated values of the two "
+        "fields above.")
+
+    def overhead(self, mechanism: Literal["tp", "zero3"], backend: str | None) -> float:
+        """Seconds per tp block per micro-batch (``"tp"``) or per ZeRO-3 fetch (``"zero3"``) the cost model adds
+        under ``backend``: a calibration's value if set, else the value measured for that backend, else 0."""
+        set_value = self.tp_block_overhead_s if mechanism == "tp" else self.zero3_fetch_overhead_s
+        if set_value is not None:
+            return set_value
+        measured = self.backend_overheads.get(backend or "")
+        value = None if measured is None else (measured.tp_block_s if mechanism == "tp" else measured.zero3_fetch_s)
+        return value or 0.0
 
     def micro_batch_sizes(self) -> list[int]:
         return sorted({lp.micro_batch_size for lp in self.layers})

@@ -212,6 +212,11 @@ def profile_cmd(
     threads: Annotated[Optional[int], typer.Option(
         help="CPU only: torch threads while profiling. Use what each training process gets: cores / processes "
              "(`launch` runs cpu:N with that many).", min=1)] = None,
+    overheads: Annotated[Optional[bool], typer.Option(
+        "--overheads/--no-overheads",
+        help="Also time what tp and ZeRO-3 cost each backend beyond their compute and collectives, in two "
+             "processes (DTensor, FSDP2, DeepSpeed ZeRO-3 and AutoTP; tens of seconds to minutes). Default: on for "
+             "a CPU profile of a dense llama model with --links.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary (per-layer times, bytes, FLOPs) "
                                                          "instead of the table.")] = False,
 ) -> None:
@@ -242,11 +247,18 @@ def profile_cmd(
 
         prof = profile_model(spec, sizes, seq_len, dtype=dtype, warmup=warmup, repeats=repeats,
                              progress=progress, links=links)
+        if overheads or (overheads is None and _overheads_apply(prof)):
+            from paraplan.profiler.overheads import profile_backend_overheads
+
+            bar.update(task, description="timing tp and ZeRO-3 overheads (2 processes)", completed=0, total=None)
+            prof = prof.model_copy(update={"backend_overheads": profile_backend_overheads(
+                prof, warmup=warmup, repeats=repeats)})
     write_atomic(output, prof.model_dump_json(indent=2), "-o")
     if as_json:
         print_json({"model": prof.model.name, "device_name": prof.device_name, "device_kind": prof.device_kind,
                     "dtype": prof.dtype, "seq_len": prof.seq_len, "output": str(output),
-                    "layers": [lp.model_dump() for lp in prof.layers], "links": [lk.model_dump() for lk in prof.links]})
+                    "layers": [lp.model_dump() for lp in prof.layers], "links": [lk.model_dump() for lk in prof.links],
+                    "backend_overheads": {k: v.model_dump() for k, v in prof.backend_overheads.items()}})
         return
     _print_profile(prof)
     console.print(f"wrote {output}")
@@ -265,6 +277,18 @@ def _print_profile(prof) -> None:
                       format_seconds(lp.bwd_time_s), format_bytes(lp.param_bytes), format_bytes(lp.activation_bytes),
                       f"{lp.fwd_flops / 1e9:.2f}")
     console.print(table)
+    for backend, over in prof.backend_overheads.items():
+        parts = [f"{what} {format_seconds(v)}" for what, v in (("tp per block and micro-batch", over.tp_block_s),
+                                                              ("per ZeRO-3 fetch", over.zero3_fetch_s)) if v is not None]
+        console.print(f"{backend} overheads beyond priced compute and collectives: {', '.join(parts)}")
+
+
+def _overheads_apply(prof) -> bool:
+    """Whether `paraplan profile` times backend overheads by default: a CPU profile with links of a dense llama
+    model whose heads and FFN split over tp = 2 (paraplan.profiler.overheads' scope)."""
+    spec = prof.model
+    return (prof.device_kind == "cpu" and bool(prof.links) and spec.family == "llama" and spec.moe is None
+            and not (spec.n_heads % 2 or spec.n_kv_heads % 2 or spec.ffn_hidden % 2))
 
 
 def load_profile(path: Path | None):

@@ -46,8 +46,9 @@ are scaled, its link measurements replaced by the fitted figures on the cluster,
 divided by ``optimizer_scale``; the device capacity a plan may fill becomes ``(capacity - offset) / scale`` so the
 planner's memory check sees the calibrated peak. :func:`calibrated_prediction` adds ``step_overhead_s`` and maps
 the peak. The tp and ZeRO-3 overheads are fitted only when a run exercises them (``Calibration.mechanisms``); a
-plan using one the runs did not see is priced with it at 0 and ``plan``/``estimate`` say so
-(:func:`coverage_warning`). Not fitted (the calibration runs do not separate them): per-layer-kind compute scales
+plan using one the runs did not see is priced with the profile's own value (what ``paraplan profile`` measured for
+the backend in two processes, :mod:`paraplan.profiler.overheads`; 0 if it did not) and ``plan``/``estimate`` say
+so (:func:`coverage_warning`). Their prior is that measured value. Not fitted (the calibration runs do not separate them): per-layer-kind compute scales
 (one pair for all kinds), offload and NVMe rates.
 """
 
@@ -125,7 +126,7 @@ class Calibration(BaseModel):
                                           "(ModelProfile.zero3_fetch_overhead_s).")
     mechanisms: list[str] = Field(default_factory=list, description="Mechanisms the runs exercised, whose "
                                   "overhead coefficients the fit could set: 'tp' (a run with tp > 1), 'zero3' (a "
-                                  "ZeRO-3 run). A plan using another one is priced with that overhead at 0.")
+                                  "ZeRO-3 run). A plan using another one is priced with the profile's measured overhead (or 0).")
     memory_scale: float = Field(gt=0, description="Calibrated peak = memory_scale x predicted + offset.")
     memory_offset_bytes: float = Field(description="Calibrated peak = memory_scale x predicted + offset.")
     prior: dict[str, float] = Field(description="Uncalibrated value of each coefficient (the fit's prior).")
@@ -214,18 +215,23 @@ def read_run(run_dir: Path, profile_path: Path | None = None) -> RunData:
 # ---- the cost model at given inputs ----------------------------------------------------------------------------
 
 def transform_inputs(cluster: ClusterSpec, profile: ModelProfile, fwd: float, bwd: float, link: float,
-                     latency: float, optimizer: float, tp_overhead: float = 0.0, zero3_fetch_overhead: float = 0.0
-                     ) -> tuple[ClusterSpec, ModelProfile]:
+                     latency: float, optimizer: float, tp_overhead: float | None = None,
+                     zero3_fetch_overhead: float | None = None) -> tuple[ClusterSpec, ModelProfile]:
     """``(cluster, profile)`` with layer times scaled by ``fwd``/``bwd``, every link's bandwidth divided by
     ``link`` (0: free), latency set to ``latency`` seconds, the memory bandwidth divided by ``optimizer``
-    (0: free) and the profile's tp and ZeRO-3 overheads set (seconds). The profile's link measurements are applied
+    (0: free) and the profile's tp and ZeRO-3 overheads set (seconds; None: left as they are, the values `paraplan
+    profile` measured for the backend, ``ModelProfile.overhead``). The profile's link measurements are applied
     first (``links.calibrate_cluster``) and then dropped, so the search does not apply them again over the
     calibrated figures."""
     cluster = calibrate_cluster(cluster, profile)
     layers = [lp.model_copy(update={"fwd_time_s": lp.fwd_time_s * fwd, "bwd_time_s": lp.bwd_time_s * bwd})
               for lp in profile.layers]
-    profile = profile.model_copy(update={"layers": layers, "links": [], "tp_block_overhead_s": tp_overhead,
-                                         "zero3_fetch_overhead_s": zero3_fetch_overhead})
+    update: dict = {"layers": layers, "links": []}
+    if tp_overhead is not None:
+        update["tp_block_overhead_s"] = tp_overhead
+    if zero3_fetch_overhead is not None:
+        update["zero3_fetch_overhead_s"] = zero3_fetch_overhead
+    profile = profile.model_copy(update=update)
 
     def bw(v: float) -> float:
         return v / link if link > 0 else _HUGE
@@ -388,7 +394,10 @@ def fit_calibration(runs: list[RunData], prior_weight: float = PRIOR_WEIGHT) -> 
     b = np.array(meas) / np.array(scale)
     typical_step = statistics.median(r.measured_step_s for r in runs)
     prior = {"compute_scale_fwd": 1.0, "compute_scale_bwd": 1.0, "link_time_scale": 1.0, "latency_s": prior_lat,
-             "optimizer_scale": 1.0, "tp_overhead_s": 0.0, "zero3_fetch_overhead_s": 0.0, "step_overhead_s": 0.0}
+             "optimizer_scale": 1.0, "step_overhead_s": 0.0,
+             # what `paraplan profile` measured for this backend (median over the runs' profiles), else 0
+             "tp_overhead_s": statistics.median(r.profile.overhead("tp", first.backend) for r in runs),
+             "zero3_fetch_overhead_s": statistics.median(r.profile.overhead("zero3", first.backend) for r in runs)}
     # A block's profiled forward + backward: the scale of the per-block and per-fetch overheads.
     block = statistics.median(lp.fwd_time_s + lp.bwd_time_s for r in runs for lp in r.profile.layers
                               if lp.kind == "block")
@@ -453,9 +462,9 @@ def plan_mechanisms(plan) -> list[str]:
 
 
 def uncovered_mechanisms(cal: Calibration, plan) -> list[str]:
-    """Mechanisms ``plan`` uses that none of ``cal``'s runs exercised: their overheads are priced at 0 (the
-    uncalibrated model), which on cpu:2 under-predicts tp by 20-40 ms per block and micro-batch
-    (benchmarks/results/calibration.md)."""
+    """Mechanisms ``plan`` uses that none of ``cal``'s runs exercised: their overheads are the profile's (measured
+    by ``paraplan profile`` in two processes, or 0 without that measurement: on cpu:2 an under-prediction of tp by
+    20-40 ms per block and micro-batch, benchmarks/results/calibration.md)."""
     return [m for m in plan_mechanisms(plan) if m not in cal.mechanisms]
 
 
@@ -468,8 +477,9 @@ def coverage_warning(cal: Calibration, plan) -> str | None:
     if not missing:
         return None
     names = " and ".join(MECHANISM_NAMES[m] for m in missing)
-    return (f"the calibration saw no run with {names}: the plan's {names} overheads are uncalibrated; add a run of "
-            "it to `paraplan calibrate` (or use `launch --calibrate`, which tries the plan it picks)")
+    return (f"the calibration saw no run with {names}: the plan's {names} overheads are the profile's uncalibrated "
+            "ones (measured by `paraplan profile` in two processes, else 0); add a run of it to `paraplan calibrate` "
+            "(or use `launch --calibrate`, which tries the plan it picks)")
 
 
 def strategy_label(plan: Plan) -> str:
@@ -505,6 +515,13 @@ def check_calibration(cal: Calibration, cluster: ClusterSpec, backend: str | Non
                                f"{cal.dtype}, or calibrate on {dtype} runs")
 
 
+def fitted_overheads(cal: Calibration) -> tuple[float | None, float | None]:
+    """(tp, ZeRO-3 fetch) overheads ``cal`` sets: its fitted value for a mechanism its runs exercised, None (the
+    profile's own, measured by `paraplan profile`) for one they did not."""
+    return (cal.tp_overhead_s if "tp" in cal.mechanisms else None,
+            cal.zero3_fetch_overhead_s if "zero3" in cal.mechanisms else None)
+
+
 def apply_calibration(cal: Calibration, cluster: ClusterSpec, profile: ModelProfile | None
                       ) -> tuple[ClusterSpec, ModelProfile]:
     """The planner's inputs under ``cal`` (module docstring): scaled profile, fitted links and optimizer rate, and
@@ -516,8 +533,8 @@ def apply_calibration(cal: Calibration, cluster: ClusterSpec, profile: ModelProf
     if profile is None:
         raise CalibrationError("--calibration scales a profile's measured layer times: pass --profile too")
     cluster, profile = transform_inputs(cluster, profile, cal.compute_scale_fwd, cal.compute_scale_bwd,
-                                        cal.link_time_scale, cal.latency_s, cal.optimizer_scale, cal.tp_overhead_s,
-                                        cal.zero3_fetch_overhead_s)
+                                        cal.link_time_scale, cal.latency_s, cal.optimizer_scale,
+                                        *fitted_overheads(cal))
     capacity = (cluster.device.memory_bytes - cal.memory_offset_bytes) / cal.memory_scale
     if capacity <= 0:
         raise CalibrationError(f"the calibrated runtime overhead ({cal.memory_offset_bytes / 2**30:.2f} GiB) "
@@ -559,8 +576,8 @@ def predict_calibrated(cal: Calibration, plan: Plan, profile: ModelProfile) -> t
         raise CalibrationError(f"the calibration is for {cal.cluster}/{cal.dtype}, the plan for "
                                f"{plan.cluster.name}/{plan.train.dtype}")
     cluster, prof = transform_inputs(plan.cluster, profile, cal.compute_scale_fwd, cal.compute_scale_bwd,
-                                     cal.link_time_scale, cal.latency_s, cal.optimizer_scale, cal.tp_overhead_s,
-                                     cal.zero3_fetch_overhead_s)
+                                     cal.link_time_scale, cal.latency_s, cal.optimizer_scale,
+                                     *fitted_overheads(cal))
     pred = predict(*plan_costs_at(plan, cluster, prof, cal.backend))
     return pred.step_time_s + cal.step_overhead_s, calibrated_peak_bytes(cal, pred.peak_memory_bytes)
 

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Literal
 
 from paraplan.cost_models import compute
 from paraplan.cost_models import efficiency as eff
@@ -603,8 +604,8 @@ class CandidateCosts:
         attention-core, GEMM and op-policy parts are the measured forward times the analytic model's shares, and
         with context parallelism the measured times are divided by cp (Assumption: the attention share, which
         does not shrink with cp, is small at the profiled length). With tp > 1 a block also takes the profile's
-        ``tp_block_overhead_s`` (set by a calibration, else 0), split between forward and backward as the analytic
-        block's times."""
+        overhead (:meth:`framework_overhead`: a calibration's, else measured by ``paraplan profile`` for the backend,
+        else 0), split between forward and backward as the analytic block's times."""
         dev, dtype, b, s, t = self.cluster.device, self.train.dtype, self.b, self.s_local, self.tp
         pace = eff.straggler_factor(self.dp * self.tp * self.pp * self.cp) if dev.kind == "cuda" else 1.0
         if self.profile is not None:
@@ -623,8 +624,8 @@ class CandidateCosts:
             ref = compute.block_times(self.spec, dev, dtype, b, s, t, self.sp, self.options.attention, self.cp,
                                       self.options.elementwise == "eager")
             share = fwd / ref.fwd_s
-            over = self.profile.tp_block_overhead_s if t > 1 else 0.0  # a calibration's, split as the analytic
-            if over:                                                    # block's forward : backward
+            over = self.framework_overhead("tp") if t > 1 else 0.0  # split as the analytic block's
+            if over:                                                  # forward : backward
                 f_share = ref.fwd_s / (ref.fwd_s + ref.bwd_s)
                 fwd, bwd = fwd + over * f_share, bwd + over * (1 - f_share)
             return KernelTimes(fwd, bwd, ref.attn_fwd_s * share, ref.gemm_fwd_s * share, ref.op_recompute_s * share)
@@ -912,6 +913,18 @@ class CandidateCosts:
         k = max(1.0, n_elements / bucket)
         return k * self._coll(op, n_elements * elem_bytes / k)
 
+    def framework_overhead(self, mechanism: Literal["tp", "zero3"]) -> float:
+        """Seconds per tp block per micro-batch (``"tp"``) or per ZeRO-3 fetch (``"zero3"``) of framework work the
+        cost model adds: the profile's (``ModelProfile.overhead``: a calibration's value, else the one `paraplan
+        profile` measured for this backend, else 0); under ``any`` the larger of the torch and DeepSpeed ones (as
+        the profile itself, ``backend_profiles._worst``); 0 without a profile."""
+        if self.profile is None:
+            return 0.0
+        name = self.framework.name if self.framework is not None else None
+        if name == "any":
+            return max(self.profile.overhead(mechanism, "torch"), self.profile.overhead(mechanism, "deepspeed"))
+        return self.profile.overhead(mechanism, name)
+
     def _profile_comm_times(self, mode: Mode, n_params: float) -> tuple[float, float, float]:
         """:meth:`comm_times` under a backend cost profile (``self.framework``).
 
@@ -922,8 +935,8 @@ class CandidateCosts:
             (``block_fetch_elements``: per tensor, module or block), forward and backward, every micro-batch, so a
             stage of ``x`` parameters pays ``(x / block params) x sum over the block's units of an all-gather``,
             and reduce-scatters the gradients per block ("block" fetching: FSDP2 reduce-scatters each
-            ``fully_shard`` unit) or per bucket. Each fetch also takes the profile's ``zero3_fetch_overhead_s``
-            (hooks and coordination beyond the all-gather; set by a calibration, else 0).
+            ``fully_shard`` unit) or per bucket. Each fetch also takes the profile's ZeRO-3 fetch overhead
+            (hooks and coordination beyond the all-gather; :meth:`framework_overhead`).
         Source: backend_profiles.PROFILES (each field's framework file); comm.collective_time_s.
         Assumption: the embedding and head are fetched in units as a block's (a few more latencies than one
             gather each; they are 2 of L + 2 layers).
@@ -950,8 +963,7 @@ class CandidateCosts:
             if self._deepspeed_zero3_bucket:
                 bucket = min(bucket, offload.reduce_bucket_elements(self.spec, self.tp))
             rs = self._bucketed_s("reduce_scatter", n_params, r_b, bucket)
-        if self.profile is not None:  # a calibration's per-fetch overhead (ModelProfile.zero3_fetch_overhead_s)
-            block_gather += len(units) * self.profile.zero3_fetch_overhead_s
+        block_gather += len(units) * self.framework_overhead("zero3")
         return 2 * n_params / per_block * block_gather + rs, 0.0, 0.0
 
     def optimizer_times(self, mode: Mode, n_params: float, n_expert: float = 0.0) -> tuple[float, float]:
