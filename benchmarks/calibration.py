@@ -51,7 +51,7 @@ def launch_all(models: list[str], backends: list[str], work: Path, steps: dict[s
     from paraplan.models.presets import load_model_spec
     from paraplan.planner.search import search_plans
     from paraplan.profiler import profile_model
-    from paraplan.profiler.overheads import profile_backend_overheads
+    from paraplan.backends.overheads import profile_backend_overheads
     from paraplan.types import TrainSpec
 
     cluster = load_cluster_spec("cpu:2")

@@ -444,17 +444,18 @@ class LinkProfile(_Frozen):
 
 
 class BackendOverheads(_Frozen):
-    """Measured framework overheads of one backend beyond its priced compute and collectives
-    (``paraplan.profiler.overheads``; None: not measured)."""
+    """What tensor parallelism and ZeRO-3 took in one backend beyond plain blocks, timed by `paraplan profile` in
+    two processes (``paraplan.backends.overheads``; None: not measured). The cost model turns them into seconds per
+    tp block and per ZeRO-3 fetch beyond the collectives it prices on the cluster at hand
+    (``CandidateCosts.framework_overhead``), so a calibration that re-prices the links keeps the measured total."""
 
-    tp_block_s: float | None = Field(default=None, ge=0, description="Seconds per tensor-parallel block per "
-                                     "micro-batch (ModelProfile.tp_block_overhead_s).")
-    zero3_fetch_s: float | None = Field(default=None, ge=0, description="Seconds per ZeRO-3 parameter fetch "
-                                        "(ModelProfile.zero3_fetch_overhead_s).")
+    tp_extra_s: float | None = Field(default=None, description="Extra seconds of one pass (forward + backward of "
+                                     "`blocks` blocks, one micro-batch) with the backend's tp = 2 over the same "
+                                     "blocks at half width: collectives, dispatch, waiting.")
+    zero3_extra_s: float | None = Field(default=None, description="Extra seconds of one pass under the backend's "
+                                        "ZeRO-3 over 2 ranks over plain blocks: gathers, reduce-scatters, hooks.")
     micro_batch_size: int = Field(gt=0, description="Micro-batch the passes were timed at.")
     blocks: int = Field(gt=0, description="Blocks per timed pass.")
-    measured_s: dict[str, float] = Field(default_factory=dict, description="Median pass times, seconds "
-                                         "(profiler.overheads.MEASUREMENTS).")
 
 
 class ModelProfile(_Frozen):
@@ -474,26 +475,16 @@ class ModelProfile(_Frozen):
     tp_block_overhead_s: float | None = Field(
         default=None, ge=0, description="Seconds per tensor-parallel block per micro-batch (forward + backward, "
         "split as the block's measured times) beyond its sharded compute and priced collectives: DTensor dispatch, "
-        "processes waiting for each other at every collective. Set by a calibration (paraplan calibrate); None: the "
-        "backend's measured value in backend_overheads, else 0.")
+        "processes waiting for each other at every collective. Set by a calibration (paraplan calibrate); None: "
+        "derived from backend_overheads for the backend (CandidateCosts.framework_overhead), else 0.")
     zero3_fetch_overhead_s: float | None = Field(
         default=None, ge=0, description="Seconds per ZeRO-3 parameter fetch (one per fetch unit of the backend cost "
         "profile, forward and backward, every micro-batch) beyond the all-gather itself: hooks, the parameter "
-        "coordinator. Set by a calibration; None: the backend's measured value in backend_overheads, else 0.")
+        "coordinator. Set by a calibration; None: derived from backend_overheads, else 0.")
     backend_overheads: dict[str, BackendOverheads] = Field(
-        default_factory=dict, description="Backend name (torch, deepspeed) -> its tp and ZeRO-3 overheads timed in "
-        "two processes by `paraplan profile` (paraplan.profiler.overheads); the uncalibrated values of the two "
-        "fields above.")
-
-    def overhead(self, mechanism: Literal["tp", "zero3"], backend: str | None) -> float:
-        """Seconds per tp block per micro-batch (``"tp"``) or per ZeRO-3 fetch (``"zero3"``) the cost model adds
-        under ``backend``: a calibration's value if set, else the value measured for that backend, else 0."""
-        set_value = self.tp_block_overhead_s if mechanism == "tp" else self.zero3_fetch_overhead_s
-        if set_value is not None:
-            return set_value
-        measured = self.backend_overheads.get(backend or "")
-        value = None if measured is None else (measured.tp_block_s if mechanism == "tp" else measured.zero3_fetch_s)
-        return value or 0.0
+        default_factory=dict, description="Backend name (torch, deepspeed) -> what its tp and ZeRO-3 took beyond "
+        "plain blocks, timed in two processes by `paraplan profile` (paraplan.backends.overheads): the source of the "
+        "two overheads above when no calibration sets them.")
 
     def micro_batch_sizes(self) -> list[int]:
         return sorted({lp.micro_batch_size for lp in self.layers})

@@ -248,7 +248,7 @@ def profile_cmd(
         prof = profile_model(spec, sizes, seq_len, dtype=dtype, warmup=warmup, repeats=repeats,
                              progress=progress, links=links)
         if overheads or (overheads is None and _overheads_apply(prof)):
-            from paraplan.profiler.overheads import profile_backend_overheads
+            from paraplan.backends.overheads import profile_backend_overheads
 
             bar.update(task, description="timing tp and ZeRO-3 overheads (2 processes)", completed=0, total=None)
             prof = prof.model_copy(update={"backend_overheads": profile_backend_overheads(
@@ -278,14 +278,16 @@ def _print_profile(prof) -> None:
                       f"{lp.fwd_flops / 1e9:.2f}")
     console.print(table)
     for backend, over in prof.backend_overheads.items():
-        parts = [f"{what} {format_seconds(v)}" for what, v in (("tp per block and micro-batch", over.tp_block_s),
-                                                              ("per ZeRO-3 fetch", over.zero3_fetch_s)) if v is not None]
-        console.print(f"{backend} overheads beyond priced compute and collectives: {', '.join(parts)}")
+        parts = [f"{what} +{format_seconds(v / over.blocks)}" for what, v in (("tp=2", over.tp_extra_s),
+                                                                             ("ZeRO-3", over.zero3_extra_s))
+                 if v is not None]
+        console.print(f"{backend}, per block and micro-batch {over.micro_batch_size} over plain blocks (2 processes): "
+                      f"{', '.join(parts)}")
 
 
 def _overheads_apply(prof) -> bool:
     """Whether `paraplan profile` times backend overheads by default: a CPU profile with links of a dense llama
-    model whose heads and FFN split over tp = 2 (paraplan.profiler.overheads' scope)."""
+    model whose heads and FFN split over tp = 2 (paraplan.backends.overheads' scope)."""
     spec = prof.model
     return (prof.device_kind == "cpu" and bool(prof.links) and spec.family == "llama" and spec.moe is None
             and not (spec.n_heads % 2 or spec.n_kv_heads % 2 or spec.ffn_hidden % 2))

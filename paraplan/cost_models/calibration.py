@@ -46,9 +46,10 @@ are scaled, its link measurements replaced by the fitted figures on the cluster,
 divided by ``optimizer_scale``; the device capacity a plan may fill becomes ``(capacity - offset) / scale`` so the
 planner's memory check sees the calibrated peak. :func:`calibrated_prediction` adds ``step_overhead_s`` and maps
 the peak. The tp and ZeRO-3 overheads are fitted only when a run exercises them (``Calibration.mechanisms``); a
-plan using one the runs did not see is priced with the profile's own value (what ``paraplan profile`` measured for
-the backend in two processes, :mod:`paraplan.profiler.overheads`; 0 if it did not) and ``plan``/``estimate`` say
-so (:func:`coverage_warning`). Their prior is that measured value. Not fitted (the calibration runs do not separate them): per-layer-kind compute scales
+plan using one the runs did not see is priced with what ``paraplan profile`` timed for the backend in two processes
+(``paraplan.backends.overheads``; 0 if it did not), taken beyond the collectives as the calibrated links price them
+(``CandidateCosts.framework_overhead``), and ``plan``/``estimate`` say so (:func:`coverage_warning`). Their prior
+is the uncalibrated model's value. Not fitted (the calibration runs do not separate them): per-layer-kind compute scales
 (one pair for all kinds), offload and NVMe rates.
 """
 
@@ -219,8 +220,9 @@ def transform_inputs(cluster: ClusterSpec, profile: ModelProfile, fwd: float, bw
                      zero3_fetch_overhead: float | None = None) -> tuple[ClusterSpec, ModelProfile]:
     """``(cluster, profile)`` with layer times scaled by ``fwd``/``bwd``, every link's bandwidth divided by
     ``link`` (0: free), latency set to ``latency`` seconds, the memory bandwidth divided by ``optimizer``
-    (0: free) and the profile's tp and ZeRO-3 overheads set (seconds; None: left as they are, the values `paraplan
-    profile` measured for the backend, ``ModelProfile.overhead``). The profile's link measurements are applied
+    (0: free) and the profile's tp and ZeRO-3 overheads set (seconds; None: left unset, so the cost model derives
+    them from the profile's two-process timings on the transformed cluster, ``CandidateCosts.framework_overhead``).
+    The profile's link measurements are applied
     first (``links.calibrate_cluster``) and then dropped, so the search does not apply them again over the
     calibrated figures."""
     cluster = calibrate_cluster(cluster, profile)
@@ -271,6 +273,13 @@ def _predict_at(run: RunData, x: dict[str, float], prior_latency: float) -> Pred
                                         x.get("latency_s", prior_latency), x["optimizer_scale"],
                                         x.get("tp_overhead_s", 0.0), x.get("zero3_fetch_overhead_s", 0.0))
     return predict(*plan_costs_at(run.plan, cluster, profile, run.backend))
+
+
+def _measured_overhead(run: RunData, mechanism: str, prior_latency: float) -> float:
+    """The overhead the uncalibrated model derives for ``run``'s backend from its profile's two-process timings
+    (``CandidateCosts.framework_overhead``; 0 without them)."""
+    cluster, profile = transform_inputs(run.plan.cluster, run.profile, 1, 1, 1, prior_latency, 1)
+    return plan_costs_at(run.plan, cluster, profile, run.backend)[0].framework_overhead(mechanism)  # type: ignore
 
 
 def _basis(name: str) -> dict[str, float]:
@@ -396,8 +405,8 @@ def fit_calibration(runs: list[RunData], prior_weight: float = PRIOR_WEIGHT) -> 
     prior = {"compute_scale_fwd": 1.0, "compute_scale_bwd": 1.0, "link_time_scale": 1.0, "latency_s": prior_lat,
              "optimizer_scale": 1.0, "step_overhead_s": 0.0,
              # what `paraplan profile` measured for this backend (median over the runs' profiles), else 0
-             "tp_overhead_s": statistics.median(r.profile.overhead("tp", first.backend) for r in runs),
-             "zero3_fetch_overhead_s": statistics.median(r.profile.overhead("zero3", first.backend) for r in runs)}
+             "tp_overhead_s": statistics.median(_measured_overhead(r, "tp", prior_lat) for r in runs),
+             "zero3_fetch_overhead_s": statistics.median(_measured_overhead(r, "zero3", prior_lat) for r in runs)}
     # A block's profiled forward + backward: the scale of the per-block and per-fetch overheads.
     block = statistics.median(lp.fwd_time_s + lp.bwd_time_s for r in runs for lp in r.profile.layers
                               if lp.kind == "block")

@@ -915,15 +915,49 @@ class CandidateCosts:
 
     def framework_overhead(self, mechanism: Literal["tp", "zero3"]) -> float:
         """Seconds per tp block per micro-batch (``"tp"``) or per ZeRO-3 fetch (``"zero3"``) of framework work the
-        cost model adds: the profile's (``ModelProfile.overhead``: a calibration's value, else the one `paraplan
-        profile` measured for this backend, else 0); under ``any`` the larger of the torch and DeepSpeed ones (as
-        the profile itself, ``backend_profiles._worst``); 0 without a profile."""
+        cost model adds: a calibration's value (``ModelProfile.tp_block_overhead_s`` / ``zero3_fetch_overhead_s``),
+        else derived from what `paraplan profile` timed for the backend (``ModelProfile.backend_overheads``), else
+        0; under ``any`` the larger of the torch and DeepSpeed ones (as ``backend_profiles._worst``).
+
+        Formula (derived; ``n`` blocks per timed pass, priced on this cluster at the timed micro-batch):
+            tp:    max(0, tp_extra_s / n - the block's priced tp collectives at tp = 2)
+            zero3: max(0, (zero3_extra_s / n - the block's priced ZeRO-3 traffic at dp = 2) / (2 x fetch units))
+        i.e. what the pass took beyond what this model already prices for it, so links re-fitted by a calibration
+        leave the measured total as it was (Assumption: the overhead per block does not change with tp, dp or the
+        micro-batch).
+        """
         if self.profile is None:
             return 0.0
+        set_value = self.profile.tp_block_overhead_s if mechanism == "tp" else self.profile.zero3_fetch_overhead_s
+        if set_value is not None:
+            return set_value
         name = self.framework.name if self.framework is not None else None
         if name == "any":
-            return max(self.profile.overhead(mechanism, "torch"), self.profile.overhead(mechanism, "deepspeed"))
-        return self.profile.overhead(mechanism, name)
+            return max(self._measured_overhead(mechanism, "torch"), self._measured_overhead(mechanism, "deepspeed"))
+        return self._measured_overhead(mechanism, name)
+
+    def _measured_overhead(self, mechanism: str, backend: str | None) -> float:
+        assert self.profile is not None
+        measured = self.profile.backend_overheads.get(backend or "")
+        extra = None if measured is None else (measured.tp_extra_s if mechanism == "tp" else measured.zero3_extra_s)
+        if extra is None or self.cluster.devices_per_node * self.cluster.nodes < 2:
+            return 0.0
+        key = (mechanism, backend)
+        cache = self.__dict__.setdefault("_measured_overheads", {})
+        if key not in cache:
+            b = measured.micro_batch_size
+            bare = self.profile.model_copy(update={"tp_block_overhead_s": 0.0, "zero3_fetch_overhead_s": 0.0})
+            train = TrainSpec(global_batch=2 * b, seq_len=self.train.seq_len, dtype=self.train.dtype)
+            opts = CostOptions(backend=backend)
+            if mechanism == "tp":
+                c = CandidateCosts(self.spec, self.cluster, train, 1, 2, 1, b, bare, opts)
+                cache[key] = max(0.0, extra / measured.blocks - (c.block.tp_fwd_s + c.block.tp_bwd_s))
+            else:
+                c = CandidateCosts(self.spec, self.cluster, train, 2, 1, 1, b, bare, opts)
+                units = len(block_fetch_elements(self.layer_spec, c.framework.zero3_fetch))  # type: ignore[union-attr]
+                priced = c.comm_times(Mode(3, "none", "none", 1.0), c.block.params)[0]
+                cache[key] = max(0.0, (extra / measured.blocks - priced) / (2 * units))
+        return cache[key]
 
     def _profile_comm_times(self, mode: Mode, n_params: float) -> tuple[float, float, float]:
         """:meth:`comm_times` under a backend cost profile (``self.framework``).

@@ -6,9 +6,9 @@ and the hooks and coordination of a ZeRO-3 parameter fetch (FSDP2's copy-in / co
 coordinator). On cpu:2 these are most of the error of an uncalibrated prediction of tp and ZeRO-3 runs (tens of
 milliseconds per block per micro-batch, benchmarks/results/calibration.md), and a calibration on dp and pp runs
 alone cannot identify them. This module times them in two processes on a few of the model's blocks, the way each
-backend runs them, and the profile carries the results (``ModelProfile.backend_overheads``) as the cost model's
-uncalibrated values of ``tp_block_overhead_s`` and ``zero3_fetch_overhead_s``; a calibration on runs that exercise
-a mechanism replaces its value.
+backend runs them; the profile carries the results (``ModelProfile.backend_overheads``), from which the cost model
+derives its uncalibrated ``tp_block_overhead_s`` and ``zero3_fetch_overhead_s``; a calibration on runs that
+exercise a mechanism replaces them.
 
 What is timed (:func:`_worker`): one micro-batch of ``micro_batch_size x seq_len`` through ``blocks`` blocks,
 forward and the backward of ``output.sum()``, the slower rank's wall time; each backend's pass right after a pass
@@ -27,18 +27,11 @@ the extra time over the reference:
 - ``deepspeed_tp``: the blocks under DeepSpeed AutoTP training (``tensor_parallel.autotp_size = 2``) as the
   DeepSpeed backend configures it, against the plain half-width blocks.
 
-Formula (:func:`overheads_from_times`), per backend, with the cost model's own prices on this machine's cluster
-(``cpu:2`` with the profile's measured links, ``links.calibrate_cluster``), ``n = blocks`` and ``extra`` the
-measured extra time of the pass:
-
-    tp_block_s    = max(0, extra_tp / n - (tp_fwd_s + tp_bwd_s))
-    zero3_fetch_s = max(0, (extra_zero3 / n - zero3_per_block_s) / (2 x fetch units per block))
-
-where ``tp_fwd_s + tp_bwd_s`` is the block's priced tensor-parallel collectives under the backend's cost profile
-(``backend_profiles.*_TP_COLLECTIVES``) and ``zero3_per_block_s`` its priced ZeRO-3 traffic per micro-batch (two
-gathers per fetch unit and the reduce-scatter: ``CandidateCosts.comm_times``), i.e. exactly the definitions of
-``ModelProfile.tp_block_overhead_s`` and ``ModelProfile.zero3_fetch_overhead_s``. The compute under two processes
-sharing the machine cancels against the reference; it is the calibration's compute scale, not an overhead.
+The profile stores each extra time per backend (``BackendOverheads``); the cost model turns it into its two
+overheads against its own prices of the collectives on the cluster it plans for
+(``costs.CandidateCosts.framework_overhead``), so a calibration that re-prices the links keeps the measured total.
+The compute under two processes sharing the machine cancels against the reference; it is the calibration's
+compute scale, not an overhead.
 
 Scope: CPU (gloo, ``cpu:2``) only; on CUDA nothing is measured yet (it needs two GPUs and the cluster the plan will
 price; the overheads stay 0 there, as before). Dense llama blocks only (the backends' tensor-parallel plans).
@@ -59,29 +52,30 @@ from paraplan.errors import ProfileError
 from paraplan.types import BackendOverheads, ModelProfile
 
 N_RANKS = 2
-DEFAULT_BLOCKS = 16
+MAX_BLOCKS = 16
+PASS_BUDGET_S = 3.0  # profiled seconds of one pass's blocks (forward + backward), which caps their number
 _TIMEOUT_S = 900.0
-MEASUREMENTS = ("torch_tp", "torch_zero3", "deepspeed_zero3", "deepspeed_tp")
 
 
-def profile_backend_overheads(profile: ModelProfile, blocks: int = DEFAULT_BLOCKS, warmup: int = 2,
+def profile_backend_overheads(profile: ModelProfile, blocks: int | None = None, warmup: int = 2,
                               repeats: int = 5, backends: tuple[str, ...] = ("torch", "deepspeed"),
                               ) -> dict[str, BackendOverheads]:
     """Time tp and ZeRO-3 overheads of ``profile``'s model in two processes on this machine (module docstring).
 
-    Runs ``python -m torch.distributed.run --standalone --nproc-per-node 2 -m paraplan.profiler.overheads`` with
+    Runs ``python -m torch.distributed.run --standalone --nproc-per-node 2 -m paraplan.backends.overheads`` with
     the profile's thread count per process, at :func:`overhead_micro_batch` and the profile's sequence length and
     dtype; takes ``2 x (warmup + repeats)`` passes through ``blocks`` blocks per measurement (llama-tiny: about 40
     s, llama-small: about 3 minutes on cpu:2).
 
     Args:
-        profile: a CPU profile with link measurements (``links=True``) of a llama or gpt model.
-        blocks: blocks per timed pass (at most the model's); the overheads are per block, so a few suffice.
+        profile: a CPU profile with link measurements (``links=True``) of a dense llama model.
+        blocks: blocks per timed pass (at most the model's); None: as many as the model has, at most
+            :data:`MAX_BLOCKS` and as many as the profile's block times fit in :data:`PASS_BUDGET_S` (at least 2).
         warmup, repeats: untimed and timed passes per measurement.
         backends: which backends to measure ("torch", "deepspeed").
 
     Returns:
-        backend name -> :class:`BackendOverheads` (seconds per tp block per micro-batch, per ZeRO-3 fetch).
+        backend name -> :class:`BackendOverheads` (extra seconds of a tp = 2 and of a ZeRO-3 pass).
 
     Raises:
         ProfileError: a GPU profile, a model this cannot build (MoE, custom), a profile without links, or a job
@@ -95,15 +89,22 @@ def profile_backend_overheads(profile: ModelProfile, blocks: int = DEFAULT_BLOCK
         raise ProfileError(f"backend overheads are measured for dense llama models (the backends' tensor-parallel "
                            f"plans), not {spec.name}; profile with --no-overheads")
     if not any(lk.name.startswith("allreduce_gloo") for lk in profile.links):
-        raise ProfileError("backend overheads are priced against the profile's measured links: profile with --links")
+        raise ProfileError("backend overheads are priced against the profile's measured links: profile with --links "
+                           "(or --no-overheads)")
     if spec.n_heads % N_RANKS or spec.n_kv_heads % N_RANKS or spec.ffn_hidden % N_RANKS:
         raise ProfileError(f"{spec.name}: heads, kv heads and FFN width must divide by tp = {N_RANKS} to time "
                            "tensor parallelism; profile with --no-overheads")
+    b = overhead_micro_batch(profile)
+    if blocks is None:
+        block = profile.layer("block", b)
+        blocks = min(MAX_BLOCKS, max(2, int(PASS_BUDGET_S / max(block.fwd_time_s + block.bwd_time_s, 1e-9))))
     job = {"model": spec.model_dump(mode="json"), "dtype": profile.dtype, "seq_len": profile.seq_len,
-           "micro_batch_size": overhead_micro_batch(profile), "blocks": max(1, min(blocks, spec.n_layers)),
+           "micro_batch_size": b, "blocks": max(1, min(blocks, spec.n_layers)),
            "warmup": warmup, "repeats": repeats, "backends": list(backends)}
     times = _run_job(job, profile.cpu_threads or 1)
-    return overheads_from_times(profile, times, job["micro_batch_size"], job["blocks"])
+    return {name: BackendOverheads(tp_extra_s=times.get(f"{name}_tp"), zero3_extra_s=times.get(f"{name}_zero3"),
+                                   micro_batch_size=b, blocks=job["blocks"])
+            for name in backends}
 
 
 def overhead_micro_batch(profile: ModelProfile) -> int:
@@ -111,43 +112,6 @@ def overhead_micro_batch(profile: ModelProfile) -> int:
     timing for all (DTensor dispatch and hooks do not grow with the micro-batch; the waits at collectives do)."""
     sizes = profile.micro_batch_sizes()
     return sizes[len(sizes) // 2]
-
-
-def overheads_from_times(profile: ModelProfile, times: dict[str, float], micro_batch_size: int, blocks: int
-                         ) -> dict[str, BackendOverheads]:
-    """The module docstring's formula: measured pass times (seconds, keys of :data:`MEASUREMENTS`) -> overheads
-    per backend, priced on ``cpu:2`` with ``profile``'s links. A backend whose pass was not timed is left out; a
-    mechanism of it that was not timed is None."""
-    from paraplan.catalog import cpu_cluster
-    from paraplan.cost_models.backend_profiles import block_fetch_elements, cost_profile
-    from paraplan.cost_models.costs import CandidateCosts, CostOptions, Mode
-    from paraplan.cost_models.links import calibrate_cluster
-    from paraplan.types import TrainSpec
-
-    base = profile.model_copy(update={"links": [], "backend_overheads": {}, "tp_block_overhead_s": None,
-                                      "zero3_fetch_overhead_s": None})
-    cluster = calibrate_cluster(cpu_cluster(N_RANKS), profile)
-    train = TrainSpec(global_batch=N_RANKS * micro_batch_size, seq_len=profile.seq_len, dtype=profile.dtype)
-    out: dict[str, BackendOverheads] = {}
-    for backend in ("torch", "deepspeed"):
-        t_tp, t_z3 = times.get(f"{backend}_tp"), times.get(f"{backend}_zero3")
-        if t_tp is None and t_z3 is None:
-            continue
-        tp_s = fetch_s = None
-        if t_tp is not None:
-            c = CandidateCosts(profile.model, cluster, train, 1, N_RANKS, 1, micro_batch_size, base,
-                               CostOptions(backend=backend))
-            tp_s = max(0.0, t_tp / blocks - (c.block.tp_fwd_s + c.block.tp_bwd_s))
-        if t_z3 is not None:
-            c = CandidateCosts(profile.model, cluster, train, N_RANKS, 1, 1, micro_batch_size, base,
-                               CostOptions(backend=backend))
-            units = len(block_fetch_elements(profile.model, cost_profile(backend).zero3_fetch))
-            priced = c.comm_times(Mode(3, "none", "none", 1.0), c.block.params)[0]
-            fetch_s = max(0.0, (t_z3 / blocks - priced) / (2 * units))
-        out[backend] = BackendOverheads(
-            tp_block_s=tp_s, zero3_fetch_s=fetch_s, micro_batch_size=micro_batch_size, blocks=blocks,
-            measured_s={k: v for k, v in times.items() if k.startswith(backend)})
-    return out
 
 
 def _run_job(job: dict, threads: int) -> dict[str, float]:
@@ -160,7 +124,7 @@ def _run_job(job: dict, threads: int) -> dict[str, float]:
         job_path, out_path, log_path = Path(tmp, "job.json"), Path(tmp, "times.json"), Path(tmp, "log.txt")
         job_path.write_text(json.dumps({**job, "output": str(out_path)}))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={N_RANKS}",
-               "-m", "paraplan.profiler.overheads", str(job_path)]
+               "-m", "paraplan.backends.overheads", str(job_path)]
         with log_path.open("wb") as log:
             try:
                 proc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=_TIMEOUT_S,
