@@ -49,7 +49,7 @@ import time
 from pathlib import Path
 
 from paraplan.errors import ProfileError
-from paraplan.types import BackendOverheads, ModelProfile
+from paraplan.types import BackendOverheads, ModelProfile, ModelSpec
 
 N_RANKS = 2
 MAX_BLOCKS = 16
@@ -85,15 +85,12 @@ def profile_backend_overheads(profile: ModelProfile, blocks: int | None = None, 
     if profile.device_kind != "cpu":
         raise ProfileError("backend overheads are measured on CPU (cpu:2) only so far; profile with "
                            "--no-overheads on a GPU")
-    if spec.family != "llama" or spec.moe is not None:
-        raise ProfileError(f"backend overheads are measured for dense llama models (the backends' tensor-parallel "
-                           f"plans), not {spec.name}; profile with --no-overheads")
+    reason = unsupported_model(spec)
+    if reason:
+        raise ProfileError(f"{reason}; profile with --no-overheads")
     if not any(lk.name.startswith("allreduce_gloo") for lk in profile.links):
         raise ProfileError("backend overheads are priced against the profile's measured links: profile with --links "
                            "(or --no-overheads)")
-    if spec.n_heads % N_RANKS or spec.n_kv_heads % N_RANKS or spec.ffn_hidden % N_RANKS:
-        raise ProfileError(f"{spec.name}: heads, kv heads and FFN width must divide by tp = {N_RANKS} to time "
-                           "tensor parallelism; profile with --no-overheads")
     b = overhead_micro_batch(profile)
     if blocks is None:
         block = profile.layer("block", b)
@@ -105,6 +102,17 @@ def profile_backend_overheads(profile: ModelProfile, blocks: int | None = None, 
     return {name: BackendOverheads(tp_extra_s=times.get(f"{name}_tp"), zero3_extra_s=times.get(f"{name}_zero3"),
                                    micro_batch_size=b, blocks=job["blocks"])
             for name in backends}
+
+
+def unsupported_model(spec: ModelSpec) -> str | None:
+    """Why the overheads of ``spec`` cannot be timed (None: they can): dense llama models whose heads, kv heads and
+    FFN width split over tp = 2, as the backends' tensor-parallel plans need."""
+    if spec.family != "llama" or spec.moe is not None:
+        return (f"backend overheads are timed for dense llama models (the backends' tensor-parallel plans), not "
+                f"{spec.name}")
+    if spec.n_heads % N_RANKS or spec.n_kv_heads % N_RANKS or spec.ffn_hidden % N_RANKS:
+        return f"{spec.name}: heads, kv heads and FFN width must divide by tp = {N_RANKS} to time tensor parallelism"
+    return None
 
 
 def overhead_micro_batch(profile: ModelProfile) -> int:

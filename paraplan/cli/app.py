@@ -227,6 +227,14 @@ def profile_cmd(
 
     spec = load_model_spec(model)
     check_output_path(output, "-o")
+    if overheads:  # refused before anything is profiled
+        from paraplan.backends.overheads import unsupported_model
+
+        if not links:
+            raise ProfileError("--overheads prices the timed passes against the measured links: drop --no-links "
+                               "(or pass --no-overheads)")
+        if unsupported_model(spec):
+            raise ProfileError(f"{unsupported_model(spec)}: drop --overheads")
     try:
         sizes = [int(x) for x in micro_batches.split(",") if x.strip()]
     except ValueError:
@@ -286,11 +294,11 @@ def _print_profile(prof) -> None:
 
 
 def _overheads_apply(prof) -> bool:
-    """Whether `paraplan profile` times backend overheads by default: a CPU profile with links of a dense llama
-    model whose heads and FFN split over tp = 2 (paraplan.backends.overheads' scope)."""
-    spec = prof.model
-    return (prof.device_kind == "cpu" and bool(prof.links) and spec.family == "llama" and spec.moe is None
-            and not (spec.n_heads % 2 or spec.n_kv_heads % 2 or spec.ffn_hidden % 2))
+    """Whether `paraplan profile` times backend overheads by default: a CPU profile with links of a model
+    paraplan.backends.overheads can time."""
+    from paraplan.backends.overheads import unsupported_model
+
+    return prof.device_kind == "cpu" and bool(prof.links) and unsupported_model(prof.model) is None
 
 
 def load_profile(path: Path | None):

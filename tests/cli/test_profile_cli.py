@@ -40,6 +40,18 @@ def test_profile_rejects_an_unknown_dtype(tmp_path):
     assert not (tmp_path / "p.json").exists()
 
 
+@pytest.mark.parametrize("model,extra,fragment", [
+    ("llama-tiny", ["--no-links"], "drop --no-links"),
+    ("moe-tiny", [], "dense llama"),
+])
+def test_overheads_it_cannot_time_are_refused_before_profiling(tmp_path, model, extra, fragment):
+    """`--overheads` on a model or a profile it cannot time: exit 1 and what to change, no file written."""
+    result = run("profile", model, "--micro-batches", "1", "--seq-len", "8", "--overheads", *extra,
+                 "-o", str(tmp_path / "p.json"))
+    assert_user_error(result, fragment, "--overheads")
+    assert not (tmp_path / "p.json").exists()
+
+
 PLAN = ["--cluster", "cpu:2", "--global-batch", "8", "--strategy", "dp=2"]
 ESTIMATE = ["--cluster", "cpu:2", "--global-batch", "8", "--tp", "1", "--pp", "1", "--dp", "2", "--micro-batch", "1"]
 
