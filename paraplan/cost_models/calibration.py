@@ -49,8 +49,8 @@ the peak. The tp and ZeRO-3 overheads are fitted only when a run exercises them 
 plan using one the runs did not see is priced with what ``paraplan profile`` timed for the backend in two processes
 (``paraplan.backends.overheads``; 0 if it did not), taken beyond the collectives as the calibrated links price them
 (``CandidateCosts.framework_overhead``), and ``plan``/``estimate`` say so (:func:`coverage_warning`). Their prior
-is the uncalibrated model's value. Not fitted (the calibration runs do not separate them): per-layer-kind compute scales
-(one pair for all kinds), offload and NVMe rates.
+is the uncalibrated model's value. Not fitted (the calibration runs do not separate them): per-layer-kind compute
+scales (one pair for all kinds), offload and NVMe rates.
 """
 
 from __future__ import annotations
@@ -127,7 +127,8 @@ class Calibration(BaseModel):
                                           "(ModelProfile.zero3_fetch_overhead_s).")
     mechanisms: list[str] = Field(default_factory=list, description="Mechanisms the runs exercised, whose "
                                   "overhead coefficients the fit could set: 'tp' (a run with tp > 1), 'zero3' (a "
-                                  "ZeRO-3 run). A plan using another one is priced with the profile's measured overhead (or 0).")
+                                  "ZeRO-3 run). A plan using another one is priced with the profile's measured "
+                                  "overhead (or 0).")
     memory_scale: float = Field(gt=0, description="Calibrated peak = memory_scale x predicted + offset.")
     memory_offset_bytes: float = Field(description="Calibrated peak = memory_scale x predicted + offset.")
     prior: dict[str, float] = Field(description="Uncalibrated value of each coefficient (the fit's prior).")
@@ -222,9 +223,8 @@ def transform_inputs(cluster: ClusterSpec, profile: ModelProfile, fwd: float, bw
     ``link`` (0: free), latency set to ``latency`` seconds, the memory bandwidth divided by ``optimizer``
     (0: free) and the profile's tp and ZeRO-3 overheads set (seconds; None: left unset, so the cost model derives
     them from the profile's two-process timings on the transformed cluster, ``CandidateCosts.framework_overhead``).
-    The profile's link measurements are applied
-    first (``links.calibrate_cluster``) and then dropped, so the search does not apply them again over the
-    calibrated figures."""
+    The profile's link measurements are applied first (``links.calibrate_cluster``) and then dropped, so the search
+    does not apply them again over the calibrated figures."""
     cluster = calibrate_cluster(cluster, profile)
     layers = [lp.model_copy(update={"fwd_time_s": lp.fwd_time_s * fwd, "bwd_time_s": lp.bwd_time_s * bwd})
               for lp in profile.layers]
