@@ -202,7 +202,7 @@ def coefficients(cals: list[dict]) -> str:
     def over(c: dict, key: str, mechanism: str) -> str:
         if mechanism in c["mechanisms"]:
             return f"{c[key] * 1e3:.1f}"
-        return f"profile's {c['prior'][key] * 1e3:.1f}"  # not fitted: the measured prior applies
+        return f"profile's ({c['prior'][key] * 1e3:.1f} uncalibrated)"  # not fitted: the timing applies
 
     for c in cals:
         out.append(f"| {c['model']} | {c['backend']} | {c['compute_scale_fwd']:.2f} | {c['compute_scale_bwd']:.2f} | "
@@ -254,8 +254,9 @@ def main() -> None:
         what = ("profiles with the tp and ZeRO-3 overheads `paraplan profile` measured" if overheads else
                 "profiles without the measured overheads (priced at 0 unless a calibration run shows them)")
         text += (f"## Calibrated on {' + '.join(calibrate_on)}; {what}\n\n{table(rows)}\n\nFitted coefficients "
-                 f"(tp and ZeRO-3: \"profile's\" where no calibration run exercised them, the measured value that "
-                 f"applies):\n\n{coefficients(cals)}\n\n{summary(rows)}\n\n")
+                 f"(tp and ZeRO-3 \"profile's\": no calibration run exercised them; the profile's two-process "
+                 f"timing applies, beyond the collectives as the calibrated links price them; its uncalibrated value "
+                 f"in brackets):\n\n{coefficients(cals)}\n\n{summary(rows)}\n\n")
         dump.append({"calibrate_on": calibrate_on, "overheads": overheads, "rows": rows, "calibrations": cals})
     text += noise(rows) + "\n"
     if args.repeat_of is not None:
