@@ -45,13 +45,13 @@ def launch_all(models: list[str], backends: list[str], work: Path, steps: dict[s
     import torch
 
     from paraplan.backends.launch import cpu_threads_per_process, launch_plan
+    from paraplan.backends.overheads import profile_backend_overheads
     from paraplan.catalog import load_cluster_spec
     from paraplan.cli.app import parse_strategy
     from paraplan.errors import ParaplanError
     from paraplan.models.presets import load_model_spec
     from paraplan.planner.search import search_plans
     from paraplan.profiler import profile_model
-    from paraplan.backends.overheads import profile_backend_overheads
     from paraplan.types import TrainSpec
 
     cluster = load_cluster_spec("cpu:2")

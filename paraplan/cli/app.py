@@ -233,8 +233,9 @@ def profile_cmd(
         if not links:
             raise ProfileError("--overheads prices the timed passes against the measured links: drop --no-links "
                                "(or pass --no-overheads)")
-        if unsupported_model(spec):
-            raise ProfileError(f"{unsupported_model(spec)}: drop --overheads")
+        reason = unsupported_model(spec)
+        if reason:
+            raise ProfileError(f"{reason}: drop --overheads")
     try:
         sizes = [int(x) for x in micro_batches.split(",") if x.strip()]
     except ValueError:
