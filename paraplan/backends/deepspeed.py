@@ -65,7 +65,7 @@ from paraplan.cost_models.offload import (
 )
 from paraplan.errors import LaunchError
 from paraplan.files import write_atomic
-from paraplan.types import Plan
+from paraplan.types import ModelSpec, Plan
 
 DS_CONFIG_FILE = "ds_config.json"
 PARAPLAN_KEY = "paraplan"
@@ -289,20 +289,28 @@ def _zero_section(plan: Plan, nvme: Path | None) -> dict[str, Any]:
             # buffers on the second step ("Not enough buffers 0 for swapping 1"; PLATFORM.md): release each one.
             zero["stage3_max_reuse_distance"] = 0
         zero["offload_param"] = param
-    if s.offload_optimizer != "none" or s.offload_param != "none" or s.zero_stage == 3:
-        # DeepSpeed's 5e8-element default buckets would keep 2 GB (fp32) per rank; the planner prices one layer's
-        # (cost_models.costs.CandidateCosts.bucket_bytes). Measured on cpu:2 (llama-small, ZeRO-3, fp32): peak
-        # RSS 3.37 -> 2.92 GiB per rank.
-        bucket = reduce_bucket_elements(plan.model, s.tp)
-        zero["reduce_bucket_size"] = bucket
-        if s.zero_stage < 3:
-            zero["allgather_bucket_size"] = bucket
     if s.zero_stage == 3:
-        # Release each gathered parameter after use, as the planner prices ZeRO-3 (two gathers per block and
-        # micro-batch, two blocks live: CandidateCosts.zero3_working_bytes); DeepSpeed's default reuse distance
-        # (1e9 elements) keeps parameters gathered between uses (cpu:2, llama-small: 3.55 -> 3.37 GiB per rank).
-        zero["stage3_max_reuse_distance"] = 0
+        zero.update(zero3_settings(plan.model, s.tp))
+    elif s.offload_optimizer != "none" or s.offload_param != "none":
+        bucket = reduce_bucket_elements(plan.model, s.tp)  # as zero3_settings: one layer's
+        zero["reduce_bucket_size"] = bucket
+        zero["allgather_bucket_size"] = bucket
     return zero
+
+
+def zero3_settings(spec: ModelSpec, tp: int) -> dict[str, Any]:
+    """The ZeRO-3 settings every plan gets, as the planner prices them (``backends.overheads`` times them too).
+
+    - ``reduce_bucket_size``: one layer's gradients (``offload.reduce_bucket_elements``). DeepSpeed's 5e8-element
+      default buckets would keep 2 GB (fp32) per rank; the planner prices one layer's
+      (cost_models.costs.CandidateCosts.bucket_bytes). Measured on cpu:2 (llama-small, ZeRO-3, fp32): peak RSS
+      3.37 -> 2.92 GiB per rank.
+    - ``stage3_max_reuse_distance: 0``: release each gathered parameter after use, as the planner prices ZeRO-3
+      (two gathers per block and micro-batch, two blocks live: CandidateCosts.zero3_working_bytes); DeepSpeed's
+      default reuse distance (1e9 elements) keeps parameters gathered between uses (cpu:2, llama-small: 3.55 ->
+      3.37 GiB per rank).
+    """
+    return {"reduce_bucket_size": reduce_bucket_elements(spec, tp), "stage3_max_reuse_distance": 0}
 
 
 def _optimizer_section(plan: Plan) -> dict[str, Any]:

@@ -22,7 +22,7 @@ the extra time over the reference:
   block and the root as the torch backend wraps them (each pass gathers every block twice and reduce-scatters its
   gradient), against the full-width blocks as plain modules, each rank its own micro-batch;
 - ``deepspeed_zero3``: the blocks in a DeepSpeed ZeRO-3 engine over 2 ranks with the backend's settings
-  (``deepspeed._zero_section``: one-layer reduce bucket, reuse distance 0; torch AdamW; no accumulation boundary
+  (``deepspeed.zero3_settings``: one-layer reduce bucket, reuse distance 0; torch AdamW; no accumulation boundary
   reached, so no optimizer step), against the plain full-width blocks;
 - ``deepspeed_tp``: the blocks under DeepSpeed AutoTP training (``tensor_parallel.autotp_size = 2``) as the
   DeepSpeed backend configures it, against the plain half-width blocks.
@@ -237,8 +237,7 @@ def _deepspeed_times(spec, job: dict, stack, x_dp, x_tp, timed, refs) -> dict[st
     import deepspeed
     import torch.distributed as dist
 
-    from paraplan.backends.deepspeed import ADAM_BETAS, ADAM_EPS
-    from paraplan.cost_models.offload import reduce_bucket_elements
+    from paraplan.backends.deepspeed import ADAM_BETAS, ADAM_EPS, zero3_settings
     from paraplan.models.build import hf_config
 
     def config(**extra) -> dict:
@@ -254,10 +253,9 @@ def _deepspeed_times(spec, job: dict, stack, x_dp, x_tp, timed, refs) -> dict[st
         engine.backward(engine(x.clone().requires_grad_(True)).float().sum())
 
     out = {}
-    bucket = reduce_bucket_elements(spec, 1)
     model = stack(spec)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config(
-        zero_optimization={"stage": 3, "reduce_bucket_size": bucket, "stage3_max_reuse_distance": 0}))
+        zero_optimization={"stage": 3, **zero3_settings(spec, 1)}))
     out["deepspeed_zero3"] = timed(lambda: engine_pass(engine, x_dp), refs["zero3"])
     engine.destroy()
     dist.barrier()
